@@ -1,0 +1,1 @@
+"""Federation PKI: the CA, the gateway/SuperLink certificate and SuperNode keys."""

@@ -1,0 +1,1 @@
+"""Site side: the PyTorch ClientApp that trains on data that never leaves the VM."""

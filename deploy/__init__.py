@@ -1,0 +1,1 @@
+"""Deployment assets: the nginx Fleet-gateway template (later: conda files, systemd units, checklists)."""

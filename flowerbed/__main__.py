@@ -1,0 +1,5 @@
+"""Allow ``python -m flowerbed``."""
+
+from flowerbed.cli import main
+
+main()

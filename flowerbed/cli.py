@@ -1,0 +1,83 @@
+"""The ``flowerbed`` command: wires the command groups together and renders errors once."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from pydantic import ValidationError
+
+from flowerbed import __version__
+from flowerbed.certs.cli import app as certs_app
+from flowerbed.commands import demo, init, run
+from flowerbed.config import ConfigError, format_validation_error
+from flowerbed.console import error
+from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.superlink.cli import app as superlink_app
+from flowerbed.supernode.cli import app as supernode_app
+
+app = typer.Typer(
+    name="flowerbed",
+    help="Deploy a Flower federation across locked-down workspace VMs: PKI, gateway, SuperLink, "
+    "SuperNodes, runs until convergence.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flowerbed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Deploy a Flower federation across locked-down workspace VMs."""
+
+
+app.command("init", help=init.HELP)(init.init)
+app.command("run", help=run.HELP)(run.run)
+app.command("demo", help=demo.HELP)(demo.demo)
+app.add_typer(certs_app, name="certs")
+app.add_typer(superlink_app, name="superlink")
+app.add_typer(supernode_app, name="supernode")
+
+
+def main() -> None:
+    """Entry point: every known error is one line (plus field bullets), never a traceback."""
+    try:
+        code = app(prog_name="flowerbed", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except ConfigError as exc:
+        error(exc.message, exc.details)
+        sys.exit(exc.exit_code)
+    except FlowerbedError as exc:
+        error(exc.message)
+        sys.exit(exc.exit_code)
+    except ValidationError as exc:
+        lines = format_validation_error("options", exc)
+        error("invalid settings", lines)
+        sys.exit(ExitCode.INVALID_CONFIG)
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
+    except typer.Abort:
+        error("aborted")
+        sys.exit(ExitCode.INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - click usage errors and the unexpected
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        error(f"unexpected {type(exc).__name__}: {exc} (please report this with the command you ran)")
+        sys.exit(ExitCode.ERROR)

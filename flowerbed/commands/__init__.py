@@ -1,0 +1,1 @@
+"""Top-level commands: init, run, demo (one module each)."""

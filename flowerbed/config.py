@@ -1,0 +1,234 @@
+"""Pydantic models for ``federation.toml`` and the run settings, with load/save helpers."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flowerbed.errors import ExitCode, FlowerbedError
+
+FEDERATION_FILE = "federation.toml"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOST_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+M = TypeVar("M", bound=BaseModel)
+Port = Annotated[int, Field(ge=1, le=65535)]
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian"]
+
+
+def is_ip(value: str) -> bool:
+    """True when ``value`` is an IPv4 or IPv6 address."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(value: str) -> str:
+    """Accept a DNS name or an IP address, refuse anything else."""
+    value = value.strip()
+    if not (is_ip(value) or HOST_RE.match(value)):
+        raise ValueError(f"{value!r} is neither a DNS name nor an IP address")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SuperLinkSettings(_Model):
+    """Where the SuperLink is reached and which local ports it uses on the coordinator host."""
+
+    address: str = Field(description="Public DNS name or IP the SuperNodes connect to")
+    sans: list[str] = Field(default_factory=list, description="Extra names/IPs for the certificate")
+    port: Port = Field(9092, description="Public port of the Fleet gateway (nginx)")
+    gateway_host: str = Field("0.0.0.0", description="Address the gateway listens on")  # noqa: S104
+    internal_port: Port = Field(9093, description="Loopback port of flower-superlink")
+    health_port: Port = Field(9095, description="Loopback port of the SuperLink health service")
+    executor_health_port: Port = Field(9096, description="Loopback port of the executor's health service")
+
+    @field_validator("address", "gateway_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
+
+    @field_validator("sans")
+    @classmethod
+    def _sans(cls, value: list[str]) -> list[str]:
+        return [check_host(v) for v in value]
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> SuperLinkSettings:
+        ports = [self.port, self.internal_port, self.health_port, self.executor_health_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(
+                f"port, internal_port, health_port and executor_health_port must differ, got {ports}"
+            )
+        return self
+
+    def all_sans(self) -> list[str]:
+        """The public address followed by every extra SAN, without duplicates."""
+        out: list[str] = []
+        for name in [self.address, *self.sans]:
+            if name not in out:
+                out.append(name)
+        return out
+
+
+class Site(_Model):
+    """One participating institution."""
+
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(
+                f"site name {value!r} must be lower-case letters, digits and hyphens, "
+                "starting with a letter or digit (at most 63 characters)"
+            )
+        return value
+
+
+class RunSettings(_Model):
+    """Run defaults: strategy, convergence criteria and local training settings."""
+
+    strategy: Strategy = "fedavg"
+    max_rounds: int = Field(20, ge=1, le=10000)
+    min_nodes: int = Field(2, ge=1)
+    target_metric: Literal["accuracy", "loss"] = "accuracy"
+    target_value: float | None = Field(None, description="Stop when the eval metric reaches it")
+    patience: int = Field(3, ge=1, description="Rounds without eval-loss improvement before stop")
+    min_delta: float = Field(1e-3, ge=0)
+    time_budget_s: float = Field(3600, gt=0)
+    round_timeout_s: float = Field(300, gt=0)
+    node_wait_s: float = Field(300, gt=0, description="How long to wait for min_nodes to connect")
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    proximal_mu: float = Field(0.0, ge=0)
+    server_learning_rate: float = Field(0.1, gt=0, description="FedAdam eta")
+    model: Literal["mlp", "cnn"] = "mlp"
+    num_features: int = Field(30, ge=1, description="CSV feature columns (mlp)")
+    num_classes: int = Field(2, ge=2)
+    image_size: int = Field(32, ge=8, le=512, description="Side of resized images (cnn)")
+    hidden_units: int = Field(32, ge=1)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSettings:
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("strategy 'fedprox' needs proximal_mu > 0 (e.g. 0.1)")
+        target = self.target_value
+        if target is not None and self.target_metric == "accuracy" and not 0 < target <= 1:
+            raise ValueError("target_value for accuracy must be in (0, 1]")
+        return self
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower run-config (kebab-case keys; ``None`` values are left out)."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump().items():
+            if value is not None:
+                out[key.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
+        """Inverse of :meth:`to_run_config`; unknown keys are ignored."""
+        known = set(cls.model_fields)
+        data = {k.replace("-", "_"): v for k, v in config.items()}
+        return cls.model_validate({k: v for k, v in data.items() if k in known})
+
+
+class FederationConfig(_Model):
+    """The content of ``federation.toml``."""
+
+    name: str
+    superlink: SuperLinkSettings
+    sites: list[Site] = Field(min_length=1)
+    run: RunSettings = Field(default_factory=lambda: RunSettings.model_validate({}))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError(f"federation name {value!r} must be lower-case letters, digits, hyphens")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> FederationConfig:
+        names = [s.name for s in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site names must be unique, repeated: {', '.join(dupes)}")
+        if self.run.min_nodes > len(self.sites):
+            raise ValueError(
+                f"run.min_nodes is {self.run.min_nodes} but only {len(self.sites)} sites are listed"
+            )
+        return self
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``, or an error listing the known ones."""
+        for site in self.sites:
+            if site.name == name:
+                return site
+        known = ", ".join(s.name for s in self.sites)
+        raise FlowerbedError(f"unknown site {name!r}: the federation lists {known}")
+
+
+def format_validation_error(source: str, error: ValidationError) -> list[str]:
+    """One line per invalid field: ``source: field: reason``."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(file)"
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {msg}")
+    return lines
+
+
+class ConfigError(FlowerbedError):
+    """A config file failed to parse or validate; ``details`` has one line per field."""
+
+    exit_code = ExitCode.INVALID_CONFIG
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
+
+
+def load_toml_model(path: Path, model: type[M]) -> M:
+    """Read and validate a TOML file into ``model``; errors name the file and field."""
+    if not path.is_file():
+        raise FlowerbedError(f"{path} does not exist: create it with `flowerbed init`")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = format_validation_error(str(path), exc)
+        raise ConfigError(f"{path} is invalid ({len(details)} problem(s))", details) from None
+
+
+def save_toml_model(path: Path, model: BaseModel) -> None:
+    """Write ``model`` as TOML (atomically: temp file then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(tomli_w.dumps(model.model_dump(exclude_none=True)), encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_federation(fed_dir: Path) -> FederationConfig:
+    """Load ``FED_DIR/federation.toml``."""
+    return load_toml_model(fed_dir / FEDERATION_FILE, FederationConfig)

@@ -1,0 +1,42 @@
+"""Rendering shared by the CLI commands: one console, one way to show errors and tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Numbers rounded, None as a dash."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    """A rich table with formatted cells."""
+    tab = Table(title=title, title_justify="left")
+    for col in columns:
+        tab.add_column(col)
+    for row in rows:
+        tab.add_row(*(fmt(v) for v in row))
+    return tab
+
+
+def error(message: str, details: Sequence[str] = ()) -> None:
+    """``error: message`` in one line, then one bullet per detail."""
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    for line in details:
+        err.print(f"  • {line}", soft_wrap=True)
+
+
+def info(message: str) -> None:
+    err.print(f"[dim]›[/] {message}", soft_wrap=True)

@@ -1,0 +1,79 @@
+"""Where every file of a federation directory lives (one place, so nothing guesses paths)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FederationLayout:
+    """Paths inside a federation directory on the coordinator host."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "federation.toml"
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.pki / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.pki / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.pki / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.pki / "server.key"
+
+    @property
+    def nodes(self) -> Path:
+        return self.root / "nodes"
+
+    def node_key(self, site: str) -> Path:
+        return self.nodes / f"{site}.key"
+
+    def node_pub(self, site: str) -> Path:
+        return self.nodes / f"{site}.key.pub"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "superlink"
+
+    @property
+    def database(self) -> Path:
+        return self.state / "state.db"
+
+    @property
+    def superexec_secret(self) -> Path:
+        return self.state / "superexec.secret"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state / "flwr-home"
+
+    @property
+    def gateway(self) -> Path:
+        return self.state / "gateway"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state / "supervisor.json"

@@ -1,0 +1,37 @@
+"""Readiness probes: gRPC health, TCP connect, TLS handshake."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def grpc_health(address: str, timeout_s: float = 1.0) -> bool:
+    """True when the gRPC health service at ``address`` answers SERVING (Flower's --health-server-address)."""
+    channel = grpc.insecure_channel(address)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
+
+
+def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True when a TCP connection to host:port succeeds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,145 @@
+"""Child processes started with a readiness deadline and stopped by pid (gracefully first)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowerbed.errors import FlowerbedError
+
+POLL_S = 0.25
+
+
+def bin_dir() -> Path:
+    """The folder of this environment's console scripts (flower-superlink, flwr, ...)."""
+    return Path(sys.executable).parent
+
+
+def child_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for every process the kit starts.
+
+    Telemetry and update checks are off; this environment's bin folder comes first on PATH
+    because flower-superlink spawns ``flower-superexec`` by name.
+    """
+    env = dict(os.environ)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = os.pathsep.join([str(bin_dir()), env.get("PATH", "")])
+    if flwr_home is not None:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        env["FLWR_HOME"] = str(flwr_home)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def executable(name: str, hint: str) -> str:
+    """Absolute path of ``name``, looked up in this environment first, or a clear error."""
+    found = shutil.which(name, path=os.pathsep.join([str(bin_dir()), os.environ.get("PATH", "")]))
+    if not found:
+        raise FlowerbedError(f"`{name}` was not found: {hint}")
+    return found
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log file (for error messages)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+@dataclass
+class ManagedProcess:
+    """One child process with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=child_env)
+    cwd: Path | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.popen is None:
+            raise FlowerbedError(f"{self.name} was never started")
+        return self.popen.pid
+
+    def start(self) -> ManagedProcess:
+        """Start the process in its own session, output appended to ``log_path``."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            kwargs: dict[str, object] = {}
+            if os.name == "posix":
+                kwargs["start_new_session"] = True
+            else:  # pragma: no cover - Windows
+                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                **kwargs,  # type: ignore[call-overload]
+            )
+        return self
+
+    def poll(self) -> int | None:
+        """Exit status, or None while running."""
+        return None if self.popen is None else self.popen.poll()
+
+    def wait_ready(self, probe: Callable[[], bool], deadline_s: float) -> None:
+        """Poll ``probe`` until it is true; fail if the process exits or the deadline passes."""
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            code = self.poll()
+            if code is not None:
+                raise FlowerbedError(
+                    f"{self.name} exited with status {code} while starting; "
+                    f"see {self.log_path}: {tail(self.log_path)}"
+                )
+            if probe():
+                return
+            time.sleep(POLL_S)
+        raise FlowerbedError(
+            f"{self.name} did not become ready within {deadline_s:.0f} s; see {self.log_path}"
+        )
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL after ``grace_s``; returns the exit status."""
+        if self.popen is None or self.popen.poll() is not None:
+            return None if self.popen is None else self.popen.returncode
+        self._signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL if os.name == "posix" else signal.SIGTERM)
+            return self.popen.wait(timeout=grace_s)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.popen is None:
+            return
+        try:
+            if os.name == "posix":
+                os.killpg(self.popen.pid, sig)
+            else:  # pragma: no cover - Windows
+                self.popen.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop_all(processes: list[ManagedProcess], grace_s: float = 10.0) -> None:
+    """Stop processes in reverse start order."""
+    for proc in reversed(processes):
+        proc.stop(grace_s)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# README command 1: set up, then run the three-site demo federation on this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/flowerbed demo "$@"

@@ -1,0 +1,1 @@
+"""Coordinator side: the ServerApp that aggregates until a convergence criterion is met."""

@@ -1,0 +1,55 @@
+"""The ServerApp: thin Flower entry point over :mod:`flowerbed.serverapp.loop`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flowerbed.clientapp.task import make_model
+from flowerbed.serverapp.history import History
+from flowerbed.serverapp.loop import RunFailedError, run_rounds
+from flowerbed.serverapp.strategies import make_strategy
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from flowerbed.config import RunSettings
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run rounds until convergence and write history, checkpoints, final model and plot."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    out_dir = Path(str(context.run_config.get("output-dir", "flowerbed-run"))).expanduser()
+    history = History(out_dir)
+    torch.manual_seed(settings.seed)
+    model = make_model(
+        settings.model,
+        num_features=settings.num_features,
+        num_classes=settings.num_classes,
+        hidden_units=settings.hidden_units,
+        image_size=settings.image_size,
+    )
+    started = time.time()
+    summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
+    try:
+        outcome = run_rounds(
+            grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history
+        )
+    except RunFailedError as exc:
+        summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
+        history.finish(None, summary)
+        # Flower marks a run whose replies all errored as completed: fail it ourselves.
+        raise SystemExit(f"flowerbed run failed: {exc}") from None
+    summary.update(
+        status="completed",
+        stop_reason=outcome.stop_reason,
+        rounds=outcome.rounds,
+        best_round=outcome.best_round,
+        best_eval_loss=outcome.best_eval_loss,
+        best_eval_accuracy=outcome.best_eval_accuracy,
+        seconds=round(time.time() - started, 1),
+    )
+    history.finish(outcome.final_arrays.to_torch_state_dict(), summary)

@@ -1,0 +1,113 @@
+"""Per-round history (JSON lines + CSV), checkpoints, the final model and the metrics plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+HISTORY_JSONL = "history.jsonl"
+HISTORY_CSV = "history.csv"
+SUMMARY = "summary.json"
+FINAL_MODEL = "final_model.pt"
+PLOT = "metrics.png"
+COLUMNS = [
+    "round", "nodes", "failures", "train_loss", "eval_loss", "eval_accuracy", "seconds", "stop_reason",
+]  # fmt: skip
+
+
+@dataclass
+class RoundRow:
+    """One round. eval_* describe the global model that was sent out in this round."""
+
+    round: int
+    nodes: int
+    failures: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_accuracy: float | None
+    seconds: float
+    stop_reason: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+class History:
+    """Append-only writer for a run's output folder."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "checkpoints").mkdir(exist_ok=True)
+        self.rows: list[RoundRow] = []
+
+    def append(self, row: RoundRow) -> None:
+        self.rows.append(row)
+        with (self.out_dir / HISTORY_JSONL).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(asdict(row)) + "\n")
+        path = self.out_dir / HISTORY_CSV
+        new = not path.exists()
+        with path.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(COLUMNS)
+            writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
+
+    def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> Path:
+        import torch
+
+        path = self.out_dir / "checkpoints" / f"round-{server_round:04d}.pt"
+        torch.save(state_dict, path)
+        return path
+
+    def finish(self, state_dict: dict[str, torch.Tensor] | None, summary: dict[str, Any]) -> None:
+        """Write the final model, summary.json and the plot."""
+        if state_dict is not None:
+            import torch
+
+            torch.save(state_dict, self.out_dir / FINAL_MODEL)
+        (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        if self.rows:
+            plot_history(self.rows, self.out_dir / PLOT)
+
+
+def read_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """Rows written so far (for live progress); a half-written last line is skipped."""
+    path = out_dir / HISTORY_JSONL
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def plot_history(rows: list[RoundRow], path: Path) -> None:
+    """Loss and accuracy per round as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss (global model)")):
+        ax_loss.plot(rounds, [getattr(r, key) for r in rows], marker="o", label=label)
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_acc.plot(rounds, [r.eval_accuracy for r in rows], marker="o", color="tab:green")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("eval accuracy (global model)")
+    stop = rows[-1].stop_reason
+    fig.suptitle(f"flowerbed run: {len(rows)} rounds" + (f", stopped: {stop}" if stop else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

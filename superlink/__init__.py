@@ -1,0 +1,1 @@
+"""Coordinator side: SuperLink, ServerApp executor and the Fleet gateway, supervised together."""

@@ -1,0 +1,98 @@
+"""Talk to the local SuperLink's Control API through Flower's own ``flwr`` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from flowerbed.errors import FlowerbedError
+from flowerbed.proc import child_env, executable
+
+CONNECTION = "flowerbed"
+
+
+def write_connection(flwr_home: Path, control_address: str, ca_cert: Path) -> Path:
+    """FLWR_HOME/config.toml naming one connection; Flower's default ``local`` would start a simulation."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    data = {
+        "superlink": {
+            "default": CONNECTION,
+            CONNECTION: {"address": control_address, "root-certificates": str(ca_cert.resolve())},
+        }
+    }
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path
+
+
+def flwr(flwr_home: Path, *args: str, timeout_s: float = 120, cwd: Path | None = None) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against the local connection and return its JSON."""
+    exe = executable("flwr", "reinstall flowerbed in this environment (it brings Flower)")
+    argv = [exe, *args, "--format", "json"]
+    try:
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=child_env(flwr_home),
+            check=False,
+            timeout=timeout_s,
+            cwd=cwd,
+        )
+    except subprocess.TimeoutExpired:
+        raise FlowerbedError(f"`flwr {args[0]}` did not answer within {timeout_s:.0f} s") from None
+    out = result.stdout.strip()
+    try:
+        data: dict[str, Any] = json.loads(out[out.index("{") :]) if "{" in out else {}
+    except ValueError:
+        data = {}
+    if result.returncode != 0 or data.get("success") is False:
+        reason = data.get("error-message") or " ".join((result.stderr or out).split())[-300:]
+        raise FlowerbedError(f"`flwr {' '.join(args[:2])}` failed: {reason}")
+    return data
+
+
+def list_nodes(flwr_home: Path) -> list[dict[str, Any]]:
+    """The SuperNodes the SuperLink knows."""
+    data = flwr(flwr_home, "supernode", "ls", CONNECTION)
+    nodes: list[dict[str, Any]] = data.get("nodes", [])
+    return nodes
+
+
+def register_node(flwr_home: Path, public_key: Path, name: str) -> bool:
+    """Register a node's public key; False when the SuperLink already knows it."""
+    try:
+        flwr(flwr_home, "supernode", "register", str(public_key), CONNECTION, "--name", name)
+    except FlowerbedError as exc:
+        if "already" in exc.message.lower() or "exists" in exc.message.lower():
+            return False
+        raise
+    return True
+
+
+def submit_run(flwr_home: Path, app_dir: Path, run_config: dict[str, Any]) -> int:
+    """Submit the Flower App in ``app_dir`` with ``run_config``; returns the run id."""
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    data = flwr(flwr_home, "run", str(app_dir), CONNECTION, "--run-config", overrides, timeout_s=300)
+    try:
+        return int(data["run-id"])
+    except (KeyError, ValueError, TypeError):
+        raise FlowerbedError(f"`flwr run` did not return a run id: {data}") from None
+
+
+def run_status(flwr_home: Path, run_id: int) -> str:
+    """Flower's status of a run, e.g. ``running``, ``finished:completed``, ``finished:failed``."""
+    data = flwr(flwr_home, "ls", CONNECTION, "--run-id", str(run_id))
+    runs = data.get("runs", [])
+    if not runs:
+        raise FlowerbedError(f"the SuperLink does not know run {run_id}")
+    return str(runs[0].get("status", "unknown"))
+
+
+def stop_run(flwr_home: Path, run_id: int) -> None:
+    """Ask the SuperLink to stop a run."""
+    flwr(flwr_home, "stop", str(run_id), CONNECTION)

@@ -1,0 +1,189 @@
+"""Start and supervise the coordinator's processes: SuperLink, ServerApp executor, Fleet gateway."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flowerbed.certs.files import write_private
+from flowerbed.certs.service import read_cert
+from flowerbed.superlink import flwrcli, gateway
+
+from flowerbed.config import FederationConfig
+from flowerbed.errors import FlowerbedError
+from flowerbed.layout import FederationLayout
+from flowerbed.probes import grpc_health, tcp_open
+from flowerbed.proc import ManagedProcess, child_env, executable, stop_all
+
+FLOWER_HINT = "reinstall flowerbed in this environment (`pip install flowerbed`), it brings Flower"
+Report = Callable[[str], None]
+
+
+@dataclass
+class CoordinatorStack:
+    """The running coordinator processes (stop them with :meth:`stop`)."""
+
+    layout: FederationLayout
+    config: FederationConfig
+    processes: list[ManagedProcess] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)
+
+    @property
+    def control_address(self) -> str:
+        return f"127.0.0.1:{self.config.superlink.internal_port}"
+
+    def first_exited(self) -> ManagedProcess | None:
+        """The first child that is no longer running, if any."""
+        for proc in self.processes:
+            if proc.poll() is not None:
+                return proc
+        return None
+
+    def stop(self) -> None:
+        stop_all(self.processes)
+        self.layout.pidfile.unlink(missing_ok=True)
+
+
+def _check_pki(layout: FederationLayout) -> None:
+    for path, fix in (
+        (layout.ca_cert, "flowerbed certs init"),
+        (layout.server_cert, "flowerbed certs server"),
+        (layout.server_key, "flowerbed certs server"),
+    ):
+        if not path.is_file():
+            raise FlowerbedError(f"{path} is missing: run `{fix}` first")
+    cert = read_cert(layout.server_cert)
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+        raise FlowerbedError(
+            f"the server certificate {layout.server_cert} has expired: run `flowerbed certs server`"
+        )
+
+
+def _secret(layout: FederationLayout) -> None:
+    if not layout.superexec_secret.exists():
+        write_private(layout.superexec_secret, secrets.token_hex(32).encode())
+
+
+def start_stack(
+    layout: FederationLayout,
+    config: FederationConfig,
+    *,
+    deadline_s: float = 90,
+    report: Report = lambda _msg: None,
+) -> CoordinatorStack:
+    """Start SuperLink, executor and gateway, register every site's key; all or nothing."""
+    _check_pki(layout)
+    nginx = gateway.find_nginx()
+    _secret(layout)
+    sl = config.superlink
+    for port in (sl.internal_port, sl.health_port, sl.executor_health_port):
+        if tcp_open("127.0.0.1", port):
+            raise FlowerbedError(
+                f"port {port} on 127.0.0.1 is in use (is another `flowerbed superlink start` running?); "
+                "stop it or change the ports in federation.toml"
+            )
+    stack = CoordinatorStack(layout=layout, config=config)
+    env = child_env(layout.flwr_home)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    try:
+        superlink = ManagedProcess(
+            name="flower-superlink",
+            argv=[
+                executable("flower-superlink", FLOWER_HINT),
+                "--ssl-ca-certfile", str(layout.ca_cert),
+                "--ssl-certfile", str(layout.server_cert),
+                "--ssl-keyfile", str(layout.server_key),
+                "--host", "127.0.0.1",
+                "--port", str(sl.internal_port),
+                "--database", str(layout.database),
+                "--disable-runtime-dependency-installation",
+                "--enable-supernode-auth",
+                "--isolation", "process",
+                "--superexec-auth-secret-file", str(layout.superexec_secret),
+                "--health-server-address", f"127.0.0.1:{sl.health_port}",
+            ],
+            log_path=layout.logs / "superlink.log",
+            env=env,
+            cwd=layout.state,
+        )  # fmt: skip
+        stack.processes.append(superlink.start())
+        report(f"starting flower-superlink on 127.0.0.1:{sl.internal_port} (pid {superlink.pid})")
+        superlink.wait_ready(lambda: grpc_health(f"127.0.0.1:{sl.health_port}"), deadline_s)
+
+        executor = ManagedProcess(
+            name="flower-superexec (ServerApp executor)",
+            argv=[
+                executable("flower-superexec", FLOWER_HINT),
+                "--runtime-api-address", stack.control_address,
+                "--root-certificates", str(layout.ca_cert),
+                "--superexec-auth-secret-file", str(layout.superexec_secret),
+                "--health-server-address", f"127.0.0.1:{sl.executor_health_port}",
+            ],
+            log_path=layout.logs / "serverapp-executor.log",
+            env=env,
+            cwd=layout.state,
+        )  # fmt: skip
+        stack.processes.append(executor.start())
+        report(f"starting the ServerApp executor (pid {executor.pid})")
+        executor.wait_ready(lambda: grpc_health(f"127.0.0.1:{sl.executor_health_port}"), deadline_s)
+
+        flwrcli.write_connection(layout.flwr_home, stack.control_address, layout.ca_cert)
+        stack.registered = register_sites(layout, config, report)
+
+        conf_prefix = layout.gateway
+        gateway.render_config(
+            conf_prefix,
+            listen_host=sl.gateway_host,
+            listen_port=sl.port,
+            upstream_port=sl.internal_port,
+            cert=layout.server_cert,
+            key=layout.server_key,
+            ca=layout.ca_cert,
+        )
+        gateway.validate(nginx, conf_prefix)
+        gw = gateway.gateway_process(nginx, conf_prefix, layout.logs / "gateway.log")
+        stack.processes.append(gw.start())
+        report(f"starting the Fleet gateway on {sl.gateway_host}:{sl.port} (pid {gw.pid})")
+        probe_host = "127.0.0.1" if sl.gateway_host in ("0.0.0.0", "::") else sl.gateway_host  # noqa: S104
+        gw.wait_ready(lambda: tcp_open(probe_host, sl.port), deadline_s)
+    except BaseException:
+        stack.stop()
+        raise
+    _write_pidfile(stack)
+    return stack
+
+
+def register_sites(layout: FederationLayout, config: FederationConfig, report: Report) -> list[str]:
+    """Register every site's public node key that the SuperLink does not know yet."""
+    registered = []
+    for site in config.sites:
+        pub = layout.node_pub(site.name)
+        if not pub.is_file():
+            report(f"site {site.name}: no node key yet ({pub}); run `flowerbed certs node {site.name}`")
+            continue
+        if flwrcli.register_node(layout.flwr_home, pub, site.name):
+            report(f"registered node key of site {site.name}")
+        registered.append(site.name)
+    return registered
+
+
+def _write_pidfile(stack: CoordinatorStack) -> None:
+    data = {
+        "started": time.time(),
+        "processes": {p.name: p.pid for p in stack.processes},
+        "logs": str(stack.layout.logs),
+    }
+    stack.layout.pidfile.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def supervise(stack: CoordinatorStack, *, should_stop: Callable[[], bool], poll_s: float = 1.0) -> None:
+    """Block until ``should_stop`` or a child exits; a dead child is an error naming its log."""
+    while not should_stop():
+        dead = stack.first_exited()
+        if dead is not None:
+            raise FlowerbedError(f"{dead.name} exited with status {dead.poll()}; see {dead.log_path}")
+        time.sleep(poll_s)

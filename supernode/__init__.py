@@ -1,0 +1,1 @@
+"""Site side: preflight checks and the supervised, outbound-only flower-supernode."""

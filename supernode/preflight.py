@@ -1,0 +1,180 @@
+"""Checks before a SuperNode starts: data, CA, key, reachability, TLS identity and clock."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from flowerbed.certs.files import check_private_mode
+from flowerbed.certs.nodekeys import load_private_key
+from flowerbed.certs.service import cert_sans, read_cert
+
+from flowerbed.errors import FlowerbedError
+
+# Flower's node auth accepts -5 s < superlink_time - node_time < 305 s (asymmetric).
+MAX_AHEAD_S = 4.0
+MAX_BEHIND_S = 300.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight row."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as a tuple, or a clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FlowerbedError(f"--superlink {address!r} must be HOST:PORT, e.g. link.example.org:9092")
+    return host.strip("[]"), int(port)
+
+
+def check_data(path: Path) -> Check:
+    if not path.exists():
+        return Check("data path", False, f"{path} does not exist: pass the folder or CSV with --data")
+    mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, mode):
+        return Check("data path", False, f"{path} is not readable by this user")
+    return Check("data path", True, f"{path} ({'folder' if path.is_dir() else 'file'})")
+
+
+def check_ca(ca: Path) -> Check:
+    if not ca.is_file():
+        return Check("CA certificate", False, f"{ca} is missing: use ca.crt from the site kit")
+    try:
+        cert = read_cert(ca)
+    except FlowerbedError as exc:
+        return Check("CA certificate", False, exc.message)
+    return Check("CA certificate", True, cert.subject.rfc4514_string())
+
+
+def check_key(key: Path) -> Check:
+    if not key.is_file():
+        return Check("node key", False, f"{key} is missing: use the SITE.key from the site kit")
+    problem = check_private_mode(key)
+    if problem:
+        return Check("node key", False, problem)
+    if not key.with_name(key.name + ".pub").is_file():
+        return Check("node key", False, f"{key}.pub is missing: keep the .pub file next to the key")
+    try:
+        load_private_key(key)
+    except FlowerbedError as exc:
+        return Check("node key", False, exc.message)
+    return Check("node key", True, f"{key} (mode 600)")
+
+
+def _peer_cert(host: str, port: int, timeout_s: float) -> x509.Certificate | None:
+    """The server's certificate without verification (to explain a failed verification)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except OSError:
+        return None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _explain_verify_error(exc: ssl.SSLCertVerificationError, host: str, port: int, ca: Path) -> str:
+    code = exc.verify_code
+    peer = _peer_cert(host, port, 5.0)
+    # X509_V_ERR_HOSTNAME_MISMATCH (62) and X509_V_ERR_IP_ADDRESS_MISMATCH (64)
+    if code in (62, 64) or "mismatch" in str(exc.verify_message).lower():
+        names = ", ".join(cert_sans(peer)) if peer else "unknown"
+        return (
+            f"the gateway's certificate does not name {host!r} (it names: {names}): connect with one "
+            "of those names, or ask the coordinator to add it with `flowerbed certs server`"
+        )
+    if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+        when = peer.not_valid_after_utc.date().isoformat() if peer else "?"
+        return (
+            f"the gateway's certificate expired on {when}: "
+            "ask the coordinator to run `flowerbed certs server` and restart the SuperLink"
+        )
+    issuer = peer.issuer.rfc4514_string() if peer else "unknown"
+    return (
+        f"the gateway's certificate (issuer: {issuer}) is not signed by the federation CA in {ca}: "
+        "use the ca.crt from this federation's kit; if it is, a proxy or firewall intercepts TLS "
+        "and must let this host through untouched"
+    )
+
+
+def check_tls(host: str, port: int, ca: Path, timeout_s: float = 10.0) -> tuple[Check, Check]:
+    """TCP reach, a verified TLS handshake and the clock skew against the gateway's Date header."""
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout_s)
+    except socket.gaierror:
+        bad = Check("reach", False, f"{host} does not resolve: check the name and the VM's DNS")
+        return bad, Check("TLS", False, "not tried")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        bad = Check(
+            "reach", False,
+            f"cannot connect to {host}:{port} ({reason}): is the SuperLink up, and does the "
+            f"firewall allow outbound TCP {port} to {host}?",
+        )  # fmt: skip
+        return bad, Check("TLS", False, "not tried")
+    reach = Check("reach", True, f"TCP {host}:{port} open")
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            head = tls.recv(4096).decode("latin-1")
+            received = time.time()
+    except ssl.SSLCertVerificationError as exc:
+        return reach, Check("TLS", False, _explain_verify_error(exc, host, port, ca))
+    except (ssl.SSLError, OSError) as exc:
+        return reach, Check("TLS", False, f"TLS handshake with {host}:{port} failed: {exc}")
+    detail = f"verified against {ca.name}"
+    for line in head.split("\r\n"):
+        if line.lower().startswith("date:"):
+            server_time = email.utils.parsedate_to_datetime(line[5:].strip()).timestamp()
+            ahead = received - server_time  # node minus server
+            if ahead > MAX_AHEAD_S:
+                return reach, Check(
+                    "TLS", False,
+                    f"this machine's clock is {ahead:.0f} s ahead of the SuperLink; Flower refuses "
+                    "nodes more than 5 s ahead: sync the clock (NTP) and start again",
+                )  # fmt: skip
+            if -ahead > MAX_BEHIND_S:
+                return reach, Check(
+                    "TLS", False,
+                    f"this machine's clock is {-ahead:.0f} s behind the SuperLink (limit 300 s): "
+                    "sync the clock (NTP) and start again",
+                )  # fmt: skip
+            detail += f", clock skew {ahead:+.0f} s"
+    return reach, Check("TLS", True, detail)
+
+
+def run_preflight(superlink: str, ca: Path, key: Path, data: Path) -> list[Check]:
+    """Every check, in order; network checks only run when CA and key are fine."""
+    host, port = parse_address(superlink)
+    checks = [check_data(data), check_ca(ca), check_key(key)]
+    if checks[1].ok:
+        checks.extend(check_tls(host, port, ca))
+    return checks
+
+
+def require(checks: list[Check]) -> None:
+    """Raise with the first failed check's message."""
+    for check in checks:
+        if not check.ok:
+            from flowerbed.errors import ExitCode
+
+            raise FlowerbedError(
+                f"preflight: {check.name}: {check.detail}", exit_code=ExitCode.PREFLIGHT_FAILED
+            )

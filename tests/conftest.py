@@ -1,0 +1,101 @@
+"""Shared fixtures: a federation made by the kit, and one running coordinator stack per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flowerbed.certs import service
+from flowerbed.config import FederationConfig, save_toml_model
+from flowerbed.demodata import DemoData, make_demo_data
+from flowerbed.layout import FederationLayout
+from flowerbed.probes import free_port, tcp_open
+from flowerbed.superlink.stack import CoordinatorStack, start_stack
+
+SITES = ["inst-a", "inst-b", "univ-hospital"]
+
+
+def make_config(name: str = "test", sites: list[str] | None = None, **run: object) -> FederationConfig:
+    """A loopback federation on free ports."""
+    return FederationConfig.model_validate(
+        {
+            "name": name,
+            "superlink": {
+                "address": "localhost",
+                "sans": ["127.0.0.1"],
+                "port": free_port(),
+                "gateway_host": "127.0.0.1",
+                "internal_port": free_port(),
+                "health_port": free_port(),
+                "executor_health_port": free_port(),
+            },
+            "sites": [{"name": s} for s in (sites or SITES)],
+            "run": {"num_features": 30, "min_nodes": 2, **run},
+        }
+    )
+
+
+def make_federation(root: Path, config: FederationConfig) -> FederationLayout:
+    layout = FederationLayout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    save_toml_model(layout.config, config)
+    service.ensure_all(layout, config)
+    return layout
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``flowerbed`` command as a user would."""
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    return subprocess.run(
+        [sys.executable, "-m", "flowerbed", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    """Non-zero with the expected code, the message, and no traceback."""
+    text = result.stdout + result.stderr
+    assert result.returncode == code, text
+    assert "Traceback" not in text, text
+    for needle in needles:
+        assert needle in " ".join(text.split()), f"{needle!r} not in:\n{text}"
+
+
+@dataclass
+class RunningFederation:
+    layout: FederationLayout
+    config: FederationConfig
+    stack: CoordinatorStack
+    data: DemoData
+
+    @property
+    def gateway(self) -> str:
+        return f"localhost:{self.config.superlink.port}"
+
+
+@pytest.fixture(scope="session")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederation]:
+    """One real SuperLink + executor + nginx gateway for the tests that need a coordinator."""
+    root = tmp_path_factory.mktemp("running")
+    config = make_config("shared")
+    layout = make_federation(root / "federation", config)
+    data = make_demo_data(root / "data", SITES)
+    stack = start_stack(layout, config)
+    try:
+        yield RunningFederation(layout, config, stack, data)
+    finally:
+        stack.stop()
+        for proc in stack.processes:
+            assert proc.poll() is not None, f"{proc.name} still running"
+        assert not tcp_open("127.0.0.1", config.superlink.port)

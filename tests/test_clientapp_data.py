@@ -1,0 +1,103 @@
+"""Site data loading: CSV and image folders, a fixed split, and messages naming path and problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowerbed.clientapp.data import DataError, load_site_data
+from flowerbed.clientapp.task import evaluate, make_model, train
+
+
+def load(path: Path, **kw: object) -> object:
+    args: dict[str, object] = {"num_features": 2, "num_classes": 2, "image_size": 8,
+                               "validation_fraction": 0.25, "seed": 1}  # fmt: skip
+    args.update(kw)
+    return load_site_data(str(path), **args)  # type: ignore[arg-type]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_csv_split_is_fixed_by_seed(tmp_path: Path) -> None:
+    rows = "\n".join(f"{i},{i * 2},{i % 2}" for i in range(40))
+    csv = write(tmp_path / "d.csv", "a,b,target\n" + rows + "\n")
+    first, second = load(csv), load(csv)
+    assert len(first.train) == 30 and len(first.validation) == 10  # type: ignore[attr-defined]
+    assert torch.equal(first.validation.tensors[0], second.validation.tensors[0])  # type: ignore[attr-defined]
+    assert not torch.equal(first.validation.tensors[0], load(csv, seed=2).validation.tensors[0])  # type: ignore[attr-defined]
+    assert load(tmp_path).kind == "csv"  # type: ignore[attr-defined]  # a folder with one CSV
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("a,b\n1,2\n", "no 'target' column"),
+        ("a,b,target\n1,x,0\n", "line 2 has a non-numeric value"),
+        ("a,b,target\n1,2\n", "line 2 has 2 fields, the header has 3"),
+        ("a,b,target\n1,2,0.5\n", "target must be a class index"),
+        ("a,b,c,target\n1,2,3,0\n1,2,3,1\n", "has 3 feature columns, the run expects 2"),
+        ("a,b,target\n1,2,0\n1,2,5\n", "has class 5, the run expects 2 classes"),
+        ("a,b,target\n", "needs a header row and at least one data row"),
+    ],
+)
+def test_malformed_csv_names_path_and_problem(tmp_path: Path, content: str, message: str) -> None:
+    csv = write(tmp_path / "site.csv", content)
+    with pytest.raises(DataError) as info:
+        load(csv)
+    assert str(info.value).startswith(str(csv))
+    assert message in str(info.value)
+
+
+def test_missing_and_unset_paths(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load(tmp_path / "nope")
+    with pytest.raises(DataError, match="data-path is not set"):
+        load_site_data("", num_features=2, num_classes=2, image_size=8, validation_fraction=0.2, seed=0)
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="not a CSV file nor a folder"):
+        load(tmp_path / "x.txt")
+
+
+def test_image_folders_train_a_cnn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for label, (name, value) in enumerate((("benign", 30), ("malignant", 220))):
+        (tmp_path / name).mkdir()
+        for i in range(12):
+            pixels = np.clip(rng.normal(value, 10, (10, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{label}-{i}.png")
+    (tmp_path / "benign" / "notes.txt").write_text("ignored")
+    data = load(tmp_path, num_features=None)
+    assert data.kind == "images"  # type: ignore[attr-defined]
+    assert data.train.tensors[0].shape[1:] == (3, 8, 8)  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    model = make_model("cnn", num_features=0, num_classes=2, hidden_units=8, image_size=8)
+    train(model, data.train, epochs=15, batch_size=8, learning_rate=0.01)  # type: ignore[attr-defined]
+    assert evaluate(model, data.validation).accuracy == 1.0  # type: ignore[attr-defined]
+
+
+def test_unreadable_image_is_named(tmp_path: Path) -> None:
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"broken.png: not a readable image"):
+        load(tmp_path, num_features=None)
+
+
+def test_fedprox_term_keeps_weights_close(tmp_path: Path) -> None:
+    rows = "\n".join(f"{i / 10},{-i / 10},{i % 2}" for i in range(40))
+    data = load(write(tmp_path / "d.csv", "a,b,target\n" + rows + "\n"))
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        model = make_model("mlp", num_features=2, num_classes=2, hidden_units=4, image_size=8)
+        start = [p.detach().clone() for p in model.parameters()]
+        train(model, data.train, epochs=20, batch_size=8, learning_rate=0.05, proximal_mu=mu)  # type: ignore[attr-defined]
+        return float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True)))
+
+    assert drift(10.0) < drift(0.0)

@@ -1,0 +1,97 @@
+"""Runs through the real gateway with node auth: min-nodes failure, `flowerbed run` to a stop criterion."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from flowerbed.config import RunSettings
+from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.probes import free_port
+from flowerbed.runner import check_result, follow, submit
+from flowerbed.supernode.supervisor import Supervisor, SupernodeSpec
+from tests.conftest import RunningFederation, run_cli
+
+
+@pytest.fixture(scope="module")
+def nodes(running: RunningFederation, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Supervisor]]:
+    """inst-a and inst-b with good data; univ-hospital pointed at a data path that does not exist."""
+    root = tmp_path_factory.mktemp("nodes")
+    data = dict(running.data.site_files)
+    data["univ-hospital"] = root / "missing" / "data.csv"
+    stop = threading.Event()
+    supervisors, threads = [], []
+    for site, path in data.items():
+        spec = SupernodeSpec(site=site, superlink=running.gateway, ca=running.layout.ca_cert,
+                             key=running.layout.node_key(site), data=path, workdir=root / site,
+                             port=free_port())  # fmt: skip
+        sup = Supervisor(spec)
+        supervisors.append(sup)
+        threads.append(threading.Thread(target=sup.run, args=(stop.is_set,), daemon=True))
+        threads[-1].start()
+    try:
+        yield supervisors
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        for sup in supervisors:
+            assert sup.process is not None and sup.process.poll() is not None
+
+
+def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, nodes: list[Supervisor]) -> None:
+    settings = RunSettings.model_validate(
+        running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "node_wait_s": 60}
+    )
+    handle = submit(running.layout, settings, name="too-few")
+    result = follow(running.layout, handle, timeout_s=240)
+    with pytest.raises(FlowerbedError) as info:
+        check_result(result, handle)
+    assert info.value.exit_code == ExitCode.RUN_FAILED
+    assert "round 1: 2 valid replies, min-nodes is 3" in info.value.message
+    assert "site univ-hospital" in info.value.message and "does not exist" in info.value.message
+    assert result.summary["status"] == "failed"
+    assert not result.status.endswith(":completed")
+    assert result.rows[0]["stop_reason"].startswith("failed:")
+
+
+def test_flowerbed_run_cli_reaches_max_rounds(running: RunningFederation, nodes: list[Supervisor]) -> None:
+    result = run_cli(
+        "run", "-d", str(running.layout.root), "--strategy", "fedprox", "--proximal-mu", "0.1",
+        "--max-rounds", "2", "--min-nodes", "2", "--name", "cli-run", timeout=400,
+    )  # fmt: skip
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert "stopped: max-rounds after 2 rounds" in " ".join(text.split())
+    out = running.layout.runs / "cli-run"
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["nodes"] == 2 and r["failures"] == 1 for r in rows)  # the bad site keeps failing
+    assert "does not exist" in rows[0]["errors"][0]
+    assert rows[-1]["stop_reason"] == "max-rounds"
+    header = (out / "history.csv").read_text().splitlines()[0]
+    assert header == "round,nodes,failures,train_loss,eval_loss,eval_accuracy,seconds,stop_reason"
+    for name in ("final_model.pt", "metrics.png", "summary.json", "checkpoints/round-0002.pt"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["strategy"] == "fedprox"
+    assert summary["best_round"] in (1, 2, 3)  # round 3 = the final evaluation of the last model
+
+
+def test_error_replies_do_not_crash_the_supernode(nodes: list[Supervisor]) -> None:
+    bad = nodes[2]
+    assert bad.spec.site == "univ-hospital"
+    assert bad.process is not None and bad.process.poll() is None
+    assert bad.restarts == 0
+    assert bad.connected
+
+
+def test_invalid_run_options_are_refused_before_submission(running: RunningFederation) -> None:
+    result = run_cli("run", "-d", str(running.layout.root), "--strategy", "fedprox", "--max-rounds", "1")
+    assert result.returncode == ExitCode.INVALID_CONFIG
+    assert "proximal_mu > 0" in result.stderr and "Traceback" not in result.stderr
+    assert not (running.layout.runs / "cli-run-2").exists()
