@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from flowerbed.certs.files import write_private, write_public
 
+from flowerbed.certs.files import write_private, write_public
 from flowerbed.errors import FlowerbedError
 
 CA_DAYS = 3650

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from flowerbed.certs import service
 
+from flowerbed.certs import service
 from flowerbed.config import load_federation
 from flowerbed.console import err, info, out, table
 from flowerbed.layout import FederationLayout

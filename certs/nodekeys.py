@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flowerbed.certs.files import write_private, write_public
 
+from flowerbed.certs.files import write_private, write_public
 from flowerbed.errors import FlowerbedError
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+
 from flowerbed.certs.ca import CertificateAuthority
 from flowerbed.certs.nodekeys import NodeKeyPair, load_public_key, public_fingerprint
-
 from flowerbed.config import FederationConfig
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout

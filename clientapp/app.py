@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowerbed.clientapp.data import DataError, SiteData, load_site_data
-from flowerbed.clientapp.task import evaluate, make_model, train
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flowerbed.clientapp.data import DataError, SiteData, load_site_data
+from flowerbed.clientapp.task import evaluate, make_model, train
 from flowerbed.config import RunSettings
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed

@@ -6,14 +6,14 @@ import time
 from pathlib import Path
 
 import torch
-from flowerbed.clientapp.task import make_model
-from flowerbed.serverapp.history import History
-from flowerbed.serverapp.loop import RunFailedError, run_rounds
-from flowerbed.serverapp.strategies import make_strategy
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flowerbed.clientapp.task import make_model
 from flowerbed.config import RunSettings
+from flowerbed.serverapp.history import History
+from flowerbed.serverapp.loop import RunFailedError, run_rounds
+from flowerbed.serverapp.strategies import make_strategy
 
 app = ServerApp()
 

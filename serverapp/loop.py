@@ -6,13 +6,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowerbed.serverapp.criteria import MAX_ROUNDS, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import History, RoundRow
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from flowerbed.config import RunSettings
+from flowerbed.serverapp.criteria import MAX_ROUNDS, TIME_BUDGET, ConvergenceTracker
+from flowerbed.serverapp.history import History, RoundRow
 
 Clock = Callable[[], float]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from types import FrameType
 
 import typer
-from flowerbed.superlink.stack import start_stack, supervise
 
 from flowerbed.config import load_federation
 from flowerbed.console import info, out
 from flowerbed.layout import FederationLayout
 from flowerbed.options import FED_DIR
+from flowerbed.superlink.stack import start_stack, supervise
 
 app = typer.Typer(help="Run the coordinator: SuperLink, ServerApp executor and Fleet gateway.",
                   no_args_is_help=True)  # fmt: skip

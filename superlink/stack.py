@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 
 from flowerbed.certs.files import write_private
 from flowerbed.certs.service import read_cert
-from flowerbed.superlink import flwrcli, gateway
-
 from flowerbed.config import FederationConfig
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import grpc_health, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, stop_all
+from flowerbed.superlink import flwrcli, gateway
 
 FLOWER_HINT = "reinstall flowerbed in this environment (`pip install flowerbed`), it brings Flower"
 Report = Callable[[str], None]

@@ -8,10 +8,10 @@ from pathlib import Path
 from types import FrameType
 
 import typer
-from flowerbed.supernode.preflight import require, run_preflight
-from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
 
 from flowerbed.console import info, out, table
+from flowerbed.supernode.preflight import require, run_preflight
+from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
 
 app = typer.Typer(help="Run this site's SuperNode (outbound only).", no_args_is_help=True)
 

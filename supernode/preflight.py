@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.nodekeys import load_private_key
 from flowerbed.certs.service import cert_sans, read_cert
-
 from flowerbed.errors import FlowerbedError
 
 # Flower's node auth accepts -5 s < superlink_time - node_time < 305 s (asymmetric).

@@ -77,9 +77,11 @@ def test_handshake_fails_with_wrong_ca(fed: FederationLayout, tmp_path: Path) ->
 
 
 def test_handshake_fails_with_wrong_host_name(fed: FederationLayout) -> None:
-    with tls_server(fed.server_cert, fed.server_key) as port:
-        with pytest.raises(ssl.SSLCertVerificationError, match="match"):
-            handshake(port, fed.ca_cert, "evil.example.org")
+    with (
+        tls_server(fed.server_cert, fed.server_key) as port,
+        pytest.raises(ssl.SSLCertVerificationError, match="match"),
+    ):
+        handshake(port, fed.ca_cert, "evil.example.org")
 
 
 def test_handshake_fails_with_expired_certificate(fed: FederationLayout, tmp_path: Path) -> None:
@@ -87,9 +89,11 @@ def test_handshake_fails_with_expired_certificate(fed: FederationLayout, tmp_pat
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     expired = ca.issue_server_cert(["localhost"], not_before=past, not_after=past + dt.timedelta(days=1))
     expired.write(tmp_path / "old.crt", tmp_path / "old.key")
-    with tls_server(tmp_path / "old.crt", tmp_path / "old.key") as port:
-        with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
-            handshake(port, fed.ca_cert, "localhost")
+    with (
+        tls_server(tmp_path / "old.crt", tmp_path / "old.key") as port,
+        pytest.raises(ssl.SSLCertVerificationError, match="expired"),
+    ):
+        handshake(port, fed.ca_cert, "localhost")
 
 
 def test_ca_is_not_replaced(fed: FederationLayout) -> None:

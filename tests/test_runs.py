@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +16,7 @@ from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.probes import free_port
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.supernode.supervisor import Supervisor, SupernodeSpec
+from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
 from tests.conftest import RunningFederation, run_cli
 
 
@@ -42,7 +46,9 @@ def nodes(running: RunningFederation, tmp_path_factory: pytest.TempPathFactory) 
             assert sup.process is not None and sup.process.poll() is not None
 
 
-def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, nodes: list[Supervisor]) -> None:
+def test_run_fails_when_fewer_than_min_nodes_reply(
+    running: RunningFederation, nodes: list[Supervisor]
+) -> None:
     settings = RunSettings.model_validate(
         running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "node_wait_s": 60}
     )
@@ -95,3 +101,18 @@ def test_invalid_run_options_are_refused_before_submission(running: RunningFeder
     assert result.returncode == ExitCode.INVALID_CONFIG
     assert "proximal_mu > 0" in result.stderr and "Traceback" not in result.stderr
     assert not (running.layout.runs / "cli-run-2").exists()
+
+
+def test_killed_supernode_is_restarted_and_rejoins(nodes: list[Supervisor]) -> None:
+    """SIGKILL the SuperNode: the supervisor restarts it, retries the refusal Flower gives a node
+    that comes back within its heartbeat window, and the node rejoins (bounded: 240 s)."""
+    sup = nodes[0]
+    assert sup.process is not None and sup.connected
+    old_pid = sup.process.pid
+    os.killpg(old_pid, signal.SIGKILL)
+    end = time.monotonic() + 240
+    while time.monotonic() < end and not (sup.restarts >= 1 and sup.connected):
+        time.sleep(1)
+    assert sup.restarts >= 1
+    assert sup.connected, Path(sup.log_path).read_text()[-2000:]
+    assert sup.process.pid != old_pid

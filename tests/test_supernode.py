@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import email.utils
-import os
 import time
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def test_bad_local_files_are_refused(running: RunningFederation, tmp_path: Path)
     assert_clean_error(run_cli(*no_ca), ExitCode.PREFLIGHT_FAILED, "ca.crt is missing")
     loose = tmp_path / "loose.key"
     NodeKeyPair.generate("x").write(loose, tmp_path / "loose.key.pub")
-    os.chmod(loose, 0o644)
+    loose.chmod(0o644)
     lax = start_args(running.gateway, lay.ca_cert, loose, tmp_path)
     assert_clean_error(run_cli(*lax), ExitCode.PREFLIGHT_FAILED, "other users can read it", "chmod 600")
     bad = start_args("no-port", lay.ca_cert, lay.node_key("inst-a"), tmp_path)

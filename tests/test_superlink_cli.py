@@ -1,0 +1,80 @@
+"""`flowerbed superlink start` as a coordinator runs it: up with every child ready, down on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flowerbed.probes import tcp_open
+from tests.conftest import make_config, make_federation
+
+
+def wait_for(predicate: object, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_start_then_sigterm_stops_every_child(tmp_path: Path) -> None:
+    config = make_config("cli")
+    layout = make_federation(tmp_path / "fed", config)
+    sl = config.superlink
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowerbed", "superlink", "start", "-d", str(layout.root)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_for(layout.pidfile.exists, 120), "supervisor.json never appeared"
+        pids = json.loads(layout.pidfile.read_text())["processes"]
+        assert set(pids) == {"flower-superlink", "flower-superexec (ServerApp executor)", "gateway (nginx)"}
+        assert all(pid_alive(p) for p in pids.values())
+        assert tcp_open("127.0.0.1", sl.port) and tcp_open("127.0.0.1", sl.internal_port)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, output
+    flat = " ".join(output.split())
+    assert "registered node key of site inst-a" in flat
+    assert f"logs: {layout.logs}" in flat
+    assert "stopped SuperLink, executor and gateway" in flat
+    assert wait_for(lambda: not any(pid_alive(p) for p in pids.values()), 20)
+    assert not tcp_open("127.0.0.1", sl.port)
+    assert not tcp_open("127.0.0.1", sl.internal_port)
+    assert not layout.pidfile.exists()
+    assert layout.database.is_file()  # state survives for the next start
+
+
+def test_second_start_on_same_ports_is_refused(tmp_path: Path) -> None:
+    config = make_config("busy")
+    layout = make_federation(tmp_path / "fed", config)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", config.superlink.internal_port))
+        sock.listen(1)
+        result = subprocess.run(
+            [sys.executable, "-m", "flowerbed", "superlink", "start", "-d", str(layout.root)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"port {config.superlink.internal_port} on 127.0.0.1 is in use" in result.stderr
+    assert "Traceback" not in result.stderr
