@@ -28,9 +28,7 @@ def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
     if os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode != PRIVATE_MODE:
-            raise FlowerbedError(
-                f"{path} was created with mode {mode:o}, not 600: check the file system's umask/ACLs"
-            )
+            raise FlowerbedError(f"{path} was created with mode {mode:o}, not 600: check the file system's umask/ACLs")
 
 
 def write_public(path: Path, data: bytes) -> None:

@@ -35,9 +35,7 @@ class NodeKeyPair:
 
     @property
     def public_openssh(self) -> bytes:
-        raw = self.key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        raw = self.key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         return raw + b" " + self.comment.encode() + b"\n"
 
     def write(self, private_path: Path, public_path: Path, *, overwrite: bool = False) -> None:

@@ -43,9 +43,7 @@ def issue_server(layout: FederationLayout, config: FederationConfig) -> list[str
     return names
 
 
-def make_node_key(
-    layout: FederationLayout, config: FederationConfig, site: str, *, force: bool = False
-) -> Path:
+def make_node_key(layout: FederationLayout, config: FederationConfig, site: str, *, force: bool = False) -> Path:
     """Create ``SITE``'s node key pair once (OpenSSH EC P-384)."""
     config.site(site)
     private = layout.node_key(site)

@@ -63,9 +63,7 @@ def read_csv(path: Path, num_features: int | None = None) -> tuple[np.ndarray, n
         targets.append(int(target))
     x = np.asarray(features, dtype=np.float32)
     if num_features is not None and x.shape[1] != num_features:
-        raise DataError(
-            f"{path}: has {x.shape[1]} feature columns, the run expects {num_features} (num-features)"
-        )
+        raise DataError(f"{path}: has {x.shape[1]} feature columns, the run expects {num_features} (num-features)")
     return x, np.asarray(targets, dtype=np.int64)
 
 

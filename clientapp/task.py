@@ -9,9 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def make_model(
-    kind: str, *, num_features: int, num_classes: int, hidden_units: int, image_size: int
-) -> nn.Module:
+def make_model(kind: str, *, num_features: int, num_classes: int, hidden_units: int, image_size: int) -> nn.Module:
     """``mlp`` for tabular CSV data, ``cnn`` for images (3 x image_size x image_size)."""
     if kind == "mlp":
         return nn.Sequential(
@@ -79,9 +77,7 @@ def train(
             optimizer.zero_grad()
             loss = criterion(model(xb), yb)
             if proximal_mu > 0:
-                prox = sum(
-                    ((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True)
-                )
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
                 loss = loss + (proximal_mu / 2) * prox
             loss.backward()
             optimizer.step()

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from flowerbed import __version__
 from flowerbed.certs.cli import app as certs_app
-from flowerbed.commands import demo, init, run
+from flowerbed.commands import bundle, check, demo, env, init, kit, run
 from flowerbed.config import ConfigError, format_validation_error
 from flowerbed.console import error
 from flowerbed.errors import ExitCode, FlowerbedError
@@ -45,6 +45,10 @@ app.command("init", help=init.HELP)(init.init)
 app.command("run", help=run.HELP)(run.run)
 app.command("demo", help=demo.HELP)(demo.demo)
 app.add_typer(certs_app, name="certs")
+app.add_typer(check.app, name="check")
+app.add_typer(env.app, name="env")
+app.add_typer(kit.app, name="kit")
+app.add_typer(bundle.app, name="bundle")
 app.add_typer(superlink_app, name="superlink")
 app.add_typer(supernode_app, name="supernode")
 

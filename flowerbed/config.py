@@ -55,6 +55,9 @@ class SuperLinkSettings(_Model):
     internal_port: Port = Field(9093, description="Loopback port of flower-superlink")
     health_port: Port = Field(9095, description="Loopback port of the SuperLink health service")
     executor_health_port: Port = Field(9096, description="Loopback port of the executor's health service")
+    idle_timeout_s: int = Field(
+        60, ge=1, le=200, description="Gateway closes idle site connections after this (below Azure's 240 s cut)"
+    )
 
     @field_validator("address", "gateway_host")
     @classmethod
@@ -70,9 +73,7 @@ class SuperLinkSettings(_Model):
     def _distinct_ports(self) -> SuperLinkSettings:
         ports = [self.port, self.internal_port, self.health_port, self.executor_health_port]
         if len(set(ports)) != len(ports):
-            raise ValueError(
-                f"port, internal_port, health_port and executor_health_port must differ, got {ports}"
-            )
+            raise ValueError(f"port, internal_port, health_port and executor_health_port must differ, got {ports}")
         return self
 
     def all_sans(self) -> list[str]:
@@ -173,9 +174,7 @@ class FederationConfig(_Model):
         if dupes:
             raise ValueError(f"site names must be unique, repeated: {', '.join(dupes)}")
         if self.run.min_nodes > len(self.sites):
-            raise ValueError(
-                f"run.min_nodes is {self.run.min_nodes} but only {len(self.sites)} sites are listed"
-            )
+            raise ValueError(f"run.min_nodes is {self.run.min_nodes} but only {len(self.sites)} sites are listed")
         return self
 
     def site(self, name: str) -> Site:

@@ -220,7 +220,5 @@ def run_demo(
         if stack is not None:
             stack.stop()
     epochs = len(result.rows) * config.run.local_epochs
-    comparisons = compare_models(
-        config.run, data.site_files, data.test_file, handle.out_dir / FINAL_MODEL, epochs
-    )
+    comparisons = compare_models(config.run, data.site_files, data.test_file, handle.out_dir / FINAL_MODEL, epochs)
     return DemoResult(work_dir=root, run=result, out_dir=handle.out_dir, comparisons=comparisons)

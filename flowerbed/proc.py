@@ -106,15 +106,12 @@ class ManagedProcess:
             code = self.poll()
             if code is not None:
                 raise FlowerbedError(
-                    f"{self.name} exited with status {code} while starting; "
-                    f"see {self.log_path}: {tail(self.log_path)}"
+                    f"{self.name} exited with status {code} while starting; see {self.log_path}: {tail(self.log_path)}"
                 )
             if probe():
                 return
             time.sleep(POLL_S)
-        raise FlowerbedError(
-            f"{self.name} did not become ready within {deadline_s:.0f} s; see {self.log_path}"
-        )
+        raise FlowerbedError(f"{self.name} did not become ready within {deadline_s:.0f} s; see {self.log_path}")
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM the process group, then SIGKILL after ``grace_s``; returns the exit status."""

@@ -35,9 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
     try:
-        outcome = run_rounds(
-            grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history
-        )
+        outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history)
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)

@@ -31,6 +31,7 @@ def render_config(
     cert: Path,
     key: Path,
     ca: Path,
+    idle_timeout_s: int = 60,
 ) -> Path:
     """Write PREFIX/nginx.conf (and its log and temp folders) and return its path."""
     template = files("flowerbed.deploy").joinpath("templates/gateway-nginx.conf").read_text("utf-8")
@@ -42,6 +43,7 @@ def render_config(
         "CERT": str(cert.resolve()),
         "KEY": str(key.resolve()),
         "CA": str(ca.resolve()),
+        "IDLE": str(idle_timeout_s),
     }
     for name, value in values.items():
         template = template.replace(f"@@{name}@@", value)

@@ -57,9 +57,7 @@ def _check_pki(layout: FederationLayout) -> None:
             raise FlowerbedError(f"{path} is missing: run `{fix}` first")
     cert = read_cert(layout.server_cert)
     if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
-        raise FlowerbedError(
-            f"the server certificate {layout.server_cert} has expired: run `flowerbed certs server`"
-        )
+        raise FlowerbedError(f"the server certificate {layout.server_cert} has expired: run `flowerbed certs server`")
 
 
 def _secret(layout: FederationLayout) -> None:
@@ -142,6 +140,7 @@ def start_stack(
             cert=layout.server_cert,
             key=layout.server_key,
             ca=layout.ca_cert,
+            idle_timeout_s=sl.idle_timeout_s,
         )
         gateway.validate(nginx, conf_prefix)
         gw = gateway.gateway_process(nginx, conf_prefix, layout.logs / "gateway.log")

@@ -175,6 +175,4 @@ def require(checks: list[Check]) -> None:
         if not check.ok:
             from flowerbed.errors import ExitCode
 
-            raise FlowerbedError(
-                f"preflight: {check.name}: {check.detail}", exit_code=ExitCode.PREFLIGHT_FAILED
-            )
+            raise FlowerbedError(f"preflight: {check.name}: {check.detail}", exit_code=ExitCode.PREFLIGHT_FAILED)

@@ -34,6 +34,9 @@ def make_config(name: str = "test", sites: list[str] | None = None, **run: objec
                 "internal_port": free_port(),
                 "health_port": free_port(),
                 "executor_health_port": free_port(),
+                # Far below the 60 s default: every run in the tests goes through a gateway that
+                # closes idle connections between polls, as a NAT with a short idle cut would.
+                "idle_timeout_s": 2,
             },
             "sites": [{"name": s} for s in (sites or SITES)],
             "run": {"num_features": 30, "min_nodes": 2, **run},

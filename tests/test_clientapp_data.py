@@ -98,8 +98,6 @@ def test_fedprox_term_keeps_weights_close(tmp_path: Path) -> None:
         model = make_model("mlp", num_features=2, num_classes=2, hidden_units=4, image_size=8)
         start = [p.detach().clone() for p in model.parameters()]
         train(model, data.train, epochs=20, batch_size=8, learning_rate=0.05, proximal_mu=mu)  # type: ignore[attr-defined]
-        return float(
-            sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True))
-        )
+        return float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True)))
 
     assert drift(10.0) < drift(0.0)

@@ -76,9 +76,7 @@ def test_every_site_key_is_registered(running: RunningFederation) -> None:
     assert running.stack.registered == ["inst-a", "inst-b", "univ-hospital"]
     assert len(flwrcli.list_nodes(running.layout.flwr_home)) == 3
     # registering again is not an error (state survives restarts)
-    assert (
-        flwrcli.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is False
-    )
+    assert flwrcli.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is False
 
 
 def test_superlink_binds_loopback_only(running: RunningFederation) -> None:
@@ -102,3 +100,24 @@ def test_rendered_config_passes_nginx_t(tmp_path: Path, running: RunningFederati
     (tmp_path / "nginx.conf").write_text(conf.replace("worker_connections 512;", "worker_connections;"))
     with pytest.raises(FlowerbedError, match="is invalid"):
         gateway.validate(nginx, tmp_path)
+
+
+def test_gateway_closes_idle_connections_cleanly(running: RunningFederation) -> None:
+    """An idle keep-alive connection gets a clean close (EOF) after idle_timeout_s, not a silent drop."""
+    import socket
+    import time
+
+    ctx = ssl.create_default_context(cafile=str(running.layout.ca_cert))
+    port = running.config.superlink.port
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        first = tls.recv(4096)
+        assert first.startswith(b"HTTP/1.1 404")
+        started = time.monotonic()
+        tls.settimeout(30)
+        assert tls.recv(4096) == b""  # EOF: nginx closed the idle connection
+        waited = time.monotonic() - started
+    assert running.config.superlink.idle_timeout_s - 0.5 <= waited < 20

@@ -46,9 +46,7 @@ def nodes(running: RunningFederation, tmp_path_factory: pytest.TempPathFactory) 
             assert sup.process is not None and sup.process.poll() is not None
 
 
-def test_run_fails_when_fewer_than_min_nodes_reply(
-    running: RunningFederation, nodes: list[Supervisor]
-) -> None:
+def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, nodes: list[Supervisor]) -> None:
     settings = RunSettings.model_validate(
         running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "node_wait_s": 60}
     )

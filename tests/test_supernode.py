@@ -43,9 +43,7 @@ def test_host_name_not_in_certificate_is_refused(running: RunningFederation, tmp
         args = start_args(f"127.0.0.1:{port}", running.layout.ca_cert,
                           running.layout.node_key("inst-a"), running.data.test_file)  # fmt: skip
         result = run_cli(*args)
-    assert_clean_error(
-        result, ExitCode.PREFLIGHT_FAILED, "does not name '127.0.0.1' (it names: link.example.org)"
-    )
+    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "does not name '127.0.0.1' (it names: link.example.org)")
 
 
 def test_clock_ahead_of_superlink_is_refused(running: RunningFederation, tmp_path: Path) -> None:

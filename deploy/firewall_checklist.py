@@ -1,0 +1,471 @@
+#!/usr/bin/env python3
+"""flowerbed firewall allowlist checklist for a site's workspace VM.
+
+Runs with the VM's bare system Python (3.8 or newer) and the standard library only, before any
+environment exists. Every row is PASS, FAIL, WARN or INFO with the reason and the fix; the exit
+code is 0 only when every required row passes.
+
+    python3 firewall_checklist.py --superlink link.example.org:9092 --ca ca.crt
+    python3 firewall_checklist.py --superlink link.example.org:9092 --allowlist   # for the IT ticket
+    python3 firewall_checklist.py --superlink link.example.org:9092 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import json
+import os
+import socket
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
+MAX_AHEAD_S = 4.0  # Flower refuses a node more than 5 s ahead of the SuperLink
+MAX_BEHIND_S = 300.0
+DATA_FILE = Path(__file__).with_name("allowlist.json")
+INSTALL_PATHS = ("conda", "pip", "offline")
+OS_PACKAGES = ("ubuntu", "none")
+
+
+class Row:
+    """One line of the checklist."""
+
+    def __init__(self, check: str, status: str, detail: str, fix: str = "", required: bool = True) -> None:
+        self.check = check
+        self.status = status
+        self.detail = detail
+        self.fix = fix
+        self.required = required
+
+    @property
+    def blocking(self) -> bool:
+        return self.required and self.status == FAIL
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "status": self.status,
+            "detail": self.detail,
+            "fix": self.fix,
+            "required": self.required,
+        }
+
+
+def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port``."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":")
+        return host, int(port) if port else default_port
+    if value.count(":") == 1:
+        host, port = value.split(":")
+        if not port.isdigit():
+            raise ValueError(f"port of {value!r} is not a number")
+        return host, int(port)
+    return value, default_port
+
+
+def load_destinations(path: Path, install_path: str, os_packages: str) -> list[dict[str, Any]]:
+    """The destinations for the chosen install path and OS package source, without repeats."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    names = [*data["install_paths"][install_path], "os-" + os_packages]
+    out: list[dict[str, Any]] = []
+    for name in names:
+        for dest in data["groups"].get(name, []):
+            if all(d["host"] != dest["host"] for d in out):
+                out.append(dest)
+    return out
+
+
+# --- proxies -----------------------------------------------------------------------------------
+
+
+def proxy_for(host: str, env: dict[str, str] | None = None) -> tuple[str, int] | None:
+    """The HTTPS proxy that applies to ``host`` (HTTPS_PROXY/https_proxy minus NO_PROXY)."""
+    env = dict(os.environ) if env is None else env
+    proxy = env.get("HTTPS_PROXY") or env.get("https_proxy")
+    if not proxy:
+        return None
+    no_proxy = env.get("NO_PROXY") or env.get("no_proxy") or ""
+    for entry in (e.strip().lower() for e in no_proxy.split(",") if e.strip()):
+        entry = entry.lstrip("*")
+        if (
+            entry == "*"
+            or host.lower() == entry.lstrip(".")
+            or host.lower().endswith(entry if entry.startswith(".") else "." + entry)
+        ):
+            return None
+    rest = proxy.split("://", 1)[-1].rstrip("/")
+    rest = rest.rsplit("@", 1)[-1]
+    return parse_host_port(rest, 3128)
+
+
+def open_connection(host: str, port: int, timeout: float, proxy: tuple[str, int] | None) -> socket.socket:
+    """A TCP connection to host:port, through an HTTP CONNECT proxy when one applies."""
+    if proxy is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.create_connection(proxy, timeout=timeout)
+    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+    sock.sendall(request.encode("ascii"))
+    reply = b""
+    while b"\r\n\r\n" not in reply and len(reply) < 8192:
+        chunk = sock.recv(1024)
+        if not chunk:
+            break
+        reply += chunk
+    status = reply.split(b"\r\n", 1)[0].decode("latin-1")
+    if " 200" not in status:
+        sock.close()
+        raise ConnectionRefusedError(f"proxy {proxy[0]}:{proxy[1]} answered {status!r}")
+    return sock
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def check_destination(host: str, port: int, why: str, timeout: float) -> list[Row]:
+    """DNS resolution and TCP reach of one outbound destination."""
+    name = f"{host}:{port}"
+    proxy = proxy_for(host)
+    rows = []
+    try:
+        addresses = sorted({str(a[4][0]) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        rows.append(Row("dns " + host, PASS, ", ".join(addresses[:4])))
+    except socket.gaierror as exc:
+        if proxy is None:
+            return [
+                Row(
+                    "dns " + host,
+                    FAIL,
+                    f"does not resolve ({exc.strerror})",
+                    f"allow DNS for {host} (or set HTTPS_PROXY if a proxy resolves names)",
+                )
+            ]
+        rows.append(Row("dns " + host, WARN, "does not resolve here; the proxy resolves it", required=False))
+    try:
+        with open_connection(host, port, timeout, proxy):
+            pass
+        via = " via proxy {}:{}".format(*proxy) if proxy else ""
+        rows.append(Row("tcp " + name, PASS, f"reachable{via} ({why})"))
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        rows.append(
+            Row(
+                "tcp " + name,
+                FAIL,
+                f"not reachable: {reason} ({why})",
+                f"allow outbound TCP {port} to {host}",
+            )
+        )
+    return rows
+
+
+def _decode_der(der: bytes) -> dict[str, Any]:
+    """Decode a certificate with the ssl module's own parser (no third-party packages)."""
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as handle:
+        handle.write(pem)
+    try:
+        return dict(ssl._ssl._test_decode_cert(handle.name))  # type: ignore[attr-defined]
+    except (AttributeError, ssl.SSLError, ValueError):
+        return {}
+    finally:
+        Path(handle.name).unlink()
+
+
+def _names(cert: dict[str, Any]) -> str:
+    return ", ".join(value for _kind, value in cert.get("subjectAltName", ())) or "none"
+
+
+def _issuer(cert: dict[str, Any]) -> str:
+    parts = [
+        value for rdn in cert.get("issuer", ()) for (key, value) in rdn if key in ("commonName", "organizationName")
+    ]
+    return ", ".join(parts) or "unknown"
+
+
+def _days_left(cert: dict[str, Any]) -> int | None:
+    if "notAfter" not in cert:
+        return None
+    return int((ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()) // 86400)
+
+
+def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list[Row]:
+    """TCP and TLS to the SuperLink gateway: identity, interception, expiry, clock skew."""
+    name = f"gateway {host}:{port}"
+    proxy = proxy_for(host)
+    via = " via proxy {}:{}".format(*proxy) if proxy else ""
+    try:
+        raw = open_connection(host, port, timeout, proxy)
+    except socket.gaierror as exc:
+        return [
+            Row(
+                "dns " + host,
+                FAIL,
+                f"does not resolve ({exc.strerror})",
+                f"allow DNS for {host}, or ask the coordinator for the gateway's address",
+            )
+        ]
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return [
+            Row(
+                "tcp " + name,
+                FAIL,
+                f"not reachable{via}: {reason}",
+                f"allow outbound TCP {port} to {host} (and ask the coordinator whether it runs)",
+            )
+        ]
+    rows = [Row("tcp " + name, PASS, "reachable" + via)]
+    if ca is not None:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    else:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True) or b""
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            head = tls.recv(4096).decode("latin-1")
+            received = time.time()
+    except ssl.SSLCertVerificationError as exc:
+        peer = _fetch_unverified(host, port, timeout, proxy)
+        if exc.verify_code in (62, 64) or "mismatch" in str(exc.verify_message).lower():
+            return [
+                *rows,
+                Row(
+                    "tls " + name,
+                    FAIL,
+                    f"the certificate does not name {host!r} (it names: {_names(peer)})",
+                    "connect with one of those names, or ask the coordinator to add this one",
+                ),
+            ]
+        if exc.verify_code == 10:
+            return [
+                *rows,
+                Row(
+                    "tls " + name,
+                    FAIL,
+                    "the certificate has expired ({})".format(peer.get("notAfter", "?")),
+                    "ask the coordinator to run `flowerbed certs server`",
+                ),
+            ]
+        return [
+            *rows,
+            Row(
+                "tls " + name,
+                FAIL,
+                f"TLS interception: the certificate (issuer: {_issuer(peer)}) is not signed by the federation CA {ca}",
+                f"ask IT to exempt {host}:{port} from TLS inspection (or use this federation's ca.crt)",
+            ),
+        ]
+    except (ssl.SSLError, OSError) as exc:
+        return [
+            *rows,
+            Row(
+                "tls " + name,
+                FAIL,
+                f"TLS handshake failed: {exc}",
+                f"check that {host}:{port} is the flowerbed gateway (not a plain-HTTP port)",
+            ),
+        ]
+    cert = _decode_der(der)
+    left = _days_left(cert)
+    days = f"{left} days left" if left is not None else "expiry unknown"
+    if ca is not None:
+        rows.append(Row("tls " + name, PASS, f"verified against {ca.name}; names: {_names(cert)}; {days}"))
+        if left is not None and left < 30:
+            rows.append(
+                Row(
+                    "certificate expiry",
+                    WARN,
+                    f"the gateway certificate expires in {left} days",
+                    "tell the coordinator to run `flowerbed certs server`",
+                    required=False,
+                )
+            )
+    else:
+        rows.append(
+            Row(
+                "tls " + name,
+                WARN,
+                f"handshake works but was not verified (issuer: {_issuer(cert)}; names: {_names(cert)})",
+                "pass --ca ca.crt from the site kit to detect TLS interception",
+                required=False,
+            )
+        )
+    rows.append(check_clock(head, received))
+    return rows
+
+
+def _fetch_unverified(host: str, port: int, timeout: float, proxy: tuple[str, int] | None) -> dict[str, Any]:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with open_connection(host, port, timeout, proxy) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+            return _decode_der(tls.getpeercert(binary_form=True) or b"")
+    except OSError:
+        return {}
+
+
+def check_clock(head: str, received: float) -> Row:
+    """Skew between this VM and the gateway's HTTP Date header, against Flower's asymmetric window."""
+    for line in head.split("\r\n"):
+        if line.lower().startswith("date:"):
+            server = email.utils.parsedate_to_datetime(line[5:].strip()).timestamp()
+            ahead = received - server
+            if ahead > MAX_AHEAD_S:
+                return Row(
+                    "clock skew",
+                    FAIL,
+                    f"this VM is {ahead:.0f} s ahead of the gateway (limit 5 s)",
+                    "sync the clock with NTP (Flower refuses nodes ahead of the SuperLink)",
+                )
+            if -ahead > MAX_BEHIND_S:
+                return Row(
+                    "clock skew",
+                    FAIL,
+                    f"this VM is {-ahead:.0f} s behind the gateway (limit 300 s)",
+                    "sync the clock with NTP",
+                )
+            return Row("clock skew", PASS, f"{ahead:+.0f} s against the gateway")
+    return Row("clock skew", WARN, "the gateway sent no Date header", "", required=False)
+
+
+def check_proxy_env(superlink_host: str) -> Row:
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if not proxy:
+        return Row("proxy", INFO, "no HTTPS_PROXY set: direct connections", required=False)
+    used = proxy_for(superlink_host)
+    where = "through the proxy" if used else "directly (NO_PROXY)"
+    return Row("proxy", INFO, f"HTTPS_PROXY is set; the SuperLink is reached {where}", required=False)
+
+
+def inbound_row() -> Row:
+    return Row(
+        "inbound",
+        PASS,
+        "nothing needs to be reachable inbound: the SuperNode only connects out and listens on 127.0.0.1",
+        required=False,
+    )
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def render_table(rows: list[Row]) -> str:
+    width = max(len(r.check) for r in rows)
+    lines = ["{:<{w}}  {:<6}  {}".format("CHECK", "RESULT", "DETAIL", w=width)]
+    for row in rows:
+        lines.append("{:<{w}}  {:<6}  {}".format(row.check, row.status, row.detail, w=width))
+        if row.fix and row.status in (FAIL, WARN):
+            lines.append("{:<{w}}          fix: {}".format("", row.fix, w=width))
+    failed = sum(1 for r in rows if r.blocking)
+    lines.append("")
+    lines.append(
+        "result: {}".format("all required checks passed" if not failed else f"{failed} required check(s) failed")
+    )
+    return "\n".join(lines)
+
+
+def render_allowlist(superlink: tuple[str, int] | None, destinations: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Outbound allowlist for a flowerbed site VM (TCP; no inbound rules needed)",
+        "# destination\tport\tpurpose",
+    ]
+    if superlink is not None:
+        host, port = superlink
+        try:
+            ips = sorted({str(a[4][0]) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        except socket.gaierror:
+            ips = []
+        suffix = " ({})".format(", ".join(ips)) if ips else ""
+        lines.append(f"{host}{suffix}\t{port}\tflowerbed SuperLink gateway (TLS, Flower Fleet API)")
+    for dest in destinations:
+        lines.append("{}\t{}\t{}".format(dest["host"], dest["port"], dest.get("why", "")))
+    return "\n".join(lines)
+
+
+def build_parser(prog: str = "firewall_checklist.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--superlink", help="gateway address HOST:PORT (port 9092 if left out)")
+    parser.add_argument("--ca", type=Path, help="federation ca.crt (detects TLS interception)")
+    parser.add_argument(
+        "--install-path",
+        choices=INSTALL_PATHS,
+        default="conda",
+        help="how packages reach this VM (default: conda)",
+    )
+    parser.add_argument(
+        "--os-packages",
+        choices=OS_PACKAGES,
+        default="none",
+        help="also check OS package mirrors (default: none)",
+    )
+    parser.add_argument(
+        "--extra-domain",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="another destination to check (port 443 if left out); repeat",
+    )
+    parser.add_argument("--domains-file", type=Path, default=DATA_FILE, help="destination data file")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per connection (default 5)")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="machine-readable output")
+    out.add_argument("--allowlist", action="store_true", help="print the list for an IT ticket and exit")
+    return parser
+
+
+def run_checks(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, Any]], tuple[str, int] | None]:
+    destinations = load_destinations(args.domains_file, args.install_path, args.os_packages)
+    for extra in args.extra_domain:
+        host, port = parse_host_port(extra, 443)
+        destinations.append({"host": host, "port": port, "why": "added with --extra-domain"})
+    superlink = parse_host_port(args.superlink, 9092) if args.superlink else None
+    if args.allowlist:
+        return [], destinations, superlink
+    rows: list[Row] = []
+    for dest in destinations:
+        rows.extend(check_destination(dest["host"], int(dest["port"]), dest.get("why", ""), args.timeout))
+    if superlink is not None:
+        if args.ca is not None and not args.ca.is_file():
+            rows.append(Row("federation CA", FAIL, f"{args.ca} does not exist", "use ca.crt from the site kit"))
+            rows.extend(check_gateway(superlink[0], superlink[1], None, args.timeout))
+        else:
+            rows.extend(check_gateway(superlink[0], superlink[1], args.ca, args.timeout))
+        rows.append(check_proxy_env(superlink[0]))
+    else:
+        rows.append(Row("gateway", WARN, "not checked", "pass --superlink HOST:9092", required=False))
+    rows.append(inbound_row())
+    return rows, destinations, superlink
+
+
+def main(argv: list[str] | None = None, prog: str = "firewall_checklist.py") -> int:
+    """Run the checklist; returns the exit code (0 only when every required row passes)."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        rows, destinations, superlink = run_checks(args)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.allowlist:
+        print(render_allowlist(superlink, destinations))
+        return 0
+    ok = not any(r.blocking for r in rows)
+    if args.json:
+        print(json.dumps({"ok": ok, "rows": [r.as_dict() for r in rows]}, indent=2))
+    else:
+        print(render_table(rows))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Build one startup kit per site: folder + .tar.gz + .zip, assembled in a temp dir, moved in whole."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import tomli_w
+
+from flowerbed.certs import service
+from flowerbed.certs.files import PRIVATE_MODE
+from flowerbed.config import FederationConfig
+from flowerbed.deploy.condaenv import render
+from flowerbed.errors import FlowerbedError
+from flowerbed.layout import FederationLayout
+from flowerbed.supernode.sitekit import SITE_FILE, SiteKitConfig
+
+EXECUTABLE = 0o755
+DEFAULT_KIT_DIR = "/opt/flowerbed/kit"
+DEFAULT_FLOWERBED = "/opt/conda/envs/flowerbed-supernode-cpu/bin/flowerbed"
+
+
+def template(name: str) -> str:
+    return files("flowerbed.deploy").joinpath(f"templates/{name}").read_text("utf-8")
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", value)
+    if "@@" in text:
+        raise FlowerbedError("a kit template has an unfilled placeholder: reinstall flowerbed")
+    return text
+
+
+def site_unit(site: str, federation: str, kit_dir: str, flowerbed: str) -> str:
+    """The systemd unit that runs a site's SuperNode from its kit."""
+    values = {"SITE": site, "FEDERATION": federation, "KIT_DIR": kit_dir, "FLOWERBED": flowerbed}
+    return fill(template("flowerbed-supernode.service"), values)
+
+
+def coordinator_unit(federation: str, fed_dir: str, flowerbed: str) -> str:
+    """The systemd unit that runs `flowerbed superlink start` for a federation."""
+    values = {"FEDERATION": federation, "FED_DIR": fed_dir, "FLOWERBED": flowerbed}
+    return fill(template("flowerbed-coordinator.service"), values)
+
+
+@dataclass(frozen=True)
+class BuiltKit:
+    site: str
+    folder: Path
+    tarball: Path
+    zipfile: Path
+
+
+def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig, site: str) -> None:
+    for path in (layout.node_key(site), layout.node_pub(site)):
+        if not path.is_file():
+            raise FlowerbedError(f"{path} is missing: run `flowerbed certs node {site} --force` to make a new pair")
+    stage.mkdir(parents=True)
+    shutil.copyfile(layout.ca_cert, stage / "ca.crt")
+    shutil.copyfile(layout.server_cert, stage / "server.crt")
+    key = stage / f"{site}.key"
+    shutil.copyfile(layout.node_key(site), key)
+    key.chmod(PRIVATE_MODE)
+    shutil.copyfile(layout.node_pub(site), stage / f"{site}.key.pub")
+    kit_config = SiteKitConfig(
+        federation=config.name,
+        site=site,
+        superlink_address=config.superlink.address,
+        superlink_port=config.superlink.port,
+    )
+    (stage / SITE_FILE).write_text(
+        "# Site settings for `flowerbed supernode start --kit .`; set data_path before the first start.\n"
+        + tomli_w.dumps(kit_config.model_dump()),
+        encoding="utf-8",
+    )
+    (stage / "environment.yml").write_text(render("supernode-cpu"), encoding="utf-8")
+    (stage / "environment-cuda.yml").write_text(render("supernode-cuda"), encoding="utf-8")
+    deploy = files("flowerbed.deploy")
+    (stage / "firewall_checklist.py").write_text(deploy.joinpath("firewall_checklist.py").read_text("utf-8"))
+    (stage / "allowlist.json").write_text(deploy.joinpath("allowlist.json").read_text("utf-8"))
+    for script in ("start-supernode.sh", "start-supernode.ps1"):
+        (stage / script).write_text(template(script), encoding="utf-8")
+    for exe in ("start-supernode.sh", "firewall_checklist.py"):
+        (stage / exe).chmod(EXECUTABLE)
+    (stage / "flowerbed-supernode.service").write_text(
+        site_unit(site, config.name, f"{DEFAULT_KIT_DIR}-{site}", DEFAULT_FLOWERBED), encoding="utf-8"
+    )
+    values = {
+        "SITE": site,
+        "FEDERATION": config.name,
+        "ADDRESS": config.superlink.address,
+        "PORT": str(config.superlink.port),
+    }
+    (stage / "README.md").write_text(fill(template("kit-README.md"), values), encoding="utf-8")
+
+
+def _archive(folder: Path, out_dir: Path) -> tuple[Path, Path]:
+    tarball = out_dir / f"{folder.name}.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:  # keeps the key's 0600 mode
+        tar.add(folder, arcname=folder.name)
+    zipped = out_dir / f"{folder.name}.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            info = zipfile.ZipInfo.from_file(path, arcname=f"{folder.name}/{path.relative_to(folder)}")
+            if path.is_file():
+                with path.open("rb") as handle:
+                    zf.writestr(info, handle.read(), zipfile.ZIP_DEFLATED)
+    return tarball, zipped
+
+
+def build_kits(layout: FederationLayout, config: FederationConfig, sites: list[str] | None = None) -> list[BuiltKit]:
+    """Build kits into FED/kits/; keys are created only when missing, the CA is never touched."""
+    if not layout.ca_cert.is_file():
+        raise FlowerbedError(f"{layout.ca_cert} is missing: run `flowerbed certs init` first")
+    if not layout.server_cert.is_file():
+        raise FlowerbedError(f"{layout.server_cert} is missing: run `flowerbed certs server` first")
+    names = sites or [s.name for s in config.sites]
+    for name in names:
+        config.site(name)
+        if not layout.node_key(name).is_file():
+            service.make_node_key(layout, config, name)
+    out_dir = layout.root / "kits"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built: list[BuiltKit] = []
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
+        stage_root = Path(tmp)
+        for name in names:
+            folder = stage_root / name
+            _write_site(folder, layout, config, name)
+            _archive(folder, stage_root)
+        # Everything is complete: move it into place (a failed build above leaves nothing behind).
+        for name in names:
+            final = out_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            (stage_root / name).replace(final)
+            for suffix in (".tar.gz", ".zip"):
+                (stage_root / f"{name}{suffix}").replace(out_dir / f"{name}{suffix}")
+            built.append(BuiltKit(name, final, out_dir / f"{name}.tar.gz", out_dir / f"{name}.zip"))
+    return built

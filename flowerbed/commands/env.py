@@ -1,0 +1,30 @@
+"""``flowerbed env``: environment files for the workspace VMs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flowerbed.console import out
+from flowerbed.deploy.condaenv import ROLES, render
+from flowerbed.errors import FlowerbedError
+
+app = typer.Typer(help="Generate environment files for workspace VMs.", no_args_is_help=True)
+
+
+@app.command("conda", help="Print (or write) the conda env file for a role: superlink, supernode-cpu, supernode-cuda.")
+def conda(
+    role: str = typer.Option(..., help="superlink, supernode-cpu or supernode-cuda."),
+    write: Path | None = typer.Option(None, help="Write ROLE.yml into this folder instead of printing."),
+) -> None:
+    if role not in ROLES:
+        raise FlowerbedError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    text = render(role)
+    if write is None:
+        typer.echo(text, nl=False)
+        return
+    write.mkdir(parents=True, exist_ok=True)
+    path = write / f"{role}.yml"
+    path.write_text(text, encoding="utf-8")
+    out.print(f"wrote {path}")

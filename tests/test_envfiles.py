@@ -1,0 +1,118 @@
+"""Conda env files (generated, no drift, parseable), systemd units, and an offline wheel bundle
+installed into a fresh venv with every index disabled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flowerbed.deploy.bundle import bundle_wheels
+from flowerbed.deploy.condaenv import ROLES, pip_part, render
+from flowerbed.deploy.kit import coordinator_unit, site_unit
+from tests.conftest import run_cli
+
+CONDA_DIR = Path(__file__).parent.parent / "deploy" / "conda"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_committed_env_file_matches_generator(role: str) -> None:
+    committed = (CONDA_DIR / f"{role}.yml").read_text()
+    assert committed == render(role), f"run `flowerbed env conda --role {role} --write deploy/conda`"  # type: ignore[arg-type]
+    printed = run_cli("env", "conda", "--role", role)
+    assert printed.returncode == 0 and printed.stdout == committed
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_env_file_parses(role: str) -> None:
+    data = yaml.safe_load((CONDA_DIR / f"{role}.yml").read_text())
+    assert data["name"] == f"flowerbed-{role}"
+    assert data["channels"] == ["conda-forge"]
+    deps = data["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps
+    assert ("nginx" in deps) == (role == "superlink")
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    assert pip == pip_part(role)  # type: ignore[arg-type]
+    assert any(p.startswith("flwr>=1.42") or p.startswith("flwr<1.43") for p in pip)
+    torch = [p for p in pip if p.startswith("torch==")]
+    assert torch == (["torch==2.13.0"] if role == "supernode-cuda" else ["torch==2.13.0+cpu"])
+
+
+def test_unknown_role_is_refused() -> None:
+    result = run_cli("env", "conda", "--role", "gpu")
+    assert result.returncode == 1 and "unknown role 'gpu'" in result.stderr and "Traceback" not in result.stderr
+
+
+def packages(role: str) -> list[str]:
+    data = yaml.safe_load((CONDA_DIR / f"{role}.yml").read_text())
+    pip = next(d["pip"] for d in data["dependencies"] if isinstance(d, dict))
+    return [p for p in pip if not p.startswith("--")]
+
+
+def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) -> None:
+    """The pip part of supernode-cpu.yml (= superlink.yml's) from the bundle, with no index at all.
+
+    The CPU index line of the env file is a pip option, not a package: the bundle is made without
+    it because this machine reaches only PyPI, where the local CPU torch wheel is found.
+    """
+    assert packages("superlink") == packages("supernode-cpu")
+    bundle = bundle_wheels(tmp_path / "wheels", torch_index=None)
+    assert bundle.requirements.read_text().split() == packages("supernode-cpu")
+    names = {w.name.split("-")[0].lower() for w in bundle.wheels}
+    assert {"flwr", "torch", "flowerbed", "typer", "pydantic"} <= names
+    target = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(target)
+    py = target / "bin" / "python"
+    env = {"PATH": f"{target / 'bin'}:/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-index", "--find-links", str(bundle.folder),
+         "-r", str(bundle.requirements), *[str(w) for w in bundle.wheels if w.name.startswith("flowerbed-")]],
+        capture_output=True, text=True, timeout=900, env=env, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    check = subprocess.run(
+        [str(py), "-c", "import flwr, torch, flowerbed.clientapp.app, flowerbed.serverapp.app; print(torch.__version__)"],
+        capture_output=True, text=True, timeout=300, env=env, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "2.13.0+cpu"
+    version = subprocess.run([str(target / "bin" / "flowerbed"), "--version"], capture_output=True, text=True,
+                             timeout=60, env=env, check=False, cwd=tmp_path)  # fmt: skip
+    assert version.stdout.strip() == "flowerbed 0.1.0"
+    assert "pip install --no-index --find-links . -r requirements.txt" in (bundle.folder / "INSTALL.txt").read_text()
+
+
+@pytest.fixture
+def analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    return tool
+
+
+def verify(tool: str, unit: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_systemd_units_verify(analyze: str, tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).parent / "flowerbed")
+    units = {
+        "flowerbed-supernode.service": site_unit("inst-a", "fed", str(tmp_path), exe),
+        "flowerbed-coordinator.service": coordinator_unit("fed", str(tmp_path), exe),
+    }
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+        result = verify(analyze, tmp_path / name)
+        assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
+        assert "Restart=on-failure" in text
+    assert "RestartPreventExitStatus=3 4" in units["flowerbed-supernode.service"]
+    # the check is real: a broken directive is reported
+    broken = tmp_path / "flowerbed-supernode.service"
+    broken.write_text(units["flowerbed-supernode.service"].replace("Restart=on-failure", "Restart=sometimes"))
+    assert "Failed to parse" in verify(analyze, broken).stderr

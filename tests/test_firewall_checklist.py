@@ -1,0 +1,172 @@
+"""The firewall checklist (stdlib only) against local servers: every row and the exit code."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowerbed.certs.ca import CertificateAuthority
+from flowerbed.layout import FederationLayout
+from flowerbed.probes import free_port
+from tests.conftest import make_config, make_federation, run_cli
+from tests.connectproxy import connect_proxy
+from tests.tlsserver import tls_server
+
+SCRIPT = Path(__file__).parent.parent / "deploy" / "firewall_checklist.py"
+
+
+def checklist(
+    *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the script with the interpreter in isolated mode (no site-packages: stdlib only)."""
+    base = dict(os.environ)
+    for key in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        base.pop(key, None)
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-I", "-S", str(SCRIPT), "--install-path", "offline", *args],
+        capture_output=True, text=True, timeout=60, env={**base, **(env or {})}, check=False,
+    )  # fmt: skip
+
+
+def rows(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
+    data = json.loads(result.stdout)
+    return {r["check"]: r for r in data["rows"]}
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationLayout:
+    return make_federation(tmp_path_factory.mktemp("fw") / "fed", make_config("fw"))
+
+
+def test_runs_on_python_38_syntax_and_stdlib_only() -> None:
+    tree = ast.parse(SCRIPT.read_text(), feature_version=(3, 8))
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+def test_all_pass_against_the_kit_certificate(fed: FederationLayout) -> None:
+    with tls_server(fed.server_cert, fed.server_key) as port:
+        result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert),
+                           "--extra-domain", f"localhost:{port}", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    by = rows(result)
+    assert by["dns localhost"]["status"] == "PASS"
+    assert by[f"tcp localhost:{port}"]["status"] == "PASS"
+    tls = by[f"tls gateway localhost:{port}"]
+    assert tls["status"] == "PASS"
+    assert "verified against ca.crt; names: localhost, 127.0.0.1" in str(tls["detail"])
+    assert "days left" in str(tls["detail"])
+    assert by["clock skew"]["status"] == "PASS"
+    assert by["inbound"]["status"] == "PASS"
+    assert by["proxy"]["detail"] == "no HTTPS_PROXY set: direct connections"
+
+
+def test_foreign_certificate_is_reported_as_interception(fed: FederationLayout, tmp_path: Path) -> None:
+    other = CertificateAuthority.create("corporate proxy CA")
+    other.issue_server_cert(["localhost"]).write(tmp_path / "mitm.crt", tmp_path / "mitm.key")
+    with tls_server(tmp_path / "mitm.crt", tmp_path / "mitm.key") as port:
+        result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert), "--json")
+    assert result.returncode == 1
+    tls = rows(result)[f"tls gateway localhost:{port}"]
+    assert tls["status"] == "FAIL"
+    assert "TLS interception" in str(tls["detail"]) and "corporate proxy CA" in str(tls["detail"])
+    assert "exempt" in str(tls["fix"])
+
+
+def test_closed_port_fails_with_a_fix(fed: FederationLayout) -> None:
+    port = free_port()
+    result = checklist("--superlink", f"127.0.0.1:{port}", "--ca", str(fed.ca_cert))
+    assert result.returncode == 1
+    assert f"tcp gateway 127.0.0.1:{port}  FAIL" in result.stdout
+    assert f"fix: allow outbound TCP {port} to 127.0.0.1" in result.stdout
+    assert "result: 1 required check(s) failed" in result.stdout
+
+
+def test_unverified_when_no_ca_is_given(fed: FederationLayout) -> None:
+    with tls_server(fed.server_cert, fed.server_key) as port:
+        result = checklist("--superlink", f"localhost:{port}", "--json")
+    assert result.returncode == 0  # a warning, not a failure
+    tls = rows(result)[f"tls gateway localhost:{port}"]
+    assert tls["status"] == "WARN" and "not verified" in str(tls["detail"]) and "fw federation CA" in str(tls["detail"])
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace with only a loopback interface: no DNS server is reachable."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs iproute2 and root")
+    name = f"fb-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_name_that_does_not_resolve(netns: str) -> None:
+    result = checklist(
+        "--superlink", "link.flowerbed-test.invalid:9092", "--json", prefix=["ip", "netns", "exec", netns]
+    )
+    assert result.returncode == 1, result.stderr
+    dns = rows(result)["dns link.flowerbed-test.invalid"]
+    assert dns["status"] == "FAIL" and "does not resolve" in str(dns["detail"])
+
+
+def test_through_a_connect_proxy(fed: FederationLayout) -> None:
+    with tls_server(fed.server_cert, fed.server_key) as port, connect_proxy() as (proxy_port, seen):
+        env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}"}
+        result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert), "--json", env=env)
+        assert result.returncode == 0, result.stdout
+        by = rows(result)
+        assert by[f"tcp gateway localhost:{port}"]["detail"] == f"reachable via proxy 127.0.0.1:{proxy_port}"
+        assert "through the proxy" in str(by["proxy"]["detail"])
+        assert f"localhost:{port}" in seen
+        bypass = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert), "--json",
+                           env={**env, "NO_PROXY": "localhost"})  # fmt: skip
+        assert "directly (NO_PROXY)" in str(rows(bypass)["proxy"]["detail"])
+
+
+def test_proxy_that_refuses_is_reported(fed: FederationLayout) -> None:
+    with connect_proxy() as (proxy_port, _):
+        env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}"}
+        result = checklist("--superlink", "localhost:1", "--json", env=env)
+    assert result.returncode == 1
+    row = rows(result)["tcp gateway localhost:1"]
+    assert "via proxy" in str(row["detail"]) and "502" in str(row["detail"])
+
+
+def test_allowlist_for_the_it_ticket() -> None:
+    result = subprocess.run(
+        [sys.executable, "-I", str(SCRIPT), "--superlink", "localhost:9092", "--os-packages", "ubuntu", "--allowlist"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[2] == "localhost (127.0.0.1)\t9092\tflowerbed SuperLink gateway (TLS, Flower Fleet API)"
+    hosts = [line.split("\t")[0] for line in lines[3:]]
+    assert hosts == ["repo.anaconda.com", "conda.anaconda.org", "docs.conda.io", "pypi.org",
+                     "files.pythonhosted.org", "download.pytorch.org", "azure.archive.ubuntu.com",
+                     "security.ubuntu.com", "packages.microsoft.com"]  # fmt: skip
+    offline = subprocess.run(
+        [sys.executable, "-I", str(SCRIPT), "--install-path", "offline", "--allowlist", "--superlink", "localhost"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert len(offline.stdout.splitlines()) == 3  # only the gateway
+
+
+def test_cli_wrapper_passes_arguments_and_exit_code() -> None:
+    ok = run_cli("check", "firewall", "--install-path", "offline", "--allowlist", "--superlink", "localhost")
+    assert ok.returncode == 0 and "localhost (127.0.0.1)\t9092" in ok.stdout
+    bad = run_cli("check", "firewall", "--install-path", "offline", "--superlink", f"127.0.0.1:{free_port()}")
+    assert bad.returncode == 1 and "FAIL" in bad.stdout

@@ -1,0 +1,184 @@
+"""Per-site startup kits: contents, secrecy, atomic builds, kit checks, and SuperNodes started from kits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowerbed.certs.ca import CertificateAuthority
+from flowerbed.config import load_federation
+from flowerbed.deploy.kit import build_kits
+from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.layout import FederationLayout
+from flowerbed.probes import free_port
+from flowerbed.superlink import flwrcli
+from flowerbed.superlink.stack import start_stack
+from tests.conftest import assert_clean_error, make_config, make_federation, run_cli
+
+KIT_SITES = ["kit-a", "kit-b", "kit-c"]
+KIT_FILES = {
+    "ca.crt", "server.crt", "site.toml", "environment.yml", "environment-cuda.yml", "firewall_checklist.py",
+    "allowlist.json", "start-supernode.sh", "start-supernode.ps1", "flowerbed-supernode.service", "README.md",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kitfed(tmp_path_factory: pytest.TempPathFactory) -> FederationLayout:
+    layout = make_federation(tmp_path_factory.mktemp("kits") / "fed", make_config("kits", KIT_SITES))
+    result = run_cli("kit", "build", "-d", str(layout.root))
+    assert result.returncode == 0, result.stderr
+    return layout
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_kit_contents_and_readme(kitfed: FederationLayout) -> None:
+    for site in KIT_SITES:
+        folder = kitfed.root / "kits" / site
+        assert {p.name for p in folder.iterdir()} == KIT_FILES | {f"{site}.key", f"{site}.key.pub"}
+        assert (folder / f"{site}.key").stat().st_mode & 0o777 == 0o600
+        readme = (folder / "README.md").read_text()
+        for name in KIT_FILES | {f"{site}.key", f"{site}.key.pub"}:
+            assert f"`{name}`" in readme, name
+        site_toml = (folder / "site.toml").read_text()
+        assert f'site = "{site}"' in site_toml and 'superlink_address = "localhost"' in site_toml
+
+
+def test_archives_hold_no_ca_key_and_no_other_site_key(kitfed: FederationLayout) -> None:
+    secrets = {digest(kitfed.ca_key.read_bytes()): "CA key", digest(kitfed.server_key.read_bytes()): "server key"}
+    for site in KIT_SITES:
+        secrets[digest(kitfed.node_key(site).read_bytes())] = f"{site} key"
+    for site in KIT_SITES:
+        allowed = {f"{site} key"}
+        with tarfile.open(kitfed.root / "kits" / f"{site}.tar.gz") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+            key_member = tar.getmember(f"{site}/{site}.key")
+            assert key_member.mode & 0o777 == 0o600
+        with zipfile.ZipFile(kitfed.root / "kits" / f"{site}.zip") as zf:
+            zipped = {n: zf.read(n) for n in zf.namelist()}
+        for name, data in [*members.items(), *zipped.items()]:
+            found = secrets.get(digest(data))
+            assert found is None or found in allowed, f"{name} in {site}'s kit is the {found}"
+            assert not name.endswith(("ca.key", "server.key"))
+        assert len(members) == len(KIT_FILES) + 2 == len(zipped)
+
+
+def test_rebuild_reuses_ca_and_keys(kitfed: FederationLayout) -> None:
+    before = {p: p.read_bytes() for p in [kitfed.ca_cert, kitfed.ca_key, *kitfed.nodes.iterdir()]}
+    build_kits(kitfed, load_federation(kitfed.root), ["kit-a"])
+    assert {p: p.read_bytes() for p in before} == before
+    assert (kitfed.root / "kits" / "kit-a" / "kit-a.key").read_bytes() == kitfed.node_key("kit-a").read_bytes()
+
+
+def test_failed_build_leaves_nothing_half_written(tmp_path: Path) -> None:
+    config = make_config("broken", ["good", "bad"])
+    layout = make_federation(tmp_path / "fed", config)
+    layout.node_pub("bad").unlink()
+    with pytest.raises(FlowerbedError, match=r"bad\.key\.pub is missing"):
+        build_kits(layout, config)
+    assert list((layout.root / "kits").iterdir()) == []
+
+
+def unpack(kitfed: FederationLayout, site: str, dest: Path, data: Path) -> Path:
+    with tarfile.open(kitfed.root / "kits" / f"{site}.tar.gz") as tar:
+        tar.extractall(dest, filter="data")
+    folder = dest / site
+    text = (
+        (folder / "site.toml")
+        .read_text()
+        .replace('data_path = "CHANGE-ME: /path/to/your/data.csv or image folder"', f'data_path = "{data}"')
+    )
+    (folder / "site.toml").write_text(text)
+    return folder
+
+
+def test_kit_checks_refuse_clearly(kitfed: FederationLayout, tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("a,target\n1,0\n")
+    folder = unpack(kitfed, "kit-a", tmp_path / "k1", data)
+    placeholder = tmp_path / "k0"
+    with tarfile.open(kitfed.root / "kits" / "kit-a.tar.gz") as tar:
+        tar.extractall(placeholder, filter="data")
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(placeholder / "kit-a")), ExitCode.PREFLIGHT_FAILED,
+                       "set data_path in")  # fmt: skip
+
+    (folder / "kit-a.key").chmod(0o644)
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
+                       "other users can read it")  # fmt: skip
+    (folder / "kit-a.key").chmod(0o600)
+
+    toml = (folder / "site.toml").read_text()
+    (folder / "site.toml").write_text(
+        toml.replace('superlink_address = "localhost"', 'superlink_address = "other.org"')
+    )
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
+                       "'other.org' in site.toml is not a name of the gateway certificate")  # fmt: skip
+    (folder / "site.toml").write_text(toml)
+
+    ca = CertificateAuthority.load(kitfed.ca_cert, kitfed.ca_key)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    old = ca.issue_server_cert(["localhost"], not_before=past, not_after=past + dt.timedelta(days=1))
+    saved = (folder / "server.crt").read_bytes()
+    (folder / "server.crt").write_bytes(old.cert_pem)
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
+                       "the gateway certificate (server.crt) expired on")  # fmt: skip
+    (folder / "server.crt").write_bytes(saved)
+
+    (folder / "ca.crt").unlink()
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
+                       "ca.crt is missing from")  # fmt: skip
+    (folder / "site.toml").write_text(toml + "\nunknown = 1\n")
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.INVALID_CONFIG,
+                       "unknown: Extra inputs are not permitted")  # fmt: skip
+    assert_clean_error(run_cli("supernode", "start"), ExitCode.ERROR, "pass --kit KIT_FOLDER, or all of --superlink")
+
+
+@pytest.fixture
+def kit_stack(kitfed: FederationLayout) -> Iterator[FederationLayout]:
+    stack = start_stack(kitfed, load_federation(kitfed.root))
+    try:
+        yield kitfed
+    finally:
+        stack.stop()
+
+
+def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("a,target\n1,0\n")
+    procs = []
+    try:
+        for site in KIT_SITES:
+            folder = unpack(kit_stack, site, tmp_path / "unpacked", data)
+            procs.append(subprocess.Popen(
+                [str(folder / "start-supernode.sh"), "--port", str(free_port())],
+                env={"FLOWERBED": str(Path(sys.executable).parent / "flowerbed"), "PATH": "/usr/bin:/bin"},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            ))  # fmt: skip
+        end = time.monotonic() + 120
+        online: list[dict[str, object]] = []
+        while time.monotonic() < end:
+            online = [n for n in flwrcli.list_nodes(kit_stack.flwr_home) if n["status"] == "online"]
+            if len(online) == 3 or any(p.poll() is not None for p in procs):
+                break
+            time.sleep(2)
+        assert len(online) == 3, [p.poll() for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    for output in outputs:
+        assert "connected to localhost:" in " ".join(output.split()), output
+    assert all(p.returncode == 0 for p in procs)
