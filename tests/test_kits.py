@@ -182,3 +182,25 @@ def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, 
     for output in outputs:
         assert "connected to localhost:" in " ".join(output.split()), output
     assert all(p.returncode == 0 for p in procs)
+
+
+def test_kit_checklist_runs_from_the_kit_folder(kitfed: FederationLayout) -> None:
+    folder = kitfed.root / "kits" / "kit-b"
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(folder / "firewall_checklist.py"), "--superlink", "localhost", "--allowlist"],
+        capture_output=True, text=True, timeout=30, check=False, cwd=folder,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "download.pytorch.org\t443" in result.stdout
+
+
+def test_coordinator_unit_command(kitfed: FederationLayout) -> None:
+    result = run_cli("kit", "coordinator-unit", "-d", str(kitfed.root), "--flowerbed", "/opt/fb/bin/flowerbed")
+    assert result.returncode == 0
+    assert f"ExecStart=/opt/fb/bin/flowerbed superlink start -d {kitfed.root.resolve()}" in result.stdout
+    assert "Restart=on-failure" in result.stdout
+
+
+def test_bundle_refuses_unknown_role(tmp_path: Path) -> None:
+    assert_clean_error(run_cli("bundle", "wheels", "--out", str(tmp_path), "--role", "nope"), ExitCode.ERROR,
+                       "unknown role 'nope'")  # fmt: skip
