@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from flowerbed.clientapp.data import DataError, SiteData, load_site_data
-from flowerbed.clientapp.task import evaluate, make_model, train
+from flowerbed.clientapp.task import evaluate, model_for, train
 from flowerbed.config import RunSettings
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
@@ -41,13 +41,7 @@ def _load(context: Context, settings: RunSettings) -> SiteData:
 
 
 def _model(msg: Message, settings: RunSettings) -> Any:
-    model = make_model(
-        settings.model,
-        num_features=settings.num_features,
-        num_classes=settings.num_classes,
-        hidden_units=settings.hidden_units,
-        image_size=settings.image_size,
-    )
+    model = model_for(settings)
     arrays = msg.content.array_records["arrays"]
     model.load_state_dict(arrays.to_torch_state_dict())
     return model

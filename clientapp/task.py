@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowerbed.config import RunSettings
+
 
 def make_model(kind: str, *, num_features: int, num_classes: int, hidden_units: int, image_size: int) -> nn.Module:
     """``mlp`` for tabular CSV data, ``cnn`` for images (3 x image_size x image_size)."""
@@ -32,6 +34,17 @@ def make_model(kind: str, *, num_features: int, num_classes: int, hidden_units: 
             nn.Linear(hidden_units, num_classes),
         )
     raise ValueError(f"unknown model {kind!r}: use 'mlp' or 'cnn'")
+
+
+def model_for(settings: RunSettings) -> nn.Module:
+    """The model the run settings describe (the same on the server and at every site)."""
+    return make_model(
+        settings.model,
+        num_features=settings.num_features,
+        num_classes=settings.num_classes,
+        hidden_units=settings.hidden_units,
+        image_size=settings.image_size,
+    )
 
 
 def device() -> torch.device:

@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset, TensorDataset
 
 from flowerbed.certs import service
 from flowerbed.clientapp.data import load_site_data, read_csv
-from flowerbed.clientapp.task import evaluate, make_model, train
+from flowerbed.clientapp.task import evaluate, model_for, train
 from flowerbed.config import FederationConfig, RunSettings, save_toml_model
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import FlowerbedError
@@ -134,13 +134,7 @@ def compare_models(
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(settings.seed)
-        return make_model(
-            settings.model,
-            num_features=settings.num_features,
-            num_classes=settings.num_classes,
-            hidden_units=settings.hidden_units,
-            image_size=settings.image_size,
-        )
+        return model_for(settings)
 
     rows: list[Comparison] = []
     train_sets = []

@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from flowerbed.clientapp.task import make_model
+from flowerbed.clientapp.task import model_for
 from flowerbed.config import RunSettings
 from flowerbed.serverapp.history import History
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
@@ -25,13 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(str(context.run_config.get("output-dir", "flowerbed-run"))).expanduser()
     history = History(out_dir)
     torch.manual_seed(settings.seed)
-    model = make_model(
-        settings.model,
-        num_features=settings.num_features,
-        num_classes=settings.num_classes,
-        hidden_units=settings.hidden_units,
-        image_size=settings.image_size,
-    )
+    model = model_for(settings)
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
     try:

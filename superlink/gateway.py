@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from importlib.resources import files
 from pathlib import Path
 
 from flowerbed.errors import FlowerbedError
-from flowerbed.proc import ManagedProcess, child_env
+from flowerbed.proc import ManagedProcess, bin_dir, child_env
 
 INSTALL_HINT = "install it with `sudo apt-get install nginx` (Debian/Ubuntu) and run again"
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
 def find_nginx() -> str:
-    """Path of the nginx binary, or a one-line error that says how to install it."""
-    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
+    """Path of the nginx binary, or a one-line error that says how to install it.
+
+    Looks at $FLOWERBED_NGINX, then this environment's bin folder (conda-forge's nginx, as the
+    superlink env file installs it), then PATH and /usr/sbin.
+    """
+    forced = os.environ.get("FLOWERBED_NGINX")
+    if forced:
+        if not Path(forced).is_file():
+            raise FlowerbedError(f"FLOWERBED_NGINX is {forced}, which does not exist: fix or unset it")
+        return forced
+    for candidate in (str(bin_dir() / "nginx"), shutil.which("nginx"), "/usr/sbin/nginx"):
         if candidate and Path(candidate).is_file():
             return candidate
     raise FlowerbedError(f"nginx is missing (the Fleet gateway needs it): {INSTALL_HINT}")

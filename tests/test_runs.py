@@ -86,6 +86,19 @@ def test_flowerbed_run_cli_reaches_max_rounds(running: RunningFederation, nodes:
     assert summary["best_round"] in (1, 2, 3)  # round 3 = the final evaluation of the last model
 
 
+@pytest.mark.parametrize("strategy", ["fedadam", "fedmedian"])
+def test_other_strategies_aggregate(running: RunningFederation, nodes: list[Supervisor], strategy: str) -> None:
+    settings = RunSettings.model_validate(
+        running.config.run.model_dump() | {"strategy": strategy, "max_rounds": 1, "min_nodes": 2}
+    )
+    handle = submit(running.layout, settings, name=f"strategy-{strategy}")
+    result = follow(running.layout, handle, timeout_s=240)
+    check_result(result, handle)
+    assert result.summary["settings"]["strategy"] == strategy
+    assert result.rows[0]["nodes"] == 2 and result.rows[0]["train_loss"] is not None
+    assert (handle.out_dir / "final_model.pt").is_file()
+
+
 def test_error_replies_do_not_crash_the_supernode(nodes: list[Supervisor]) -> None:
     bad = nodes[2]
     assert bad.spec.site == "univ-hospital"

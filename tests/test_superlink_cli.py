@@ -78,3 +78,17 @@ def test_second_start_on_same_ports_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"port {config.superlink.internal_port} on 127.0.0.1 is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_nginx_location_override_is_checked(tmp_path: Path) -> None:
+    config = make_config("nginx")
+    layout = make_federation(tmp_path / "fed", config)
+    result = subprocess.run(
+        [sys.executable, "-m", "flowerbed", "superlink", "start", "-d", str(layout.root)],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "FLOWERBED_NGINX": str(tmp_path / "no-nginx")},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert f"FLOWERBED_NGINX is {tmp_path / 'no-nginx'}, which does not exist" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert not layout.pidfile.exists()
