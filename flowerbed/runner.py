@@ -68,7 +68,7 @@ def submit(layout: FederationLayout, settings: RunSettings, name: str | None = N
     run_config = settings.to_run_config() | {"output-dir": str(out_dir)}
     app_dir = out_dir / "app"
     write_app_manifest(app_dir, run_config)
-    run_id = flwrcli.submit_run(layout.flwr_home, app_dir, {})
+    run_id = flwrcli.submit_run(layout.flwr_home, app_dir)
     (out_dir / "run-id").write_text(str(run_id), encoding="utf-8")
     return RunHandle(run_id=run_id, out_dir=out_dir)
 

@@ -74,10 +74,12 @@ def register_node(flwr_home: Path, public_key: Path, name: str) -> bool:
     return True
 
 
-def submit_run(flwr_home: Path, app_dir: Path, run_config: dict[str, Any]) -> int:
-    """Submit the Flower App in ``app_dir`` with ``run_config``; returns the run id."""
-    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    data = flwr(flwr_home, "run", str(app_dir), CONNECTION, "--run-config", overrides, timeout_s=300)
+def submit_run(flwr_home: Path, app_dir: Path, run_config: dict[str, Any] | None = None) -> int:
+    """Submit the Flower App in ``app_dir`` (``run_config`` overrides its config); returns the run id."""
+    args = ["run", str(app_dir), CONNECTION]
+    if run_config:
+        args += ["--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())]
+    data = flwr(flwr_home, *args, timeout_s=300)
     try:
         return int(data["run-id"])
     except (KeyError, ValueError, TypeError):

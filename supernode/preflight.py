@@ -15,7 +15,7 @@ from cryptography import x509
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.nodekeys import load_private_key
 from flowerbed.certs.service import cert_sans, read_cert
-from flowerbed.errors import FlowerbedError
+from flowerbed.errors import ExitCode, FlowerbedError
 
 # Flower's node auth accepts -5 s < superlink_time - node_time < 305 s (asymmetric).
 MAX_AHEAD_S = 4.0
@@ -173,6 +173,4 @@ def require(checks: list[Check]) -> None:
     """Raise with the first failed check's message."""
     for check in checks:
         if not check.ok:
-            from flowerbed.errors import ExitCode
-
             raise FlowerbedError(f"preflight: {check.name}: {check.detail}", exit_code=ExitCode.PREFLIGHT_FAILED)
