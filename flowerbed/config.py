@@ -33,6 +33,16 @@ def is_ip(value: str) -> bool:
     return True
 
 
+def check_name(value: str, what: str) -> str:
+    """Accept a site or federation name: lower-case letters, digits and hyphens."""
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"{what} name {value!r} must be lower-case letters, digits and hyphens, "
+            "starting with a letter or digit (at most 63 characters)"
+        )
+    return value
+
+
 def check_host(value: str) -> str:
     """Accept a DNS name or an IP address, refuse anything else."""
     value = value.strip()
@@ -93,12 +103,7 @@ class Site(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(
-                f"site name {value!r} must be lower-case letters, digits and hyphens, "
-                "starting with a letter or digit (at most 63 characters)"
-            )
-        return value
+        return check_name(value, "site")
 
 
 class RunSettings(_Model):
@@ -163,9 +168,7 @@ class FederationConfig(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"federation name {value!r} must be lower-case letters, digits, hyphens")
-        return value
+        return check_name(value, "federation")
 
     @model_validator(mode="after")
     def _unique_sites(self) -> FederationConfig:

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.service import cert_sans, read_cert
-from flowerbed.config import NAME_RE, Port, _Model, check_host, load_toml_model
+from flowerbed.config import Port, _Model, check_host, check_name, load_toml_model
 from flowerbed.errors import ExitCode, FlowerbedError
 
 SITE_FILE = "site.toml"
@@ -31,9 +31,7 @@ class SiteKitConfig(_Model):
     @field_validator("site")
     @classmethod
     def _site(cls, value: str) -> str:
-        if not NAME_RE.match(value):
-            raise ValueError(f"site name {value!r} must be lower-case letters, digits and hyphens")
-        return value
+        return check_name(value, "site")
 
     @field_validator("superlink_address")
     @classmethod
