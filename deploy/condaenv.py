@@ -11,11 +11,21 @@ import re
 from importlib.metadata import requires, version
 from typing import Literal
 
+from flowerbed.errors import FlowerbedError
+
 Role = Literal["superlink", "supernode-cpu", "supernode-cuda"]
 ROLES: tuple[Role, ...] = ("superlink", "supernode-cpu", "supernode-cuda")
 PYTHON = "3.11"
 TORCH = "2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def parse_role(value: str) -> Role:
+    """``value`` as a Role, or an error listing the roles."""
+    for role in ROLES:
+        if role == value:
+            return role
+    raise FlowerbedError(f"unknown role {value!r}: use one of {', '.join(ROLES)}")
 
 
 def runtime_requirements() -> list[str]:

@@ -16,6 +16,7 @@ from flowerbed.certs import service
 from flowerbed.certs.files import PRIVATE_MODE
 from flowerbed.config import FederationConfig
 from flowerbed.deploy.condaenv import render
+from flowerbed.deploy.render import fill, template
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.supernode.sitekit import SITE_FILE, SiteKitConfig
@@ -25,28 +26,16 @@ DEFAULT_KIT_DIR = "/opt/flowerbed/kit"
 DEFAULT_FLOWERBED = "/opt/conda/envs/flowerbed-supernode-cpu/bin/flowerbed"
 
 
-def template(name: str) -> str:
-    return files("flowerbed.deploy").joinpath(f"templates/{name}").read_text("utf-8")
-
-
-def fill(text: str, values: dict[str, str]) -> str:
-    for key, value in values.items():
-        text = text.replace(f"@@{key}@@", value)
-    if "@@" in text:
-        raise FlowerbedError("a kit template has an unfilled placeholder: reinstall flowerbed")
-    return text
-
-
 def site_unit(site: str, federation: str, kit_dir: str, flowerbed: str) -> str:
     """The systemd unit that runs a site's SuperNode from its kit."""
     values = {"SITE": site, "FEDERATION": federation, "KIT_DIR": kit_dir, "FLOWERBED": flowerbed}
-    return fill(template("flowerbed-supernode.service"), values)
+    return fill("flowerbed-supernode.service", values)
 
 
 def coordinator_unit(federation: str, fed_dir: str, flowerbed: str) -> str:
     """The systemd unit that runs `flowerbed superlink start` for a federation."""
     values = {"FEDERATION": federation, "FED_DIR": fed_dir, "FLOWERBED": flowerbed}
-    return fill(template("flowerbed-coordinator.service"), values)
+    return fill("flowerbed-coordinator.service", values)
 
 
 @dataclass(frozen=True)
@@ -97,7 +86,7 @@ def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig,
         "ADDRESS": config.superlink.address,
         "PORT": str(config.superlink.port),
     }
-    (stage / "README.md").write_text(fill(template("kit-README.md"), values), encoding="utf-8")
+    (stage / "README.md").write_text(fill("kit-README.md", values), encoding="utf-8")
 
 
 def _archive(folder: Path, out_dir: Path) -> tuple[Path, Path]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from importlib.resources import files
 from pathlib import Path
 
+from flowerbed.deploy.render import fill
 from flowerbed.errors import FlowerbedError
 from flowerbed.proc import ManagedProcess, bin_dir, child_env
 
@@ -44,7 +44,6 @@ def render_config(
     idle_timeout_s: int = 60,
 ) -> Path:
     """Write PREFIX/nginx.conf (and its log and temp folders) and return its path."""
-    template = files("flowerbed.deploy").joinpath("templates/gateway-nginx.conf").read_text("utf-8")
     listen = f"[{listen_host}]:{listen_port}" if ":" in listen_host else f"{listen_host}:{listen_port}"
     values = {
         "PREFIX": str(prefix.resolve()),
@@ -55,15 +54,12 @@ def render_config(
         "CA": str(ca.resolve()),
         "IDLE": str(idle_timeout_s),
     }
-    for name, value in values.items():
-        template = template.replace(f"@@{name}@@", value)
-    if "@@" in template:
-        raise FlowerbedError("the gateway template has an unfilled placeholder: reinstall flowerbed")
+    text = fill("gateway-nginx.conf", values)
     (prefix / "logs").mkdir(parents=True, exist_ok=True)
     for name in TEMP_DIRS:
         (prefix / "tmp" / name).mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
-    conf.write_text(template, encoding="utf-8")
+    conf.write_text(text, encoding="utf-8")
     return conf
 
 

@@ -96,13 +96,16 @@ def load_kit(root: Path) -> SiteKit:
     if problem:
         raise _fail(problem)
     now = dt.datetime.now(dt.UTC)
-    for path, what in ((kit.ca, "the federation CA"), (kit.server_cert, "the gateway certificate")):
-        cert = read_cert(path)
+    server_cert = read_cert(kit.server_cert)
+    for path, what, cert in (
+        (kit.ca, "the federation CA", read_cert(kit.ca)),
+        (kit.server_cert, "the gateway certificate", server_cert),
+    ):
         if cert.not_valid_after_utc <= now:
             raise _fail(
                 f"{what} ({path.name}) expired on {cert.not_valid_after_utc.date()}: ask the coordinator for a new kit"
             )
-    sans = cert_sans(read_cert(kit.server_cert))
+    sans = cert_sans(server_cert)
     if config.superlink_address not in sans:
         raise _fail(
             f"superlink_address {config.superlink_address!r} in site.toml is not a name of the gateway "

@@ -8,8 +8,7 @@ import typer
 
 from flowerbed.console import info, out
 from flowerbed.deploy.bundle import bundle_wheels
-from flowerbed.deploy.condaenv import CPU_INDEX, ROLES
-from flowerbed.errors import FlowerbedError
+from flowerbed.deploy.condaenv import CPU_INDEX, parse_role
 
 app = typer.Typer(help="Bundle everything a VM needs to install offline.", no_args_is_help=True)
 
@@ -24,10 +23,8 @@ def wheels(
     python_version: str = typer.Option("3.11", help="Target Python version (with --platform)."),
     torch_index: str = typer.Option(CPU_INDEX, help="Extra index for CPU torch builds ('' for none)."),
 ) -> None:
-    if role not in ROLES:
-        raise FlowerbedError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     bundle = bundle_wheels(
-        out_dir, role=role, platform=platform, python_version=python_version,
+        out_dir, role=parse_role(role), platform=platform, python_version=python_version,
         torch_index=torch_index or None, report=info,
     )  # fmt: skip
     size = sum(w.stat().st_size for w in bundle.wheels) / 1e6

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from flowerbed.console import out
-from flowerbed.deploy.condaenv import ROLES, render
-from flowerbed.errors import FlowerbedError
+from flowerbed.deploy.condaenv import parse_role, render
 
 app = typer.Typer(help="Generate environment files for workspace VMs.", no_args_is_help=True)
 
@@ -18,9 +17,7 @@ def conda(
     role: str = typer.Option(..., help="superlink, supernode-cpu or supernode-cuda."),
     write: Path | None = typer.Option(None, help="Write ROLE.yml into this folder instead of printing."),
 ) -> None:
-    if role not in ROLES:
-        raise FlowerbedError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
-    text = render(role)
+    text = render(parse_role(role))
     if write is None:
         typer.echo(text, nl=False)
         return
