@@ -68,12 +68,12 @@ class CertificateAuthority:
     key: ec.EllipticCurvePrivateKey
 
     @classmethod
-    def create(cls, common_name: str, *, days: int = CA_DAYS) -> CertificateAuthority:
+    def create(cls, common_name: str, *, days: int = CA_DAYS, organization: str = "flowerbed") -> CertificateAuthority:
         """A new self-signed CA certificate valid for ``days``."""
         key = ec.generate_private_key(ec.SECP384R1())
         name = x509.Name(
             [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "flowerbed"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
                 x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]
         )

@@ -119,7 +119,7 @@ def cert_info(kind: str, path: Path) -> CertInfo:
         path=path,
         subject=cert.subject.rfc4514_string(),
         sans=cert_sans(cert),
-        fingerprint="SHA256:" + cert.fingerprint(hashes.SHA256()).hex(":")[:47] + "…",
+        fingerprint="SHA256:" + cert.fingerprint(hashes.SHA256()).hex(":"),
         not_after=cert.not_valid_after_utc,
         days_left=left,
     )

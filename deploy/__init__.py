@@ -1,1 +1,1 @@
-"""Deployment assets: the nginx Fleet-gateway template (later: conda files, systemd units, checklists)."""
+"""Deployment assets: gateway and kit templates, conda env files, offline bundles, the firewall checklist."""

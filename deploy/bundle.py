@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowerbed.deploy.condaenv import CPU_INDEX, Role, pip_part
+from flowerbed.deploy import install
+from flowerbed.deploy.condaenv import CPU_INDEX, TORCH, Role, pip_part
 from flowerbed.errors import FlowerbedError
 
 Report = Callable[[str], None]
-INSTALL_NOTE = """Offline install of flowerbed ({role}) for Python {python} on {platform}.
-On the VM, inside a fresh environment (conda create -n flowerbed python={python}, or python -m venv):
+# pip takes one tag per --platform and needs every tag a target accepts: torch's CPU wheels are
+# manylinux_2_28 while other wheels (grpcio, ...) may be older manylinux only.
+MANYLINUX_X86_64 = [
+    "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64", "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64",
+    "manylinux_2_5_x86_64", "manylinux1_x86_64",
+]  # fmt: skip
+NO_WHEEL = re.compile(r"(?:No matching distribution found for|Cannot install) (\S+?)(?: because|$)")
+PLATFORMS = {"linux": MANYLINUX_X86_64, "windows": ["win_amd64"]}
 
-    pip install --no-index --find-links . -r requirements.txt {kit_wheel}
+
+def platform_tags(platform: str) -> list[str]:
+    """Every pip platform tag a target accepts: ``linux``/``windows``, or one tag and the older ones it implies."""
+    if platform in PLATFORMS:
+        return PLATFORMS[platform]
+    if platform in MANYLINUX_X86_64:
+        return MANYLINUX_X86_64[MANYLINUX_X86_64.index(platform) :]
+    return [platform]
+
+
+INSTALL_NOTE = """Offline install of flowerbed ({role}) for Python {python} on {platform}.
+Give this folder to `flowerbed kit build --bundle THIS_FOLDER`: every site kit then carries it as
+wheels/, and the site installs from the kit folder with (Linux)
+
+    {offline}
+
+or (Windows PowerShell)
+
+    {offline_windows}
 
 No package index is contacted.
 """
@@ -34,7 +61,8 @@ def project_root() -> Path | None:
     return here if (here / "pyproject.toml").is_file() else None
 
 
-def _pip(args: list[str], report: Report, what: str) -> None:
+def run_pip(args: list[str], report: Report, what: str, where: str | None = None) -> None:
+    """Run pip, reporting progress; a failure is one line (``where``: the target platform, if any)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--progress-bar", "off"],
         stdout=subprocess.PIPE,
@@ -43,20 +71,29 @@ def _pip(args: list[str], report: Report, what: str) -> None:
     )
     assert proc.stdout is not None  # noqa: S101 - PIPE was requested
     tail: list[str] = []
+    missing: str | None = None
     for line in proc.stdout:
         line = line.rstrip()
         if line.startswith(("Collecting", "Saved", "Downloading", "File was already")):
             report(line)
+        # pip says it one of two ways, depending on whether a constraints file is in force
+        found = NO_WHEEL.search(line)
+        if found and missing is None:
+            missing = found.group(1)
         if line and not line.startswith("WARNING: Location"):
             tail = [*tail[-4:], line]
     if proc.wait() != 0:
+        if missing:
+            if where is None:
+                raise FlowerbedError(f"{what} failed: pip cannot get {missing}: is a package index reachable?")
+            raise FlowerbedError(f"{what} failed: {missing} has no wheel for {where}")
         raise FlowerbedError(f"{what} failed: {' | '.join(tail)}")
 
 
 def bundle_wheels(
     out: Path,
     *,
-    role: Role = "supernode-cpu",
+    role: Role = Role.supernode_cpu,
     platform: str | None = None,
     python_version: str = "3.11",
     torch_index: str | None = CPU_INDEX,
@@ -69,19 +106,28 @@ def bundle_wheels(
     req_file = out / "requirements.txt"
     req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
     args = ["download", "--dest", str(out), "-r", str(req_file)]
+    where = None
     if platform:
-        args += ["--only-binary=:all:", "--platform", platform, "--python-version", python_version]
+        tags = platform_tags(platform)
+        where = (
+            f"Python {python_version} on {platform} (torch {TORCH} needs manylinux_2_28 on Linux: use --platform linux)"
+        )
+        args += ["--only-binary=:all:", "--python-version", python_version]
+        for tag in tags:
+            args += ["--platform", tag]
     if torch_index:
         args += ["--extra-index-url", torch_index]
-    _pip(args, report, "downloading the wheels")
+    run_pip(args, report, "downloading the wheels", where)
     root = source or project_root()
-    kit_wheel = "flowerbed"
     if root is not None:
-        _pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(root)], report, "building the flowerbed wheel")
-        kit_wheel = "flowerbed-*.whl"
+        run_pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(root)], report, "building the flowerbed wheel")
     (out / "INSTALL.txt").write_text(
         INSTALL_NOTE.format(
-            role=role, python=python_version, platform=platform or "this platform", kit_wheel=kit_wheel
+            role=role,
+            python=python_version,
+            platform=platform or "this platform",
+            offline=install.OFFLINE,
+            offline_windows=install.OFFLINE_WINDOWS,
         ),
         encoding="utf-8",
     )

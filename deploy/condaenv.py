@@ -8,24 +8,22 @@ in deploy/conda/ with what this module generates.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from importlib.metadata import requires, version
-from typing import Literal
 
-from flowerbed.errors import FlowerbedError
 
-Role = Literal["superlink", "supernode-cpu", "supernode-cuda"]
-ROLES: tuple[Role, ...] = ("superlink", "supernode-cpu", "supernode-cuda")
+class Role(StrEnum):
+    """Which machine an environment is for (typer lists and checks the choices)."""
+
+    superlink = "superlink"
+    supernode_cpu = "supernode-cpu"
+    supernode_cuda = "supernode-cuda"
+
+
+ROLES = tuple(Role)
 PYTHON = "3.11"
 TORCH = "2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-
-
-def parse_role(value: str) -> Role:
-    """``value`` as a Role, or an error listing the roles."""
-    for role in ROLES:
-        if role == value:
-            return role
-    raise FlowerbedError(f"unknown role {value!r}: use one of {', '.join(ROLES)}")
 
 
 def runtime_requirements() -> list[str]:

@@ -21,6 +21,7 @@ import ssl
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -85,44 +86,86 @@ def load_destinations(path: Path, install_path: str, os_packages: str) -> list[d
 # --- proxies -----------------------------------------------------------------------------------
 
 
+class HopError(OSError):
+    """A connection failed at one named hop: ``dns``, ``tcp``, ``proxy`` (unreachable),
+    ``proxy-auth`` (the proxy wants credentials) or ``proxy-connect`` (the proxy refused the tunnel)."""
+
+    def __init__(self, hop: str, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.hop = hop
+        self.message = message
+        self.fix = fix
+
+
 def proxy_for(host: str, env: dict[str, str] | None = None) -> tuple[str, int] | None:
-    """The HTTPS proxy that applies to ``host`` (HTTPS_PROXY/https_proxy minus NO_PROXY)."""
-    env = dict(os.environ) if env is None else env
-    proxy = env.get("HTTPS_PROXY") or env.get("https_proxy")
-    if not proxy:
+    """The HTTPS proxy that applies to ``host`` (HTTPS_PROXY minus NO_PROXY), read as urllib, pip and httpx read it."""
+    if env is None:
+        proxies = urllib.request.getproxies_environment()
+    else:  # the same rule as getproxies_environment: lower-case names win
+        proxies = {k[:-6].lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and k.isupper() and v}
+        proxies.update({k[:-6]: v for k, v in env.items() if k.endswith("_proxy") and k.islower() and v})
+    proxy = proxies.get("https")
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not proxy or bypass(host, proxies):
         return None
-    no_proxy = env.get("NO_PROXY") or env.get("no_proxy") or ""
-    for entry in (e.strip().lower() for e in no_proxy.split(",") if e.strip()):
-        entry = entry.lstrip("*")
-        if (
-            entry == "*"
-            or host.lower() == entry.lstrip(".")
-            or host.lower().endswith(entry if entry.startswith(".") else "." + entry)
-        ):
-            return None
     rest = proxy.split("://", 1)[-1].rstrip("/")
     rest = rest.rsplit("@", 1)[-1]
     return parse_host_port(rest, 3128)
 
 
 def open_connection(host: str, port: int, timeout: float, proxy: tuple[str, int] | None) -> socket.socket:
-    """A TCP connection to host:port, through an HTTP CONNECT proxy when one applies."""
+    """A TCP connection to host:port, through an HTTP CONNECT proxy when one applies.
+
+    Raises :class:`HopError` naming the hop that failed, so that a site's IT admin knows whom to ask.
+    """
     if proxy is None:
-        return socket.create_connection((host, port), timeout=timeout)
-    sock = socket.create_connection(proxy, timeout=timeout)
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except socket.gaierror as exc:
+            raise HopError("dns", f"{host} does not resolve ({exc.strerror})", f"allow DNS for {host}") from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise HopError(
+                "tcp", f"cannot connect to {host}:{port} ({reason})", f"allow outbound TCP {port} to {host}"
+            ) from None
+    where = "{}:{}".format(*proxy)
+    try:
+        sock = socket.create_connection(proxy, timeout=timeout)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise HopError(
+            "proxy",
+            f"the proxy {where} (HTTPS_PROXY) is unreachable ({reason})",
+            "check HTTPS_PROXY, and that the proxy runs (ask the team that runs it)",
+        ) from None
     request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
-    sock.sendall(request.encode("ascii"))
     reply = b""
-    while b"\r\n\r\n" not in reply and len(reply) < 8192:
-        chunk = sock.recv(1024)
-        if not chunk:
-            break
-        reply += chunk
-    status = reply.split(b"\r\n", 1)[0].decode("latin-1")
-    if " 200" not in status:
+    try:
+        sock.sendall(request.encode("ascii"))
+        while b"\r\n\r\n" not in reply and len(reply) < 8192:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            reply += chunk
+    except OSError as exc:
         sock.close()
-        raise ConnectionRefusedError(f"proxy {proxy[0]}:{proxy[1]} answered {status!r}")
-    return sock
+        raise HopError("proxy", f"the proxy {where} dropped the connection ({exc})", "ask the proxy's team") from None
+    status = reply.split(b"\r\n", 1)[0].decode("latin-1").strip()
+    code = status.split(" ")[1] if len(status.split(" ")) > 1 else ""
+    if code == "200":
+        return sock
+    sock.close()
+    if code == "407":
+        raise HopError(
+            "proxy-auth",
+            f"the proxy {where} wants credentials (407)",
+            "put them into HTTPS_PROXY as http://USER:PASSWORD@HOST:PORT, or ask IT for an exemption",
+        )
+    raise HopError(
+        "proxy-connect",
+        f"the proxy {where} refused to open a tunnel to {host}:{port} ({status or 'no answer'})",
+        f"ask the proxy's team to allow CONNECT to {host}:{port}",
+    )
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -152,20 +195,12 @@ def check_destination(host: str, port: int, why: str, timeout: float) -> list[Ro
             pass
         via = " via proxy {}:{}".format(*proxy) if proxy else ""
         rows.append(Row("tcp " + name, PASS, f"reachable{via} ({why})"))
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        rows.append(
-            Row(
-                "tcp " + name,
-                FAIL,
-                f"not reachable: {reason} ({why})",
-                f"allow outbound TCP {port} to {host}",
-            )
-        )
+    except HopError as exc:
+        rows.append(Row(hop_check(exc.hop, host, port), FAIL, f"{exc.message} ({why})", exc.fix))
     return rows
 
 
-def _decode_der(der: bytes) -> dict[str, Any]:
+def decode_der(der: bytes) -> dict[str, Any]:
     """Decode a certificate with the ssl module's own parser (no third-party packages)."""
     pem = ssl.DER_cert_to_PEM_cert(der)
     with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as handle:
@@ -202,25 +237,9 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
     via = " via proxy {}:{}".format(*proxy) if proxy else ""
     try:
         raw = open_connection(host, port, timeout, proxy)
-    except socket.gaierror as exc:
-        return [
-            Row(
-                "dns " + host,
-                FAIL,
-                f"does not resolve ({exc.strerror})",
-                f"allow DNS for {host}, or ask the coordinator for the gateway's address",
-            )
-        ]
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        return [
-            Row(
-                "tcp " + name,
-                FAIL,
-                f"not reachable{via}: {reason}",
-                f"allow outbound TCP {port} to {host} (and ask the coordinator whether it runs)",
-            )
-        ]
+    except HopError as exc:
+        fix = exc.fix + (" (and ask the coordinator whether it runs)" if exc.hop == "tcp" else "")
+        return [Row(hop_check(exc.hop, host, port, "gateway "), FAIL, exc.message, fix)]
     rows = [Row("tcp " + name, PASS, "reachable" + via)]
     if ca is not None:
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -256,15 +275,7 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
                     "ask the coordinator to run `flowerbed certs server`",
                 ),
             ]
-        return [
-            *rows,
-            Row(
-                "tls " + name,
-                FAIL,
-                f"TLS interception: the certificate (issuer: {_issuer(peer)}) is not signed by the federation CA {ca}",
-                f"ask IT to exempt {host}:{port} from TLS inspection (or use this federation's ca.crt)",
-            ),
-        ]
+        return [*rows, explain_untrusted("tls " + name, host, port, ca, peer)]
     except (ssl.SSLError, OSError) as exc:
         return [
             *rows,
@@ -275,7 +286,7 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
                 f"check that {host}:{port} is the flowerbed gateway (not a plain-HTTP port)",
             ),
         ]
-    cert = _decode_der(der)
+    cert = decode_der(der)
     left = _days_left(cert)
     days = f"{left} days left" if left is not None else "expiry unknown"
     if ca is not None:
@@ -304,13 +315,63 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
     return rows
 
 
+def explain_untrusted(check: str, host: str, port: int, ca: Path | None, peer: dict[str, Any]) -> Row:
+    """Why the gateway's certificate is not trusted: a wrong --ca file, another federation, or interception."""
+    mine = _decode_pem_file(ca) if ca is not None else {}
+    if mine.get("subjectAltName") or (mine and mine.get("subject") == peer.get("subject")):
+        return Row(
+            check, FAIL,
+            f"{ca} is not a CA certificate: it is a server certificate (names: {_names(mine)})",
+            "pass the federation CA, ca.crt from the site kit (not server.crt)",
+        )  # fmt: skip
+    if mine and mine.get("subject") == peer.get("issuer"):
+        return Row(
+            check, FAIL,
+            f"the gateway's certificate names {ca} as its issuer but was signed by another key: "
+            "the federation CA was made anew",
+            "ask the coordinator for a new site kit",
+        )  # fmt: skip
+    if "flowerbed" in _issuer(peer).split(", "):
+        return Row(
+            check, FAIL,
+            f"the gateway's certificate comes from another flowerbed federation (issuer: {_issuer(peer)}), not {ca}",
+            "check --superlink, or use the ca.crt of the federation that gateway belongs to",
+        )  # fmt: skip
+    return Row(
+        check, FAIL,
+        f"TLS interception: something between this VM and {host}:{port} re-signs TLS "
+        f"(issuer: {_issuer(peer)}), so the federation CA {ca} cannot verify it",
+        f"ask IT to exempt {host}:{port} from TLS inspection",
+    )  # fmt: skip
+
+
+def hop_check(hop: str, host: str, port: int, what: str = "") -> str:
+    """The checklist row a failed hop belongs to (``what``: e.g. ``gateway `` before the address)."""
+    proxy = proxy_for(host)
+    proxy_name = "{}:{}".format(*proxy) if proxy else "?"
+    return {
+        "dns": f"dns {host}",
+        "tcp": f"tcp {what}{host}:{port}",
+        "proxy": f"proxy {proxy_name}",
+        "proxy-auth": f"proxy {proxy_name}",
+        "proxy-connect": f"proxy tunnel to {what}{host}:{port}",
+    }.get(hop, hop)
+
+
+def _decode_pem_file(path: Path) -> dict[str, Any]:
+    try:
+        return dict(ssl._ssl._test_decode_cert(str(path)))  # type: ignore[attr-defined]
+    except (AttributeError, ssl.SSLError, ValueError, OSError):
+        return {}
+
+
 def _fetch_unverified(host: str, port: int, timeout: float, proxy: tuple[str, int] | None) -> dict[str, Any]:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
         with open_connection(host, port, timeout, proxy) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
-            return _decode_der(tls.getpeercert(binary_form=True) or b"")
+            return decode_der(tls.getpeercert(binary_form=True) or b"")
     except OSError:
         return {}
 
@@ -348,13 +409,39 @@ def check_proxy_env(superlink_host: str) -> Row:
     return Row("proxy", INFO, f"HTTPS_PROXY is set; the SuperLink is reached {where}", required=False)
 
 
-def inbound_row() -> Row:
+def listening_ports(proc_net: Path = Path("/proc/net")) -> list[str] | None:
+    """TCP listeners on non-loopback addresses (Linux, from /proc/net/tcp and tcp6); None elsewhere."""
+    found = []
+    for name in ("tcp", "tcp6"):
+        path = proc_net / name
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            parts = line.split()
+            if len(parts) < 4 or parts[3] != "0A":  # 0A = LISTEN
+                continue
+            addr, port_hex = parts[1].rsplit(":", 1)
+            loopback = addr in ("0100007F", "00000000000000000000000001000000") or addr.endswith("7F")
+            if not loopback:
+                found.append(str(int(port_hex, 16)))
+    if not (proc_net / "tcp").is_file():
+        return None
+    return sorted(set(found), key=int)
+
+
+def inbound_row() -> Row | None:
+    """What this VM exposes: TCP ports listening beyond loopback (measured; Linux only)."""
+    ports = listening_ports()
+    if ports is None:
+        return None
+    if not ports:
+        return Row("inbound", PASS, "no TCP port listens beyond loopback (the SuperNode needs none)", required=False)
     return Row(
-        "inbound",
-        PASS,
-        "nothing needs to be reachable inbound: the SuperNode only connects out and listens on 127.0.0.1",
-        required=False,
-    )
+        "inbound", INFO,
+        f"TCP ports listening beyond loopback: {', '.join(ports)} "
+        "(none is flowerbed's: the SuperNode listens on 127.0.0.1)",
+        "", required=False,
+    )  # fmt: skip
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -444,7 +531,9 @@ def run_checks(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, Any]
         rows.append(check_proxy_env(superlink[0]))
     else:
         rows.append(Row("gateway", WARN, "not checked", "pass --superlink HOST:9092", required=False))
-    rows.append(inbound_row())
+    inbound = inbound_row()
+    if inbound is not None:
+        rows.append(inbound)
     return rows, destinations, superlink
 
 

@@ -14,12 +14,13 @@ import tomli_w
 
 from flowerbed.certs import service
 from flowerbed.certs.files import PRIVATE_MODE
-from flowerbed.config import FederationConfig
-from flowerbed.deploy.condaenv import render
+from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig
+from flowerbed.deploy import install
+from flowerbed.deploy.bundle import Report, project_root, run_pip
+from flowerbed.deploy.condaenv import Role, render
 from flowerbed.deploy.render import fill, template
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
-from flowerbed.supernode.sitekit import SITE_FILE, SiteKitConfig
 
 EXECUTABLE = 0o755
 DEFAULT_KIT_DIR = "/opt/flowerbed/kit"
@@ -46,7 +47,7 @@ class BuiltKit:
     zipfile: Path
 
 
-def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig, site: str) -> None:
+def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig, site: str, wheel_name: str) -> None:
     for path in (layout.node_key(site), layout.node_pub(site)):
         if not path.is_file():
             raise FlowerbedError(f"{path} is missing: run `flowerbed certs node {site} --force` to make a new pair")
@@ -68,8 +69,8 @@ def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig,
         + tomli_w.dumps(kit_config.model_dump()),
         encoding="utf-8",
     )
-    (stage / "environment.yml").write_text(render("supernode-cpu"), encoding="utf-8")
-    (stage / "environment-cuda.yml").write_text(render("supernode-cuda"), encoding="utf-8")
+    (stage / "environment.yml").write_text(render(Role.supernode_cpu), encoding="utf-8")
+    (stage / "environment-cuda.yml").write_text(render(Role.supernode_cuda), encoding="utf-8")
     deploy = files("flowerbed.deploy")
     (stage / "firewall_checklist.py").write_text(deploy.joinpath("firewall_checklist.py").read_text("utf-8"))
     (stage / "allowlist.json").write_text(deploy.joinpath("allowlist.json").read_text("utf-8"))
@@ -85,6 +86,10 @@ def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig,
         "FEDERATION": config.name,
         "ADDRESS": config.superlink.address,
         "PORT": str(config.superlink.port),
+        "INSTALL_ONLINE": install.ONLINE,
+        "INSTALL_OFFLINE": install.OFFLINE,
+        "INSTALL_OFFLINE_WINDOWS": install.OFFLINE_WINDOWS,
+        "WHEEL": wheel_name,
     }
     (stage / "README.md").write_text(fill("kit-README.md", values), encoding="utf-8")
 
@@ -103,12 +108,57 @@ def _archive(folder: Path, out_dir: Path) -> tuple[Path, Path]:
     return tarball, zipped
 
 
-def build_kits(layout: FederationLayout, config: FederationConfig, sites: list[str] | None = None) -> list[BuiltKit]:
-    """Build kits into FED/kits/; keys are created only when missing, the CA is never touched."""
+def _kit_wheel(stage_root: Path, wheel: Path | None, report: Report) -> Path:
+    """The flowerbed wheel every kit carries: ``wheel`` as given, or built from this source tree."""
+    if wheel is not None:
+        if not (wheel.is_file() and wheel.name.startswith("flowerbed-") and wheel.suffix == ".whl"):
+            raise FlowerbedError(f"--wheel {wheel} is not a flowerbed-*.whl file")
+        return wheel
+    root = project_root()
+    if root is None:
+        raise FlowerbedError(
+            "this flowerbed is not installed from its source tree, so it cannot build its own wheel: "
+            "pass --wheel flowerbed-VERSION-py3-none-any.whl"
+        )
+    out = stage_root / "_wheel"
+    report(f"building the flowerbed wheel from {root}")
+    # No build isolation: the environment's own setuptools builds it, so a coordinator without
+    # internet access can build kits too (scripts/setup.sh installs setuptools and wheel).
+    run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(root)], report,
+            "building the flowerbed wheel")  # fmt: skip
+    return next(out.glob("flowerbed-*.whl"))
+
+
+def _check_bundle(bundle: Path) -> list[Path]:
+    if not (bundle / "requirements.txt").is_file():
+        raise FlowerbedError(
+            f"{bundle} is not an offline bundle (no requirements.txt): make it with `flowerbed bundle wheels`"
+        )
+    wheels = [w for w in sorted(bundle.glob("*.whl")) if not w.name.startswith("flowerbed-")]
+    if not wheels:
+        raise FlowerbedError(f"{bundle} holds no wheels: make it with `flowerbed bundle wheels`")
+    return wheels
+
+
+def build_kits(
+    layout: FederationLayout,
+    config: FederationConfig,
+    sites: list[str] | None = None,
+    *,
+    wheel: Path | None = None,
+    bundle: Path | None = None,
+    report: Report = lambda _m: None,
+) -> list[BuiltKit]:
+    """Build kits into FED/kits/; keys are created only when missing, the CA is never touched.
+
+    Each kit carries the flowerbed wheel; with ``bundle`` (a ``flowerbed bundle wheels`` folder) it
+    also carries every other wheel in ``wheels/``, for a VM without package access.
+    """
     if not layout.ca_cert.is_file():
         raise FlowerbedError(f"{layout.ca_cert} is missing: run `flowerbed certs init` first")
     if not layout.server_cert.is_file():
         raise FlowerbedError(f"{layout.server_cert} is missing: run `flowerbed certs server` first")
+    bundle_wheels = _check_bundle(bundle) if bundle is not None else []
     names = sites or [s.name for s in config.sites]
     for name in names:
         config.site(name)
@@ -119,9 +169,16 @@ def build_kits(layout: FederationLayout, config: FederationConfig, sites: list[s
     built: list[BuiltKit] = []
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
         stage_root = Path(tmp)
+        kit_wheel = _kit_wheel(stage_root, wheel, report)
         for name in names:
             folder = stage_root / name
-            _write_site(folder, layout, config, name)
+            _write_site(folder, layout, config, name, kit_wheel.name)
+            shutil.copyfile(kit_wheel, folder / kit_wheel.name)
+            if bundle is not None:
+                (folder / "wheels").mkdir()
+                shutil.copyfile(bundle / "requirements.txt", folder / "wheels" / "requirements.txt")
+                for item in bundle_wheels:
+                    shutil.copyfile(item, folder / "wheels" / item.name)
             _archive(folder, stage_root)
         # Everything is complete: move it into place (a failed build above leaves nothing behind).
         for name in names:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
+import click
 import typer
 from pydantic import ValidationError
 
 from flowerbed import __version__
-from flowerbed.certs.cli import app as certs_app
-from flowerbed.commands import bundle, check, demo, env, init, kit, run
+from flowerbed.commands import bundle, certs, check, demo, env, init, kit, run, superlink, supernode
 from flowerbed.config import ConfigError, format_validation_error
 from flowerbed.console import error
 from flowerbed.errors import ExitCode, FlowerbedError
-from flowerbed.superlink.cli import app as superlink_app
-from flowerbed.supernode.cli import app as supernode_app
 
 app = typer.Typer(
     name="flowerbed",
@@ -34,9 +33,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
-    ),
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """Deploy a Flower federation across locked-down workspace VMs."""
 
@@ -44,13 +43,13 @@ def root(
 app.command("init", help=init.HELP)(init.init)
 app.command("run", help=run.HELP)(run.run)
 app.command("demo", help=demo.HELP)(demo.demo)
-app.add_typer(certs_app, name="certs")
+app.add_typer(certs.app, name="certs")
 app.add_typer(check.app, name="check")
 app.add_typer(env.app, name="env")
 app.add_typer(kit.app, name="kit")
 app.add_typer(bundle.app, name="bundle")
-app.add_typer(superlink_app, name="superlink")
-app.add_typer(supernode_app, name="supernode")
+app.add_typer(superlink.app, name="superlink")
+app.add_typer(supernode.app, name="supernode")
 
 
 def main() -> None:
@@ -77,9 +76,11 @@ def main() -> None:
         sys.exit(ExitCode.INTERRUPTED)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # noqa: BLE001 - click usage errors and the unexpected
-        import click
-
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "flowerbed"
+        error(f"{exc.format_message().rstrip('.')} (see `{where} --help`)")
+        sys.exit(ExitCode.INVALID_CONFIG)
+    except Exception as exc:  # noqa: BLE001 - other click errors and the unexpected
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(exc.exit_code)

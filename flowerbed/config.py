@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flowerbed.errors import ExitCode, FlowerbedError
 
 FEDERATION_FILE = "federation.toml"
+SITE_FILE = "site.toml"
+DATA_PLACEHOLDER = "CHANGE-ME: /path/to/your/data.csv or image folder"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOST_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
@@ -157,6 +159,32 @@ class RunSettings(_Model):
         return cls.model_validate({k: v for k, v in data.items() if k in known})
 
 
+class SiteKitConfig(_Model):
+    """The content of a site kit's ``site.toml``."""
+
+    federation: str
+    site: str
+    superlink_address: str
+    superlink_port: Port = 9092
+    data_path: str = Field(DATA_PLACEHOLDER, description="CSV file or folder of class folders")
+    workdir: str = Field("supernode-work", description="Logs and Flower state, relative to the kit")
+    supernode_port: Port = Field(9094, description="Loopback port of the SuperNode's local API")
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str) -> str:
+        return check_name(value, "site")
+
+    @field_validator("superlink_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_host(value)
+
+    @property
+    def superlink(self) -> str:
+        return f"{self.superlink_address}:{self.superlink_port}"
+
+
 class FederationConfig(_Model):
     """The content of ``federation.toml``."""
 
@@ -209,10 +237,13 @@ class ConfigError(FlowerbedError):
         self.details = details or []
 
 
-def load_toml_model(path: Path, model: type[M]) -> M:
-    """Read and validate a TOML file into ``model``; errors name the file and field."""
+def load_toml_model(path: Path, model: type[M], *, missing: str = "create it with `flowerbed init`") -> M:
+    """Read and validate a TOML file into ``model``; errors name the file and field.
+
+    ``missing`` is the advice when the file does not exist (it differs for a coordinator and a site).
+    """
     if not path.is_file():
-        raise FlowerbedError(f"{path} does not exist: create it with `flowerbed init`")
+        raise FlowerbedError(f"{path} does not exist: {missing}")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -231,6 +262,27 @@ def save_toml_model(path: Path, model: BaseModel) -> None:
     tmp.replace(path)
 
 
+def resolve(model: M, overrides: dict[str, Any]) -> M:
+    """The one way a config file and command-line options merge: options that were given win.
+
+    ``None`` means "not given". The result is validated as a whole, so an option that breaks a
+    rule of the file (e.g. ``--min-nodes`` above the number of sites) is reported like a bad field.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(type(model).model_fields))
+    if unknown:
+        raise ValueError(f"resolve(): {type(model).__name__} has no field(s) {', '.join(unknown)}")
+    try:
+        return type(model).model_validate(model.model_dump() | given)
+    except ValidationError as exc:
+        details = format_validation_error("options", exc)
+        raise ConfigError(f"invalid options ({len(details)} problem(s))", details) from None
+
+
 def load_federation(fed_dir: Path) -> FederationConfig:
     """Load ``FED_DIR/federation.toml``."""
-    return load_toml_model(fed_dir / FEDERATION_FILE, FederationConfig)
+    return load_toml_model(
+        fed_dir / FEDERATION_FILE,
+        FederationConfig,
+        missing=f"run `flowerbed init {fed_dir}` first, or pass the federation folder with -d",
+    )

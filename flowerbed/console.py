@@ -7,9 +7,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# markup=False: messages quote outside text (Flower's errors, paths, TOML tables such as
+# ``[tool.flwr.app]``) that rich would otherwise read as style tags and swallow; emoji=False: a
+# fingerprint such as ``ab:cd:ef`` holds ``:cd:``, which rich would turn into an emoji.
+out = Console(highlight=False, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -32,11 +36,17 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
 
 
 def error(message: str, details: Sequence[str] = ()) -> None:
-    """``error: message`` in one line, then one bullet per detail."""
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """``error: message`` in one line, then one bullet per detail (outside text is never markup)."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     for line in details:
         err.print(f"  • {line}", soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """``warning: message`` in one line."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
+
+
 def info(message: str) -> None:
-    err.print(f"[dim]›[/] {message}", soft_wrap=True)
+    """A progress line on stderr."""
+    err.print(Text.assemble(("›", "dim"), " ", message), soft_wrap=True)

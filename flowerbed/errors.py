@@ -35,7 +35,3 @@ class FlowerbedError(Exception):
     def message(self) -> str:
         """The one-line message shown to the user."""
         return str(self.args[0])
-
-
-class FlowerbedWarning(UserWarning):
-    """A warning of flowerbed's own (tests turn it into an error)."""

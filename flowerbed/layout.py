@@ -12,6 +12,10 @@ class FederationLayout:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        # Absolute, because the kit's processes run in other working folders (`-d .` must work).
+        object.__setattr__(self, "root", self.root.expanduser().resolve())
+
     @property
     def config(self) -> Path:
         return self.root / "federation.toml"

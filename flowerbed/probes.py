@@ -1,8 +1,10 @@
-"""Readiness probes: gRPC health, TCP connect, TLS handshake."""
+"""Readiness probes: gRPC health, TCP connect, and a TLS handshake that must present our certificate."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,3 +37,20 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def presents_certificate(host: str, port: int, ca: Path, cert_der: bytes, timeout_s: float = 2.0) -> bool:
+    """True when ``host:port`` completes a TLS handshake with exactly ``cert_der`` (verified by ``ca``).
+
+    A bare TCP probe would be answered by any other process that holds the port.
+    """
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.check_hostname = False  # the listener is probed by address; the certificate itself is compared
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as raw,
+            ctx.wrap_socket(raw) as tls,
+        ):
+            return tls.getpeercert(binary_form=True) == cert_der
+    except (OSError, ssl.SSLError):
+        return False

@@ -15,6 +15,8 @@ from pathlib import Path
 from flowerbed.errors import FlowerbedError
 
 POLL_S = 0.25
+# The addresses the kit's processes use among themselves (Flower's Runtime APIs bind 127.0.0.1).
+LOOPBACK = ("127.0.0.1", "::1")
 
 
 def bin_dir() -> Path:
@@ -33,6 +35,11 @@ def child_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = N
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     env["PATH"] = os.pathsep.join([str(bin_dir()), env.get("PATH", "")])
+    # Behind a proxy, loopback must never go to it: the SuperNode calls its own Runtime API on
+    # 127.0.0.1, and an off-host proxy cannot reach that (tasks would never run).
+    for name in ("NO_PROXY", "no_proxy"):
+        entries = [e.strip() for e in env.get(name, "").split(",") if e.strip()]
+        env[name] = ",".join(entries + [h for h in LOOPBACK if h not in entries])
     if flwr_home is not None:
         flwr_home.mkdir(parents=True, exist_ok=True)
         env["FLWR_HOME"] = str(flwr_home)
@@ -67,6 +74,7 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=child_env)
     cwd: Path | None = None
+    pipe: bool = False  # True: output goes to ``popen.stdout`` for the caller to read (and log)
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,17 +84,17 @@ class ManagedProcess:
         return self.popen.pid
 
     def start(self) -> ManagedProcess:
-        """Start the process in its own session, output appended to ``log_path``."""
+        """Start the process in its own session, output appended to ``log_path`` (or piped)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, object] = {}
+        if os.name == "posix":
+            kwargs["start_new_session"] = True
+        else:  # pragma: no cover - Windows
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         with self.log_path.open("ab") as log:
-            kwargs: dict[str, object] = {}
-            if os.name == "posix":
-                kwargs["start_new_session"] = True
-            else:  # pragma: no cover - Windows
-                kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
             self.popen = subprocess.Popen(
                 self.argv,
-                stdout=log,
+                stdout=subprocess.PIPE if self.pipe else log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
@@ -115,8 +123,13 @@ class ManagedProcess:
 
     def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM the process group, then SIGKILL after ``grace_s``; returns the exit status."""
-        if self.popen is None or self.popen.poll() is not None:
-            return None if self.popen is None else self.popen.returncode
+        if self.popen is None:
+            return None
+        if self.popen.poll() is not None:
+            # The leader is gone, but its children (an nginx worker, a clientapp) may live on in
+            # its process group and hold ports: end them too.
+            self._signal(signal.SIGKILL if os.name == "posix" else signal.SIGTERM)
+            return self.popen.returncode
         self._signal(signal.SIGTERM)
         try:
             return self.popen.wait(timeout=grace_s)

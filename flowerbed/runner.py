@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import tomli_w
 from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.probes import tcp_open
 from flowerbed.serverapp.history import SUMMARY, read_rows
 from flowerbed.superlink import flwrcli
 
@@ -30,7 +32,13 @@ def write_app_manifest(app_dir: Path, run_config: dict[str, Any]) -> Path:
     app_dir.mkdir(parents=True, exist_ok=True)
     data = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": APP_NAME, "version": "1.0.0", "dependencies": []},
+        "project": {
+            "name": APP_NAME,
+            "version": "1.0.0",
+            "description": "flowerbed's ServerApp and ClientApp, installed at every site",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
         "tool": {
             "flwr": {
                 "app": {
@@ -55,20 +63,33 @@ class RunHandle:
     out_dir: Path
 
 
-def submit(layout: FederationLayout, settings: RunSettings, name: str | None = None) -> RunHandle:
-    """Write the manifest with the validated settings and submit it to the local SuperLink."""
+def submit(
+    layout: FederationLayout, settings: RunSettings, name: str | None = None, *, control_port: int | None = None
+) -> RunHandle:
+    """Write the manifest with the validated settings and submit it to the local SuperLink.
+
+    ``control_port``: the SuperLink's loopback port, checked first so that a stopped coordinator is
+    named as such. A run that could not be submitted leaves no run folder behind.
+    """
+    start_hint = f"`flowerbed superlink start -d {layout.root}` (another terminal, or the service)"
     if not (layout.flwr_home / "config.toml").is_file():
+        raise FlowerbedError(f"the SuperLink of {layout.root} was never started: start it with {start_hint}")
+    if control_port is not None and not tcp_open("127.0.0.1", control_port):
         raise FlowerbedError(
-            f"no SuperLink connection in {layout.flwr_home}: start it with `flowerbed superlink start`"
+            f"the SuperLink is not running (nothing answers on 127.0.0.1:{control_port}): start it with {start_hint}"
         )
     stamp = name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    out_dir = (layout.runs / stamp).resolve()
+    out_dir = layout.runs / stamp
     if out_dir.exists():
         raise FlowerbedError(f"{out_dir} already exists: choose another --name")
     run_config = settings.to_run_config() | {"output-dir": str(out_dir)}
     app_dir = out_dir / "app"
     write_app_manifest(app_dir, run_config)
-    run_id = flwrcli.submit_run(layout.flwr_home, app_dir)
+    try:
+        run_id = flwrcli.submit_run(layout.flwr_home, app_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     (out_dir / "run-id").write_text(str(run_id), encoding="utf-8")
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
@@ -93,7 +114,13 @@ def follow(
     status = "unknown"
     while time.monotonic() < end:
         on_rows(read_rows(handle.out_dir))
-        status = flwrcli.run_status(layout.flwr_home, handle.run_id)
+        try:
+            status = flwrcli.run_status(layout.flwr_home, handle.run_id)
+        except FlowerbedError as exc:
+            raise FlowerbedError(
+                f"run {handle.run_id} was submitted and goes on, but following it failed ({exc.message}); "
+                f"its results will be in {handle.out_dir}"
+            ) from None
         if status.startswith(FINISHED):
             break
         time.sleep(poll_s)

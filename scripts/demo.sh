@@ -2,5 +2,5 @@
 # README command 1: set up, then run the three-site demo federation on this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --demo
 exec .venv/bin/flowerbed demo "$@"

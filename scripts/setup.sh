@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # Install everything flowerbed needs on Debian/Ubuntu: nginx and python3-venv from Debian's
 # packages (only if missing), then a virtual environment in .venv with CPU torch and the kit.
+#   bash scripts/setup.sh            a coordinator: the kit alone (no test or lint tools)
+#   bash scripts/setup.sh --demo     plus scikit-learn for the demo data
+#   bash scripts/setup.sh --dev      plus the test tools (pytest, ruff, mypy) and iproute2,
+#                                    nftables and tinyproxy for the multi-host tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extras=""
+dev=0
+case "${1:-}" in
+  "") ;;
+  --demo) extras="[demo]" ;;
+  --dev) extras="[dev]"; dev=1 ;;
+  --coordinator) ;;
+  *) echo "setup: unknown option ${1} (use --demo or --dev, or nothing for a coordinator)" >&2; exit 2 ;;
+esac
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PY="${PYTHON:-python3}"
 need=()
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then need+=(nginx-light); fi
 if ! "$PY" -c "import venv, ensurepip" >/dev/null 2>&1; then need+=(python3-venv); fi
+if [ "$dev" -eq 1 ]; then
+  command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)
+  command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  # The tests start their own tinyproxy inside a namespace; the package's service is not wanted.
+  if [[ " ${need[*]} " == *" tinyproxy "* ]]; then $SUDO service tinyproxy stop >/dev/null 2>&1 || true; fi
 fi
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   echo "setup: flowerbed needs Python 3.11 or newer (set PYTHON=python3.11)" >&2
@@ -24,6 +44,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The CPU build of torch first: an open torch range alone would pull a multi-GB CUDA build.
 echo "setup: installing torch (CPU) and flowerbed into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 "setuptools>=68" wheel
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
 .venv/bin/flowerbed --version

@@ -16,8 +16,10 @@ HISTORY_CSV = "history.csv"
 SUMMARY = "summary.json"
 FINAL_MODEL = "final_model.pt"
 PLOT = "metrics.png"
+TRAIN = "train"
+FINAL_EVAL = "final-eval"  # the last model's own evaluation, after max-rounds or the time budget
 COLUMNS = [
-    "round", "nodes", "failures", "train_loss", "eval_loss", "eval_accuracy", "seconds", "stop_reason",
+    "round", "kind", "nodes", "failures", "train_loss", "eval_loss", "eval_accuracy", "seconds", "stop_reason",
 ]  # fmt: skip
 
 
@@ -34,6 +36,7 @@ class RoundRow:
     seconds: float
     stop_reason: str = ""
     errors: list[str] = field(default_factory=list)
+    kind: str = TRAIN
 
 
 class History:

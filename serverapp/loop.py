@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.config import RunSettings
 from flowerbed.serverapp.criteria import MAX_ROUNDS, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import History, RoundRow
+from flowerbed.serverapp.history import FINAL_EVAL, History, RoundRow
 
 Clock = Callable[[], float]
 
@@ -48,13 +48,47 @@ def wait_for_nodes(grid: Grid, settings: RunSettings, clock: Clock = time.monoto
         time.sleep(1)
 
 
-def _split(replies: list[Message]) -> tuple[list[Message], list[str]]:
+class SiteNames:
+    """Which site each node id is, so that every message about a node names its site.
+
+    A site's ClientApp puts its ``site-name`` (from the SuperNode's node config) into each reply;
+    an error reply that Flower itself made (e.g. Node Unavailable) comes from the SuperLink, so the
+    node is found through the message it answers.
+    """
+
+    def __init__(self) -> None:
+        self.by_node: dict[int, str] = {}
+
+    def learn(self, node_id: int, reply: Message) -> None:
+        if reply.has_error():
+            return
+        for record in reply.content.config_records.values():
+            site = record.get("site-name")
+            if isinstance(site, str) and site:
+                self.by_node[node_id] = site
+
+    def name(self, node_id: int) -> str:
+        site = self.by_node.get(node_id)
+        return f"site {site} (node {node_id})" if site else f"node {node_id} (site not known yet)"
+
+
+def _split(messages: list[Message], replies: list[Message], sites: SiteNames) -> tuple[list[Message], list[str]]:
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     valid, errors = [], []
     for reply in replies:
+        node_id = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        sites.learn(node_id, reply)
         if reply.has_error():
-            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            reason = str(reply.error.reason)
+            who = sites.name(node_id)
+            # Our ClientApp's own errors already start with "site NAME:"; Flower's do not.
+            errors.append(reason if reason.startswith("site ") else f"{who}: {reason}")
         else:
             valid.append(reply)
+    answered = {dst.get(r.metadata.reply_to_message_id) for r in replies}
+    errors.extend(
+        f"{sites.name(node)}: no reply before round-timeout-s" for node in dst.values() if node not in answered
+    )
     return valid, errors
 
 
@@ -75,6 +109,7 @@ def run_rounds(
 ) -> Outcome:
     """Train until target/plateau/max-rounds/time-budget; raise :class:`RunFailedError` on too few replies."""
     tracker = ConvergenceTracker(settings)
+    sites = SiteNames()
     start = clock()
     arrays = initial
     sent: dict[int, ArrayRecord] = {}
@@ -86,7 +121,7 @@ def run_rounds(
         wait_for_nodes(grid, settings, clock)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-        valid, errors = _split(replies)
+        valid, errors = _split(messages, replies, sites)
         if len(valid) < settings.min_nodes:
             why = f"round {server_round}: {len(valid)} valid replies, min-nodes is {settings.min_nodes}" + (
                 f" ({'; '.join(errors)})" if errors else " (no reply before round-timeout-s)"
@@ -123,7 +158,18 @@ def run_rounds(
     final = arrays
     best_loss = best_acc = None
     if reason in (MAX_ROUNDS, TIME_BUDGET):
-        final_eval = evaluate_final(grid, strategy, arrays, settings, server_round + 1)
+        t0 = clock()
+        final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites)
+        history.append(
+            RoundRow(
+                round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
+                eval_loss=final_eval[0] if final_eval else None,
+                eval_accuracy=final_eval[1] if final_eval else None,
+                seconds=round(clock() - t0, 2),
+                stop_reason="evaluation of the last model" if final_eval else "final evaluation: too few replies",
+                errors=errors, kind=FINAL_EVAL,
+            )
+        )  # fmt: skip
         if final_eval is not None:
             tracker.observe(server_round + 1, *final_eval)
             sent[server_round + 1] = arrays
@@ -136,16 +182,25 @@ def run_rounds(
 
 
 def evaluate_final(
-    grid: Grid, strategy: Strategy, arrays: ArrayRecord, settings: RunSettings, server_round: int
-) -> tuple[float, float] | None:
-    """One evaluate exchange for the last aggregated model (it was never evaluated)."""
+    grid: Grid,
+    strategy: Strategy,
+    arrays: ArrayRecord,
+    settings: RunSettings,
+    server_round: int,
+    *,
+    sites: SiteNames,
+) -> tuple[tuple[float, float] | None, int, list[str]]:
+    """One evaluate exchange for the last aggregated model (it was never evaluated).
+
+    Returns (loss, accuracy) or None, the number of valid replies, and the errors naming sites.
+    """
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-    valid, _ = _split(replies)
+    valid, errors = _split(messages, replies, sites)
     if len(valid) < settings.min_nodes:
-        return None
+        return None, len(valid), errors
     metrics = strategy.aggregate_evaluate(server_round, replies)
     loss, acc = _metric(metrics, "eval-loss"), _metric(metrics, "eval-accuracy")
     if loss is None or acc is None:
-        return None
-    return loss, acc
+        return None, len(valid), errors
+    return (loss, acc), len(valid), errors

@@ -29,8 +29,15 @@ def write_connection(flwr_home: Path, control_address: str, ca_cert: Path) -> Pa
     return path
 
 
-def flwr(flwr_home: Path, *args: str, timeout_s: float = 120, cwd: Path | None = None) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json`` against the local connection and return its JSON."""
+def flwr(flwr_home: Path, *args: str, timeout_s: float = 120) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against the local connection and return its JSON.
+
+    ``flwr`` reads a connection name that is also a folder in its working folder as an app path
+    (``flwr ls flowerbed`` inside a home holding a ``flowerbed/`` clone fails), so it always runs
+    in a folder of its own that holds nothing else.
+    """
+    cwd = flwr_home / "cwd"
+    cwd.mkdir(parents=True, exist_ok=True)
     exe = executable("flwr", "reinstall flowerbed in this environment (it brings Flower)")
     argv = [exe, *args, "--format", "json"]
     try:
@@ -76,7 +83,7 @@ def register_node(flwr_home: Path, public_key: Path, name: str) -> bool:
 
 def submit_run(flwr_home: Path, app_dir: Path, run_config: dict[str, Any] | None = None) -> int:
     """Submit the Flower App in ``app_dir`` (``run_config`` overrides its config); returns the run id."""
-    args = ["run", str(app_dir), CONNECTION]
+    args = ["run", str(app_dir.resolve()), CONNECTION]
     if run_config:
         args += ["--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())]
     data = flwr(flwr_home, *args, timeout_s=300)
@@ -93,8 +100,3 @@ def run_status(flwr_home: Path, run_id: int) -> str:
     if not runs:
         raise FlowerbedError(f"the SuperLink does not know run {run_id}")
     return str(runs[0].get("status", "unknown"))
-
-
-def stop_run(flwr_home: Path, run_id: int) -> None:
-    """Ask the SuperLink to stop a run."""
-    flwr(flwr_home, "stop", str(run_id), CONNECTION)

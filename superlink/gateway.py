@@ -41,9 +41,10 @@ def render_config(
     cert: Path,
     key: Path,
     ca: Path,
+    logs: Path,
     idle_timeout_s: int = 60,
 ) -> Path:
-    """Write PREFIX/nginx.conf (and its log and temp folders) and return its path."""
+    """Write PREFIX/nginx.conf (and its temp folders) and return its path; nginx logs go to ``logs``."""
     listen = f"[{listen_host}]:{listen_port}" if ":" in listen_host else f"{listen_host}:{listen_port}"
     values = {
         "PREFIX": str(prefix.resolve()),
@@ -53,9 +54,11 @@ def render_config(
         "KEY": str(key.resolve()),
         "CA": str(ca.resolve()),
         "IDLE": str(idle_timeout_s),
+        "LOGS": str(logs.resolve()),
     }
     text = fill("gateway-nginx.conf", values)
-    (prefix / "logs").mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    (prefix / "logs").mkdir(parents=True, exist_ok=True)  # nginx opens PREFIX/logs/error.log before reading the config
     for name in TEMP_DIRS:
         (prefix / "tmp" / name).mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"

@@ -9,12 +9,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives import serialization
+
 from flowerbed.certs.files import write_private
 from flowerbed.certs.service import read_cert
 from flowerbed.config import FederationConfig
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
-from flowerbed.probes import grpc_health, tcp_open
+from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, stop_all
 from flowerbed.superlink import flwrcli, gateway
 
@@ -140,14 +142,21 @@ def start_stack(
             cert=layout.server_cert,
             key=layout.server_key,
             ca=layout.ca_cert,
+            logs=layout.logs,
             idle_timeout_s=sl.idle_timeout_s,
         )
         gateway.validate(nginx, conf_prefix)
+        probe_host = "127.0.0.1" if sl.gateway_host in ("0.0.0.0", "::") else sl.gateway_host  # noqa: S104
+        if tcp_open(probe_host, sl.port):
+            raise FlowerbedError(
+                f"port {sl.port} on {sl.gateway_host} is already in use by another process: stop it "
+                f"(`ss -ltnp 'sport = :{sl.port}'` names it) or change superlink.port in federation.toml"
+            )
+        ours = read_cert(layout.server_cert).public_bytes(serialization.Encoding.DER)
         gw = gateway.gateway_process(nginx, conf_prefix, layout.logs / "gateway.log")
         stack.processes.append(gw.start())
         report(f"starting the Fleet gateway on {sl.gateway_host}:{sl.port} (pid {gw.pid})")
-        probe_host = "127.0.0.1" if sl.gateway_host in ("0.0.0.0", "::") else sl.gateway_host  # noqa: S104
-        gw.wait_ready(lambda: tcp_open(probe_host, sl.port), deadline_s)
+        gw.wait_ready(lambda: presents_certificate(probe_host, sl.port, layout.ca_cert, ours), deadline_s)
     except BaseException:
         stack.stop()
         raise

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import email.utils
 import os
-import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.nodekeys import load_private_key
 from flowerbed.certs.service import cert_sans, read_cert
+from flowerbed.deploy.firewall_checklist import (
+    FAIL,
+    PASS,
+    HopError,
+    check_clock,
+    decode_der,
+    explain_untrusted,
+    open_connection,
+    proxy_for,
+)
 from flowerbed.errors import ExitCode, FlowerbedError
-
-# Flower's node auth accepts -5 s < superlink_time - node_time < 305 s (asymmetric).
-MAX_AHEAD_S = 4.0
-MAX_BEHIND_S = 300.0
+from flowerbed.supernode.supervisor import SupernodeSpec
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,14 @@ def check_key(key: Path) -> Check:
     return Check("node key", True, f"{key} (mode 600)")
 
 
-def _peer_cert(host: str, port: int, timeout_s: float) -> x509.Certificate | None:
+def _peer_cert(host: str, port: int, timeout_s: float, proxy: tuple[str, int] | None) -> x509.Certificate | None:
     """The server's certificate without verification (to explain a failed verification)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     try:
         with (
-            socket.create_connection((host, port), timeout=timeout_s) as raw,
+            open_connection(host, port, timeout_s, proxy) as raw,
             ctx.wrap_socket(raw, server_hostname=host) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
@@ -89,9 +96,11 @@ def _peer_cert(host: str, port: int, timeout_s: float) -> x509.Certificate | Non
     return x509.load_der_x509_certificate(der) if der else None
 
 
-def _explain_verify_error(exc: ssl.SSLCertVerificationError, host: str, port: int, ca: Path) -> str:
+def _explain_verify_error(
+    exc: ssl.SSLCertVerificationError, host: str, port: int, ca: Path, proxy: tuple[str, int] | None
+) -> str:
     code = exc.verify_code
-    peer = _peer_cert(host, port, 5.0)
+    peer = _peer_cert(host, port, 5.0, proxy)
     # X509_V_ERR_HOSTNAME_MISMATCH (62) and X509_V_ERR_IP_ADDRESS_MISMATCH (64)
     if code in (62, 64) or "mismatch" in str(exc.verify_message).lower():
         names = ", ".join(cert_sans(peer)) if peer else "unknown"
@@ -105,30 +114,23 @@ def _explain_verify_error(exc: ssl.SSLCertVerificationError, host: str, port: in
             f"the gateway's certificate expired on {when}: "
             "ask the coordinator to run `flowerbed certs server` and restart the SuperLink"
         )
-    issuer = peer.issuer.rfc4514_string() if peer else "unknown"
-    return (
-        f"the gateway's certificate (issuer: {issuer}) is not signed by the federation CA in {ca}: "
-        "use the ca.crt from this federation's kit; if it is, a proxy or firewall intercepts TLS "
-        "and must let this host through untouched"
-    )
+    # A wrong --ca file, another federation's gateway, or TLS interception: the checklist tells them apart.
+    der = peer.public_bytes(serialization.Encoding.DER) if peer else b""
+    row = explain_untrusted("TLS", host, port, ca, decode_der(der) if der else {})
+    return f"{row.detail}: {row.fix}"
 
 
 def check_tls(host: str, port: int, ca: Path, timeout_s: float = 10.0) -> tuple[Check, Check]:
-    """TCP reach, a verified TLS handshake and the clock skew against the gateway's Date header."""
+    """Reach (through HTTPS_PROXY when it applies, as the SuperNode connects), a verified TLS
+    handshake and the clock skew against the gateway's Date header. A failure names its hop."""
+    proxy = proxy_for(host)
+    via = f" via proxy {proxy[0]}:{proxy[1]}" if proxy else ""
     try:
-        raw = socket.create_connection((host, port), timeout=timeout_s)
-    except socket.gaierror:
-        bad = Check("reach", False, f"{host} does not resolve: check the name and the VM's DNS")
-        return bad, Check("TLS", False, "not tried")
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        bad = Check(
-            "reach", False,
-            f"cannot connect to {host}:{port} ({reason}): is the SuperLink up, and does the "
-            f"firewall allow outbound TCP {port} to {host}?",
-        )  # fmt: skip
-        return bad, Check("TLS", False, "not tried")
-    reach = Check("reach", True, f"TCP {host}:{port} open")
+        raw = open_connection(host, port, timeout_s, proxy)
+    except HopError as exc:
+        hint = " (is the SuperLink up?)" if exc.hop == "tcp" else ""
+        return Check("reach", False, f"{exc.message}{hint}: {exc.fix}"), Check("TLS", False, "not tried")
+    reach = Check("reach", True, f"TCP {host}:{port} open{via}")
     ctx = ssl.create_default_context(cafile=str(ca))
     try:
         with raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
@@ -136,28 +138,28 @@ def check_tls(host: str, port: int, ca: Path, timeout_s: float = 10.0) -> tuple[
             head = tls.recv(4096).decode("latin-1")
             received = time.time()
     except ssl.SSLCertVerificationError as exc:
-        return reach, Check("TLS", False, _explain_verify_error(exc, host, port, ca))
+        return reach, Check("TLS", False, _explain_verify_error(exc, host, port, ca, proxy))
     except (ssl.SSLError, OSError) as exc:
-        return reach, Check("TLS", False, f"TLS handshake with {host}:{port} failed: {exc}")
+        return reach, Check("TLS", False, f"TLS handshake with {host}:{port}{via} failed: {exc}")
     detail = f"verified against {ca.name}"
-    for line in head.split("\r\n"):
-        if line.lower().startswith("date:"):
-            server_time = email.utils.parsedate_to_datetime(line[5:].strip()).timestamp()
-            ahead = received - server_time  # node minus server
-            if ahead > MAX_AHEAD_S:
-                return reach, Check(
-                    "TLS", False,
-                    f"this machine's clock is {ahead:.0f} s ahead of the SuperLink; Flower refuses "
-                    "nodes more than 5 s ahead: sync the clock (NTP) and start again",
-                )  # fmt: skip
-            if -ahead > MAX_BEHIND_S:
-                return reach, Check(
-                    "TLS", False,
-                    f"this machine's clock is {-ahead:.0f} s behind the SuperLink (limit 300 s): "
-                    "sync the clock (NTP) and start again",
-                )  # fmt: skip
-            detail += f", clock skew {ahead:+.0f} s"
+    clock = check_clock(head, received)
+    if clock.status == FAIL:
+        return reach, Check("TLS", False, f"{clock.detail}: {clock.fix} and start again")
+    if clock.status == PASS:
+        detail += f", clock skew {clock.detail.split(' ')[0]} s"
     return reach, Check("TLS", True, detail)
+
+
+def link_probe(spec: SupernodeSpec) -> Callable[[], tuple[bool, str]]:
+    """The check the supervisor runs while Flower reports failed connection attempts."""
+    host, port = parse_address(spec.superlink)
+
+    def probe() -> tuple[bool, str]:
+        reach, tls = check_tls(host, port, spec.ca, timeout_s=5.0)
+        failed = next((c for c in (reach, tls) if not c.ok), None)
+        return (True, reach.detail) if failed is None else (False, failed.detail)
+
+    return probe
 
 
 def run_preflight(superlink: str, ca: Path, key: Path, data: Path) -> list[Check]:

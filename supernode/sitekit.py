@@ -1,4 +1,4 @@
-"""A site's startup kit as the SuperNode reads it: ``site.toml`` and the checks on the kit's files."""
+"""A site's startup kit as the SuperNode reads it: the checks on the kit's files and its settings."""
 
 from __future__ import annotations
 
@@ -6,49 +6,27 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from cryptography import x509
 
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.service import cert_sans, read_cert
-from flowerbed.config import Port, _Model, check_host, check_name, load_toml_model
+from flowerbed.config import DATA_PLACEHOLDER, SITE_FILE, SiteKitConfig, load_toml_model, resolve
 from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.supernode.preflight import parse_address
+from flowerbed.supernode.supervisor import SupernodeSpec
 
-SITE_FILE = "site.toml"
-DATA_PLACEHOLDER = "CHANGE-ME: /path/to/your/data.csv or image folder"
-
-
-class SiteKitConfig(_Model):
-    """The content of a kit's ``site.toml``."""
-
-    federation: str
-    site: str
-    superlink_address: str
-    superlink_port: Port = 9092
-    data_path: str = Field(DATA_PLACEHOLDER, description="CSV file or folder of class folders")
-    workdir: str = Field("supernode-work", description="Logs and Flower state, relative to the kit")
-    supernode_port: Port = Field(9094, description="Loopback port of the SuperNode's local API")
-
-    @field_validator("site")
-    @classmethod
-    def _site(cls, value: str) -> str:
-        return check_name(value, "site")
-
-    @field_validator("superlink_address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return check_host(value)
-
-    @property
-    def superlink(self) -> str:
-        return f"{self.superlink_address}:{self.superlink_port}"
+INCOMPLETE = "the kit is incomplete: unpack the whole SITE.tar.gz (or .zip) from your coordinator again"
 
 
 @dataclass(frozen=True)
 class SiteKit:
-    """A checked, unpacked kit folder."""
+    """A checked, unpacked kit folder (``root`` is absolute, so children may run anywhere)."""
 
     root: Path
     config: SiteKitConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", self.root.resolve())
 
     @property
     def ca(self) -> Path:
@@ -62,20 +40,22 @@ class SiteKit:
     def key(self) -> Path:
         return self.root / f"{self.config.site}.key"
 
-    def data_path(self, override: Path | None) -> Path:
-        if override is not None:
-            return override
+    @property
+    def data(self) -> Path:
+        """The data path from site.toml; relative paths are relative to the kit folder."""
         if self.config.data_path == DATA_PLACEHOLDER:
             raise FlowerbedError(
                 f"set data_path in {self.root / SITE_FILE} to your data (or pass --data)",
                 exit_code=ExitCode.PREFLIGHT_FAILED,
             )
-        path = Path(self.config.data_path).expanduser()
-        return path if path.is_absolute() else self.root / path
+        return self._under_root(self.config.data_path)
 
     @property
     def workdir(self) -> Path:
-        path = Path(self.config.workdir).expanduser()
+        return self._under_root(self.config.workdir)
+
+    def _under_root(self, value: str) -> Path:
+        path = Path(value).expanduser()
         return path if path.is_absolute() else self.root / path
 
 
@@ -87,18 +67,19 @@ def load_kit(root: Path) -> SiteKit:
     """Read and check a kit: files present, key 0600, certificates valid, address in the SANs."""
     if not root.is_dir():
         raise _fail(f"{root} is not a folder: unpack the site kit and pass its folder to --kit")
-    config = load_toml_model(root / SITE_FILE, SiteKitConfig)
+    config = load_toml_model(root / SITE_FILE, SiteKitConfig, missing=INCOMPLETE)
     kit = SiteKit(root=root, config=config)
     for path in (kit.ca, kit.server_cert, kit.key, kit.key.with_name(kit.key.name + ".pub")):
         if not path.is_file():
-            raise _fail(f"{path.name} is missing from {root}: ask the coordinator for a fresh kit")
+            raise _fail(f"{path.name} is missing from {kit.root}: {INCOMPLETE}")
     problem = check_private_mode(kit.key)
     if problem:
         raise _fail(problem)
     now = dt.datetime.now(dt.UTC)
-    server_cert = read_cert(kit.server_cert)
+    ca_cert = read_cert_checked(kit.ca, "the federation CA")
+    server_cert = read_cert_checked(kit.server_cert, "the gateway certificate")
     for path, what, cert in (
-        (kit.ca, "the federation CA", read_cert(kit.ca)),
+        (kit.ca, "the federation CA", ca_cert),
         (kit.server_cert, "the gateway certificate", server_cert),
     ):
         if cert.not_valid_after_utc <= now:
@@ -112,3 +93,65 @@ def load_kit(root: Path) -> SiteKit:
             f"certificate ({', '.join(sans)}): use one of those, or ask the coordinator to add it"
         )
     return kit
+
+
+def read_cert_checked(path: Path, what: str) -> x509.Certificate:
+    """A kit certificate, or a preflight error (exit 3) saying the kit is damaged."""
+    try:
+        return read_cert(path)
+    except FlowerbedError:
+        raise _fail(f"{path.name} ({what}) is damaged, not a PEM certificate: {INCOMPLETE}") from None
+
+
+def site_spec(
+    kit_dir: Path | None,
+    *,
+    superlink: str | None = None,
+    ca: Path | None = None,
+    key: Path | None = None,
+    data: Path | None = None,
+    site: str | None = None,
+    workdir: Path | None = None,
+    port: int | None = None,
+) -> SupernodeSpec:
+    """What one SuperNode runs with: the kit's site.toml merged with options (options win).
+
+    Paths given as options are relative to the current folder, paths in site.toml relative to the
+    kit; either way the spec holds absolute paths, because the SuperNode runs in its work folder.
+    """
+    address = parse_address(superlink) if superlink else (None, None)
+    if kit_dir is not None:
+        kit = load_kit(kit_dir)
+        config = resolve(
+            kit.config,
+            {
+                "site": site,
+                "superlink_address": address[0],
+                "superlink_port": address[1],
+                "data_path": str(data.resolve()) if data else None,
+                "workdir": str(workdir.resolve()) if workdir else None,
+                "supernode_port": port,
+            },
+        )
+        kit = SiteKit(root=kit.root, config=config)
+        return SupernodeSpec(
+            site=config.site,
+            superlink=config.superlink,
+            ca=ca or kit.ca,
+            key=key or kit.key,
+            data=kit.data,
+            workdir=kit.workdir,
+            port=config.supernode_port,
+        )
+    missing = [n for n, v in (("--superlink", superlink), ("--ca", ca), ("--key", key), ("--data", data)) if v is None]
+    if missing or superlink is None or ca is None or key is None or data is None:
+        raise FlowerbedError(f"pass --kit KIT_FOLDER, or all of {', '.join(missing)}")
+    return SupernodeSpec(
+        site=site or key.name.removesuffix(".key"),
+        superlink=superlink,
+        ca=ca,
+        key=key,
+        data=data,
+        workdir=workdir or Path("supernode-work"),
+        port=port or 9094,
+    )

@@ -1,7 +1,16 @@
-"""Run flower-supernode outbound-only and keep it running: restart with backoff, stop on a refusal."""
+"""Run flower-supernode outbound-only and keep it running, telling the site what happens.
+
+The supervisor reads the SuperNode's output line by line (never the whole log again), writes it
+to ``logs/supernode.log`` with a UTC timestamp on each line, and reports to the site's console:
+connected, each task received with its round, each task that failed on this site's data and why,
+and when the link to the gateway is down (naming the hop: DNS, TCP, the proxy, TLS) and back.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,11 +18,26 @@ from pathlib import Path
 
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
+from flowerbed.supernode.events import TASK_EVENT
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"
 BAD_CERT = "CERTIFICATE_VERIFY_FAILED"
+LINK_FAILED = "Connection attempt failed"
+LINK_RESTORED = "Connection successful after"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines even into a pipe
 Report = Callable[[str], None]
+LinkProbe = Callable[[], tuple[bool, str]]
+
+
+def _no_probe() -> tuple[bool, str]:
+    return True, ""
+
+
+def stamp(when: float | None = None) -> str:
+    """UTC time as written in front of every supernode.log line."""
+    moment = dt.datetime.fromtimestamp(time.time() if when is None else when, dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -29,16 +53,21 @@ class SupernodeSpec:
     port: int = 9094
     extra_node_config: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The SuperNode runs in its work folder: relative paths from the user's folder would break.
+        for name in ("ca", "key", "data", "workdir"):
+            object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+
     def node_config(self) -> str:
-        items = {"data-path": str(self.data.resolve()), "site-name": self.site, **self.extra_node_config}
+        items = {"data-path": str(self.data), "site-name": self.site, **self.extra_node_config}
         return " ".join(f'{k}="{v}"' for k, v in items.items())
 
     def argv(self) -> list[str]:
         return [
             executable("flower-supernode", "reinstall flowerbed in this environment"),
             "--superlink", self.superlink,
-            "--root-certificates", str(self.ca.resolve()),
-            "--auth-supernode-private-key", str(self.key.resolve()),
+            "--root-certificates", str(self.ca),
+            "--auth-supernode-private-key", str(self.key),
             "--port", str(self.port),
             "--node-config", self.node_config(),
         ]  # fmt: skip
@@ -46,21 +75,67 @@ class SupernodeSpec:
 
 @dataclass
 class Attempt:
-    """What one run of flower-supernode showed in its log."""
+    """What one run of flower-supernode showed."""
 
-    exit_code: int | None
-    connected: bool
-    rejected: bool
-    bad_certificate: bool
+    exit_code: int | None = None
+    connected: bool = False
+    rejected: bool = False
+    bad_certificate: bool = False
+    link_failures: int = 0
+    last_link_failure: float = 0.0
+    link_restored: float = 0.0
+    tasks: int = 0
+    failed_tasks: int = 0
 
 
-def read_new(log: Path, offset: int) -> str:
-    try:
-        with log.open("rb") as handle:
-            handle.seek(offset)
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
+class LogFollower:
+    """Reads one process's output line by line, timestamps it into the log, and notes events."""
+
+    def __init__(self, stream: object, log_path: Path, attempt: Attempt, report: Report, superlink: str) -> None:
+        self.stream = stream
+        self.log_path = log_path
+        self.attempt = attempt
+        self.report = report
+        self.superlink = superlink
+        self.node_id: str | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LogFollower:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        with self.log_path.open("ab") as log:
+            for raw in iter(self.stream.readline, b""):  # type: ignore[attr-defined]
+                line = ANSI.sub("", raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                log.write(f"{stamp()} {line}\n".encode())
+                log.flush()
+                self.on_line(line)
+
+    def on_line(self, line: str) -> None:
+        """Turn one SuperNode log line into state and, where a site researcher cares, a console line."""
+        a = self.attempt
+        if CONNECTED in line and not a.connected:
+            a.connected = True
+            rest = line.split(CONNECTED, 1)[1].split()
+            self.node_id = rest[0] if rest else "?"
+            self.report(f"connected to {self.superlink} as node {self.node_id}")
+        elif ACTIVATION_FAILED in line:
+            a.rejected = True
+        elif BAD_CERT in line:
+            a.bad_certificate = True
+        elif LINK_FAILED in line:
+            a.link_failures += 1
+            a.last_link_failure = time.monotonic()
+        elif LINK_RESTORED in line:
+            a.link_restored = time.monotonic()
+        elif TASK_EVENT in line:
+            event = line.split(TASK_EVENT, 1)[1].strip()
+            if " received " in event:
+                a.tasks += 1
+            if " FAILED" in event:
+                a.failed_tasks += 1
+            self.report(event)
 
 
 @dataclass
@@ -70,6 +145,9 @@ class Supervisor:
     A SuperNode restarted right after a crash is refused for about a minute (the SuperLink still
     sees the old session), so a refusal is retried for ``rejected_window_s``; refused for longer,
     the key is not registered and the supervisor stops with that message instead of looping.
+    ``link_probe`` checks the path to the gateway (through the proxy, as the SuperNode connects)
+    when Flower reports failed connection attempts, and every ``link_check_every_s`` otherwise;
+    its answer names the hop that failed.
     """
 
     spec: SupernodeSpec
@@ -77,38 +155,80 @@ class Supervisor:
     rejected_window_s: float = 150.0
     max_backoff_s: float = 30.0
     healthy_after_s: float = 60.0
+    link_probe: LinkProbe = _no_probe
+    link_probe_every_s: float = 5.0  # while the link is down or Flower reports failed attempts
+    link_check_every_s: float = 30.0  # while all seems well: Flower says nothing of some failures
     process: ManagedProcess | None = None
     connected: bool = False
     restarts: int = 0
+    link_down_since: float | None = None
+    last_probe: float = 0.0
+    attempt: Attempt = field(default_factory=Attempt)
 
     @property
     def log_path(self) -> Path:
         return self.spec.workdir / "logs" / "supernode.log"
 
-    def _start(self) -> tuple[ManagedProcess, int]:
+    def _start(self) -> tuple[ManagedProcess, LogFollower]:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         proc = ManagedProcess(
             name=f"flower-supernode ({self.spec.site})",
             argv=self.spec.argv(),
             log_path=self.log_path,
             env=child_env(self.spec.workdir / "flwr-home"),
             cwd=self.spec.workdir,
+            pipe=True,
         )
         self.process = proc.start()
-        return proc, offset
+        self.attempt = Attempt()
+        assert proc.popen is not None and proc.popen.stdout is not None  # noqa: S101 - pipe=True
+        follower = LogFollower(proc.popen.stdout, self.log_path, self.attempt, self.report, self.spec.superlink)
+        return proc, follower.start()
 
-    def _watch(self, proc: ManagedProcess, offset: int, should_stop: Callable[[], bool]) -> Attempt:
-        seen = ""
+    def _check_link(self, now: float) -> None:
+        """Probe the path to the gateway; report when it goes down (naming the hop) and when it is back.
+
+        Probed every ``link_probe_every_s`` while Flower reports failed attempts or the link is
+        down, and every ``link_check_every_s`` otherwise (Flower is silent about some failures).
+        """
+        a = self.attempt
+        if self.link_down_since is not None and a.link_restored > a.last_link_failure:
+            self._report_back()
+            return
+        failing = a.link_failures > 0 and a.last_link_failure > a.link_restored and now - a.last_link_failure < 60
+        every = self.link_probe_every_s if (failing or self.link_down_since is not None) else self.link_check_every_s
+        if not (a.connected or failing) or now - self.last_probe < every:
+            return
+        self.last_probe = now
+        ok, detail = self.link_probe()
+        if not ok and self.link_down_since is None:  # confirm once: one lost handshake is no outage
+            time.sleep(1.0)
+            ok, detail = self.link_probe()
+        if not ok and self.link_down_since is None:
+            self.link_down_since = time.time()
+            self.report(f"link to {self.spec.superlink} down since {stamp(self.link_down_since)}: {detail}")
+        elif ok and self.link_down_since is not None:
+            self._report_back()
+        elif ok:
+            a.link_failures = 0
+
+    def _report_back(self) -> None:
+        if self.link_down_since is not None:
+            away = time.time() - self.link_down_since
+            self.report(f"link to {self.spec.superlink} is back after {away:.0f} s")
+        self.link_down_since = None
+        self.attempt.link_failures = 0
+
+    def _watch(self, proc: ManagedProcess, follower: LogFollower, should_stop: Callable[[], bool]) -> Attempt:
         while True:
-            seen += read_new(self.log_path, offset + len(seen.encode()))
-            if CONNECTED in seen and not self.connected:
-                self.connected = True
-                node_id = seen.split(CONNECTED, 1)[1].split()[0]
-                self.report(f"connected to {self.spec.superlink} as node {node_id}")
+            self.connected = self.attempt.connected
             code = proc.poll()
             if code is not None or should_stop():
-                return Attempt(code, CONNECTED in seen, ACTIVATION_FAILED in seen, BAD_CERT in seen)
+                follower.thread.join(timeout=5)
+                self.attempt.exit_code = code
+                self.connected = self.attempt.connected
+                return self.attempt
+            self._check_link(time.monotonic())
             time.sleep(0.5)
 
     def run(self, should_stop: Callable[[], bool]) -> None:
@@ -117,10 +237,10 @@ class Supervisor:
         first_refusal: float | None = None
         try:
             while not should_stop():
-                proc, offset = self._start()
+                proc, follower = self._start()
                 started = time.monotonic()
                 self.report(f"started flower-supernode (pid {proc.pid}); log: {self.log_path}")
-                attempt = self._watch(proc, offset, should_stop)
+                attempt = self._watch(proc, follower, should_stop)
                 if should_stop():
                     break
                 if attempt.bad_certificate:

@@ -52,11 +52,15 @@ def make_federation(root: Path, config: FederationConfig) -> FederationLayout:
     return layout
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real ``flowerbed`` command as a user would."""
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+def run_cli(
+    *args: str, timeout: float = 300, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``flowerbed`` command as a user would (``env`` adds to the environment)."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "flowerbed", *args],
+        # The console script, as users run it: `python -m` would put the working folder first on
+        # sys.path, where a `flowerbed/` clone may sit.
+        [str(Path(sys.executable).parent / "flowerbed"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -22,10 +22,11 @@ def _pipe(a: socket.socket, b: socket.socket, stop: threading.Event) -> None:
 
 
 @contextmanager
-def connect_proxy() -> Iterator[tuple[int, list[str]]]:
-    """Yield (port, targets seen); only loopback targets are tunnelled."""
+def connect_proxy(port: int = 0) -> Iterator[tuple[int, list[str]]]:
+    """Yield (port, targets seen); only loopback targets are tunnelled. ``port`` 0: any free port."""
     server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
     server.listen(8)
     server.settimeout(0.2)
     stop = threading.Event()

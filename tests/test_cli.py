@@ -5,36 +5,41 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import click
 import pytest
 
 from flowerbed.errors import ExitCode
 from tests.conftest import assert_clean_error, run_cli
 
-COMMANDS = [
-    [],
-    ["init"],
-    ["run"],
-    ["demo"],
-    ["certs"],
-    ["certs", "init"],
-    ["certs", "server"],
-    ["certs", "node"],
-    ["certs", "show"],
-    ["superlink"],
-    ["superlink", "start"],
-    ["supernode"],
-    ["supernode", "start"],
-    ["check"],
-    ["check", "firewall"],
-    ["env"],
-    ["env", "conda"],
-    ["kit"],
-    ["kit", "build"],
-    ["kit", "coordinator-unit"],
-    ["bundle"],
-    ["bundle", "wheels"],
-]
+
+def real_commands() -> list[list[str]]:
+    """Every command and group the app really has (a new command cannot escape the checks below)."""
+    import typer.main
+
+    from flowerbed.cli import app
+
+    def walk(group: click.Group, prefix: list[str]) -> list[list[str]]:
+        found = [prefix]
+        for name, command in sorted(group.commands.items()):
+            if isinstance(command, click.Group):
+                found += walk(command, [*prefix, name])
+            else:
+                found.append([*prefix, name])
+        return found
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, click.Group)
+    return walk(root, [])
+
+
+COMMANDS = real_commands()
 DOCS = Path(__file__).parent.parent / "docs" / "cli.md"
+
+
+def test_the_command_list_is_the_apps() -> None:
+    flat = {" ".join(c) for c in COMMANDS}
+    assert {"", "run", "certs show", "supernode start", "superlink start", "kit build", "bundle wheels"} <= flat
+    assert len(flat) >= 22
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "flowerbed")
@@ -79,7 +84,19 @@ def test_init_then_certs_flow(tmp_path: Path) -> None:
     shown = run_cli("certs", "show", "-d", str(fed))
     assert shown.returncode == 0
     flat = " ".join(shown.stdout.split())
-    assert "SHA256:" in flat and "10.0.0.5" in flat and flat.count("node key") == 3
+    assert "10.0.0.5" in flat and flat.count("node key") == 6  # three table rows, three fingerprint lines
+    # Whole fingerprints, each on a line of its own, whatever the terminal's width: compared out of band.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    for kind, name in (("CA", "ca.crt"), ("server", "server.crt")):
+        cert = x509.load_pem_x509_certificate((fed / "pki" / name).read_bytes())
+        assert f"{kind} {name}: SHA256:{cert.fingerprint(hashes.SHA256()).hex(':')}" in shown.stdout.splitlines()
+    narrow = run_cli("certs", "show", "-d", str(fed), env={"COLUMNS": "60"})
+    assert (
+        f"CA ca.crt: SHA256:{x509.load_pem_x509_certificate((fed / 'pki' / 'ca.crt').read_bytes()).fingerprint(hashes.SHA256()).hex(':')}"
+        in narrow.stdout.splitlines()
+    )
     assert_clean_error(
         run_cli("init", str(fed), "--superlink-address", "x.org", "--site", "a"),
         ExitCode.ERROR,
@@ -124,4 +141,16 @@ def test_superlink_start_without_certificates(tmp_path: Path) -> None:
 def test_run_without_superlink(tmp_path: Path) -> None:
     run_cli("init", str(tmp_path), "--superlink-address", "localhost", "--site", "a", "--force")
     assert_clean_error(run_cli("run", "-d", str(tmp_path)), ExitCode.ERROR,
-                       "no SuperLink connection", "flowerbed superlink start")  # fmt: skip
+                       "was never started: start it with `flowerbed superlink start -d")  # fmt: skip
+
+
+def test_messages_print_outside_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
+    """Flower's errors quote TOML tables and fingerprints: neither is rich markup nor an emoji code."""
+    from flowerbed.console import error, info
+
+    error("Invalid Flower App configuration: [tool.flwr.app] is missing", ["[bold]x[/] SHA256:ab:cd:ef"])
+    info("fingerprint SHA256:e9:97:95:25:ab:f3:cd:45")
+    text = capsys.readouterr().err
+    assert "Invalid Flower App configuration: [tool.flwr.app] is missing" in text
+    assert "[bold]x[/] SHA256:ab:cd:ef" in text
+    assert "SHA256:e9:97:95:25:ab:f3:cd:45" in text

@@ -7,16 +7,18 @@ import os
 import shutil
 import subprocess
 import sys
-import venv
+import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flowerbed.deploy import install
 from flowerbed.deploy.bundle import bundle_wheels
 from flowerbed.deploy.condaenv import ROLES, pip_part, render
 from flowerbed.deploy.kit import coordinator_unit, site_unit
-from tests.conftest import run_cli
+from flowerbed.errors import ExitCode, FlowerbedError
+from tests.conftest import assert_clean_error, make_config, make_federation, run_cli
 
 CONDA_DIR = Path(__file__).parent.parent / "deploy" / "conda"
 
@@ -46,7 +48,12 @@ def test_env_file_parses(role: str) -> None:
 
 def test_unknown_role_is_refused() -> None:
     result = run_cli("env", "conda", "--role", "gpu")
-    assert result.returncode == 1 and "unknown role 'gpu'" in result.stderr and "Traceback" not in result.stderr
+    assert_clean_error(
+        result,
+        ExitCode.INVALID_CONFIG,
+        "Invalid value for '--role': 'gpu' is not one of 'superlink', 'supernode-cpu', 'supernode-cuda' (see `flowerbed env conda --help`)",
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def packages(role: str) -> list[str]:
@@ -62,30 +69,48 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     it because this machine reaches only PyPI, where the local CPU torch wheel is found.
     """
     assert packages("superlink") == packages("supernode-cpu")
-    bundle = bundle_wheels(tmp_path / "wheels", torch_index=None)
+    # --platform linux: pip resolves for the target's tags, not this host's (what a coordinator does
+    # for a VM of another Linux); every manylinux tag the target accepts is passed.
+    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11", torch_index=None)
     assert bundle.requirements.read_text().split() == packages("supernode-cpu")
     names = {w.name.split("-")[0].lower() for w in bundle.wheels}
     assert {"flwr", "torch", "flowerbed", "typer", "pydantic"} <= names
-    target = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(target)
-    py = target / "bin" / "python"
-    env = {"PATH": f"{target / 'bin'}:/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
-    install = subprocess.run(
-        [str(py), "-m", "pip", "install", "--no-index", "--find-links", str(bundle.folder),
-         "-r", str(bundle.requirements), *[str(w) for w in bundle.wheels if w.name.startswith("flowerbed-")]],
-        capture_output=True, text=True, timeout=900, env=env, check=False, cwd=tmp_path,
-    )  # fmt: skip
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    # The coordinator's path: the bundle goes into every kit; the site installs from the kit folder
+    # with the one documented command, no index at all.
+    layout = make_federation(tmp_path / "fed", make_config("offline", ["site-x"], min_nodes=1))
+    built = run_cli("kit", "build", "-d", str(layout.root), "--bundle", str(bundle.folder), timeout=600)
+    assert built.returncode == 0, built.stderr
+    vm = tmp_path / "vm"
+    with tarfile.open(layout.root / "kits" / "site-x.tar.gz") as tar:
+        tar.extractall(vm, filter="data")
+    kit = vm / "site-x"
+    assert (kit / "wheels" / "requirements.txt").read_text() == bundle.requirements.read_text()
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
+    # The VM's bare Python 3.11 (this machine's base interpreter, not our venv); the rest as documented.
+    command = install.OFFLINE.replace("python3 -m venv", f"{sys.base_prefix}/bin/python3 -m venv", 1)
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=900, env=env,
+                          check=False, cwd=kit)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    py = kit / ".venv" / "bin" / "python"
     check = subprocess.run(
         [str(py), "-c", "import flwr, torch, flowerbed.clientapp.app, flowerbed.serverapp.app; print(torch.__version__)"],
-        capture_output=True, text=True, timeout=300, env=env, check=False, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, env=env, check=False, cwd=kit,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == "2.13.0+cpu"
-    version = subprocess.run([str(target / "bin" / "flowerbed"), "--version"], capture_output=True, text=True,
-                             timeout=60, env=env, check=False, cwd=tmp_path)  # fmt: skip
+    version = subprocess.run([str(kit / ".venv" / "bin" / "flowerbed"), "--version"], capture_output=True,
+                             text=True, timeout=60, env=env, check=False, cwd=kit)  # fmt: skip
     assert version.stdout.strip() == "flowerbed 0.1.0"
-    assert "pip install --no-index --find-links . -r requirements.txt" in (bundle.folder / "INSTALL.txt").read_text()
+    assert install.OFFLINE in (bundle.folder / "INSTALL.txt").read_text()
+
+
+def test_bundle_for_too_old_a_platform_says_why(tmp_path: Path) -> None:
+    with pytest.raises(FlowerbedError) as info:
+        bundle_wheels(tmp_path / "wheels", platform="manylinux2014_x86_64", torch_index=None)
+    message = info.value.message
+    assert "has no wheel for Python 3.11 on manylinux2014_x86_64" in message
+    assert "torch" in message.split("has no wheel")[0]
+    assert "use --platform linux" in message
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flowerbed.certs.ca import CertificateAuthority
+from flowerbed.deploy import firewall_checklist
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
 from tests.conftest import make_config, make_federation, run_cli
@@ -67,12 +68,60 @@ def test_all_pass_against_the_kit_certificate(fed: FederationLayout) -> None:
     assert "verified against ca.crt; names: localhost, 127.0.0.1" in str(tls["detail"])
     assert "days left" in str(tls["detail"])
     assert by["clock skew"]["status"] == "PASS"
-    assert by["inbound"]["status"] == "PASS"
+    # measured, not assumed: the row agrees with this machine's listeners
+    listeners = firewall_checklist.listening_ports()
+    assert by["inbound"]["status"] == ("PASS" if not listeners else "INFO")
+    assert all(port in str(by["inbound"]["detail"]) for port in listeners or [])
     assert by["proxy"]["detail"] == "no HTTPS_PROXY set: direct connections"
 
 
+def test_inbound_row_is_measured(tmp_path: Path, fed: FederationLayout) -> None:
+    """listening_ports() reads real /proc/net files: loopback listeners are not exposure."""
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    (tmp_path / "tcp").write_text(
+        header
+        + "   0: 0100007F:2384 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1 1\n"  # 127.0.0.1:9092
+        + "   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 2 1\n"  # 0.0.0.0:22
+        + "   2: 0500000A:1F90 0600000A:C350 01 00000000:00000000 00:00000000 00000000 0 0 3 1\n"  # established
+    )
+    (tmp_path / "tcp6").write_text(
+        header + "   0: 00000000000000000000000001000000:2386 00000000000000000000000000000000:0000 0A 0 0 0 0 0 4 1\n"
+    )
+    assert firewall_checklist.listening_ports(tmp_path) == ["22"]
+    (tmp_path / "tcp").write_text(header)
+    assert firewall_checklist.listening_ports(tmp_path) == []
+    assert firewall_checklist.listening_ports(tmp_path / "missing") is None
+    # inside a namespace with nothing but loopback, the real row says PASS
+    if shutil.which("ip") is not None and os.geteuid() == 0:
+        name = f"fb-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        try:
+            result = checklist("--json", prefix=["ip", "netns", "exec", name])
+            assert rows(result)["inbound"]["status"] == "PASS"
+        finally:
+            subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_server_certificate_given_as_ca_is_named(fed: FederationLayout) -> None:
+    """A wrong --ca file is not interception: the message sends the admin to the right file, not another team."""
+    with tls_server(fed.server_cert, fed.server_key) as port:
+        result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.server_cert), "--json")
+    tls = rows(result)[f"tls gateway localhost:{port}"]
+    assert tls["status"] == "FAIL" and "interception" not in str(tls["detail"])
+    assert f"{fed.server_cert} is not a CA certificate: it is a server certificate" in str(tls["detail"])
+    assert "ca.crt from the site kit (not server.crt)" in str(tls["fix"])
+
+
+def test_another_federations_ca_is_named(fed: FederationLayout, tmp_path: Path) -> None:
+    CertificateAuthority.create("other federation CA").write(tmp_path / "other.crt", tmp_path / "other.key")
+    with tls_server(fed.server_cert, fed.server_key) as port:
+        result = checklist("--superlink", f"localhost:{port}", "--ca", str(tmp_path / "other.crt"), "--json")
+    tls = rows(result)[f"tls gateway localhost:{port}"]
+    assert "comes from another flowerbed federation" in str(tls["detail"]) and "interception" not in str(tls["detail"])
+
+
 def test_foreign_certificate_is_reported_as_interception(fed: FederationLayout, tmp_path: Path) -> None:
-    other = CertificateAuthority.create("corporate proxy CA")
+    other = CertificateAuthority.create("corporate proxy CA", organization="Example Corp")
     other.issue_server_cert(["localhost"]).write(tmp_path / "mitm.crt", tmp_path / "mitm.key")
     with tls_server(tmp_path / "mitm.crt", tmp_path / "mitm.key") as port:
         result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert), "--json")
@@ -142,8 +191,18 @@ def test_proxy_that_refuses_is_reported(fed: FederationLayout) -> None:
         env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}"}
         result = checklist("--superlink", "localhost:1", "--json", env=env)
     assert result.returncode == 1
-    row = rows(result)["tcp gateway localhost:1"]
-    assert "via proxy" in str(row["detail"]) and "502" in str(row["detail"])
+    row = rows(result)["proxy tunnel to gateway localhost:1"]
+    assert f"the proxy 127.0.0.1:{proxy_port} refused to open a tunnel to localhost:1" in str(row["detail"])
+    assert "502" in str(row["detail"]) and "allow CONNECT to localhost:1" in str(row["fix"])
+
+
+def test_proxy_that_is_down_is_reported() -> None:
+    dead = free_port()
+    result = checklist("--superlink", "localhost:9092", "--json", env={"HTTPS_PROXY": f"http://127.0.0.1:{dead}"})
+    assert result.returncode == 1
+    row = rows(result)[f"proxy 127.0.0.1:{dead}"]
+    assert row["status"] == "FAIL"
+    assert f"the proxy 127.0.0.1:{dead} (HTTPS_PROXY) is unreachable" in str(row["detail"])
 
 
 def test_allowlist_for_the_it_ticket() -> None:

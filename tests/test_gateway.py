@@ -36,6 +36,9 @@ def request(port: int, ca: Path, method: str, path: str, body: bytes = b"") -> t
         conn.close()
 
 
+RUNTIME_UNAUTHENTICATED = 401
+
+
 @pytest.mark.parametrize(("method", "path"), BLOCKED)
 def test_gateway_blocks_everything_but_fleet(running: RunningFederation, method: str, path: str) -> None:
     status, server = request(running.config.superlink.port, running.layout.ca_cert, method, path)
@@ -51,8 +54,19 @@ def test_loopback_superlink_serves_control_api(running: RunningFederation, metho
 
 
 def test_runtime_api_exists_on_loopback_only(running: RunningFederation) -> None:
-    status, _ = request(running.config.superlink.internal_port, running.layout.ca_cert, *BLOCKED[2])
-    assert status != 404
+    """The Runtime API answers on loopback (and refuses a caller without the executor's secret); the gateway 404s it."""
+    status, server = request(running.config.superlink.internal_port, running.layout.ca_cert, *BLOCKED[2])
+    assert (status, server) == (RUNTIME_UNAUTHENTICATED, "uvicorn")
+    status, server = request(running.config.superlink.port, running.layout.ca_cert, *BLOCKED[2])
+    assert (status, server) == (404, "nginx")
+
+
+def test_gateway_logs_are_where_the_docs_say(running: RunningFederation) -> None:
+    request(running.config.superlink.port, running.layout.ca_cert, "GET", "/nothing-here")
+    access = running.layout.logs / "gateway-access.log"
+    assert access.is_file() and "/nothing-here" in access.read_text()
+    assert (running.layout.logs / "gateway-error.log").is_file()
+    assert "superlink/logs/" in (Path(__file__).parent.parent / "docs" / "quickstart-coordinator.md").read_text()
 
 
 def test_fleet_api_passes_but_needs_node_auth(running: RunningFederation) -> None:
@@ -92,6 +106,7 @@ def test_rendered_config_passes_nginx_t(tmp_path: Path, running: RunningFederati
     gateway.render_config(
         tmp_path, listen_host="127.0.0.1", listen_port=1, upstream_port=2,
         cert=running.layout.server_cert, key=running.layout.server_key, ca=running.layout.ca_cert,
+        logs=tmp_path / "logs",
     )  # fmt: skip
     gateway.validate(nginx, tmp_path)
     conf = (tmp_path / "nginx.conf").read_text()

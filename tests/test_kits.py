@@ -17,6 +17,7 @@ import pytest
 
 from flowerbed.certs.ca import CertificateAuthority
 from flowerbed.config import load_federation
+from flowerbed.deploy import install
 from flowerbed.deploy.kit import build_kits
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
@@ -47,11 +48,15 @@ def digest(data: bytes) -> str:
 def test_kit_contents_and_readme(kitfed: FederationLayout) -> None:
     for site in KIT_SITES:
         folder = kitfed.root / "kits" / site
-        assert {p.name for p in folder.iterdir()} == KIT_FILES | {f"{site}.key", f"{site}.key.pub"}
+        wheel = {p.name for p in folder.glob("flowerbed-*.whl")}
+        assert len(wheel) == 1 and next(iter(wheel)).startswith("flowerbed-0.1.0-")
+        assert {p.name for p in folder.iterdir()} == KIT_FILES | {f"{site}.key", f"{site}.key.pub"} | wheel
         assert (folder / f"{site}.key").stat().st_mode & 0o777 == 0o600
         readme = (folder / "README.md").read_text()
-        for name in KIT_FILES | {f"{site}.key", f"{site}.key.pub"}:
+        for name in KIT_FILES | {f"{site}.key", f"{site}.key.pub"} | wheel:
             assert f"`{name}`" in readme, name
+        # one install path, written the same way everywhere
+        assert install.ONLINE in readme and install.OFFLINE in readme
         site_toml = (folder / "site.toml").read_text()
         assert f'site = "{site}"' in site_toml and 'superlink_address = "localhost"' in site_toml
 
@@ -72,7 +77,7 @@ def test_archives_hold_no_ca_key_and_no_other_site_key(kitfed: FederationLayout)
             found = secrets.get(digest(data))
             assert found is None or found in allowed, f"{name} in {site}'s kit is the {found}"
             assert not name.endswith(("ca.key", "server.key"))
-        assert len(members) == len(KIT_FILES) + 2 == len(zipped)
+        assert len(members) == len(KIT_FILES) + 3 == len(zipped)  # + the key pair and the flowerbed wheel
 
 
 def test_rebuild_reuses_ca_and_keys(kitfed: FederationLayout) -> None:
@@ -202,5 +207,5 @@ def test_coordinator_unit_command(kitfed: FederationLayout) -> None:
 
 
 def test_bundle_refuses_unknown_role(tmp_path: Path) -> None:
-    assert_clean_error(run_cli("bundle", "wheels", "--out", str(tmp_path), "--role", "nope"), ExitCode.ERROR,
-                       "unknown role 'nope'")  # fmt: skip
+    assert_clean_error(run_cli("bundle", "wheels", "--out", str(tmp_path), "--role", "nope"), ExitCode.INVALID_CONFIG,
+                       "Invalid value for '--role': 'nope' is not one of")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -16,8 +17,11 @@ from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.probes import free_port
 from flowerbed.runner import check_result, follow, submit
+from flowerbed.superlink import flwrcli
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
-from tests.conftest import RunningFederation, run_cli
+from tests.conftest import RunningFederation, assert_clean_error, make_config, make_federation, run_cli
+
+SITE_REPORTS: dict[str, list[str]] = {}  # what each site's console showed
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def nodes(running: RunningFederation, tmp_path_factory: pytest.TempPathFactory) 
         spec = SupernodeSpec(site=site, superlink=running.gateway, ca=running.layout.ca_cert,
                              key=running.layout.node_key(site), data=path, workdir=root / site,
                              port=free_port())  # fmt: skip
-        sup = Supervisor(spec)
+        sup = Supervisor(spec, report=SITE_REPORTS.setdefault(site, []).append)
         supervisors.append(sup)
         threads.append(threading.Thread(target=sup.run, args=(stop.is_set,), daemon=True))
         threads[-1].start()
@@ -62,28 +66,58 @@ def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, n
     assert result.rows[0]["stop_reason"].startswith("failed:")
 
 
-def test_flowerbed_run_cli_reaches_max_rounds(running: RunningFederation, nodes: list[Supervisor]) -> None:
+def test_flowerbed_run_cli_reaches_max_rounds(
+    running: RunningFederation, nodes: list[Supervisor], tmp_path: Path
+) -> None:
+    """As a coordinator runs it: from a home folder that holds a `flowerbed/` clone, with a relative -d."""
+    home = tmp_path / "home"
+    clone = home / "flowerbed"
+    clone.mkdir(parents=True)
+    (clone / "pyproject.toml").write_text('[project]\nname = "flowerbed"\n')  # what `git clone` leaves
+    fed = home / "fed"
+    fed.symlink_to(running.layout.root)
     result = run_cli(
-        "run", "-d", str(running.layout.root), "--strategy", "fedprox", "--proximal-mu", "0.1",
-        "--max-rounds", "2", "--min-nodes", "2", "--name", "cli-run", timeout=400,
+        "run", "-d", "fed", "--strategy", "fedprox", "--proximal-mu", "0.1",
+        "--max-rounds", "2", "--min-nodes", "2", "--name", "cli-run", timeout=400, cwd=home,
     )  # fmt: skip
     text = result.stdout + result.stderr
+    flat = " ".join(text.split())
     assert result.returncode == 0, text
-    assert "stopped: max-rounds after 2 rounds" in " ".join(text.split())
+    assert "stopped: max-rounds after 2 rounds" in flat
+    assert "round 0" not in flat
     out = running.layout.runs / "cli-run"
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [(r["round"], r["kind"]) for r in rows] == [(1, "train"), (2, "train"), (3, "final-eval")]
     assert all(r["nodes"] == 2 and r["failures"] == 1 for r in rows)  # the bad site keeps failing
-    assert "does not exist" in rows[0]["errors"][0]
-    assert rows[-1]["stop_reason"] == "max-rounds"
+    assert rows[0]["errors"][0].startswith("site univ-hospital") and "does not exist" in rows[0]["errors"][0]
+    assert rows[1]["stop_reason"] == "max-rounds"
+    assert rows[2]["stop_reason"] == "evaluation of the last model" and rows[2]["eval_accuracy"] is not None
     header = (out / "history.csv").read_text().splitlines()[0]
-    assert header == "round,nodes,failures,train_loss,eval_loss,eval_accuracy,seconds,stop_reason"
+    assert header == "round,kind,nodes,failures,train_loss,eval_loss,eval_accuracy,seconds,stop_reason"
     for name in ("final_model.pt", "metrics.png", "summary.json", "checkpoints/round-0002.pt"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["strategy"] == "fedprox"
-    assert summary["best_round"] in (1, 2, 3)  # round 3 = the final evaluation of the last model
+    # The table: seconds with one decimal, the final evaluation as its own row named "final".
+    assert re.search(r"│ final │ 2 │ 1 │ - │ \d\.\d{4} │ \d\.\d{4} │ \d+\.\d │ evaluation of the last model", flat)
+    assert not re.search(r"│ \d+\.\d{4} │ (max-rounds|evaluation)", flat)
+    where = "the final evaluation of the last model" if summary["best_round"] == 3 else f"round {summary['best_round']}"
+    assert f"best eval accuracy {summary['best_eval_accuracy']:.4f} ({where})" in flat
+
+
+def test_run_with_the_superlink_stopped_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    config = make_config("stopped")
+    layout = make_federation(tmp_path / "fed", config)
+    result = run_cli("run", "-d", str(layout.root), "--name", "first", cwd=tmp_path)
+    assert_clean_error(result, 1, "was never started: start it with `flowerbed superlink start -d")
+    flwrcli.write_connection(layout.flwr_home, f"127.0.0.1:{config.superlink.internal_port}", layout.ca_cert)
+    for _ in range(2):  # the same --name again: nothing was left behind by the first try
+        result = run_cli("run", "-d", "fed", "--name", "first", cwd=tmp_path)
+        assert_clean_error(
+            result, 1, f"the SuperLink is not running (nothing answers on 127.0.0.1:{config.superlink.internal_port})"
+        )
+        assert not (layout.runs / "first").exists()
 
 
 @pytest.mark.parametrize("strategy", ["fedadam", "fedmedian"])
@@ -107,11 +141,36 @@ def test_error_replies_do_not_crash_the_supernode(nodes: list[Supervisor]) -> No
     assert bad.connected
 
 
+def test_each_site_sees_its_own_tasks_and_failures(nodes: list[Supervisor]) -> None:
+    """On the site: each task with its round, what failed on its data and why; a timestamped log."""
+    bad = SITE_REPORTS["univ-hospital"]
+    assert any(m.startswith("connected to ") and " as node " in m for m in bad)
+    assert any(re.fullmatch(r"round 1: received a train task", m) for m in bad), bad
+    failed = [m for m in bad if "train task FAILED on this site's data" in m]
+    assert failed and "does not exist" in failed[0] and re.match(r"round \d+: ", failed[0])
+    good = SITE_REPORTS["inst-a"]
+    assert any(
+        re.fullmatch(
+            r"round \d+: trained on \d+ examples; the global model scored accuracy [\d.]+ on \d+ local validation examples",
+            m,
+        )
+        for m in good
+    ), good
+    assert not any("FAILED" in m for m in good)
+    lines = nodes[2].log_path.read_text().splitlines()
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines)
+
+
 def test_invalid_run_options_are_refused_before_submission(running: RunningFederation) -> None:
-    result = run_cli("run", "-d", str(running.layout.root), "--strategy", "fedprox", "--max-rounds", "1")
+    result = run_cli(
+        "run", "-d", str(running.layout.root), "--strategy", "fedprox", "--max-rounds", "1", "--name", "refused"
+    )  # fmt: skip
     assert result.returncode == ExitCode.INVALID_CONFIG
     assert "proximal_mu > 0" in result.stderr and "Traceback" not in result.stderr
-    assert not (running.layout.runs / "cli-run-2").exists()
+    assert not (running.layout.runs / "refused").exists()
+    result = run_cli("run", "-d", str(running.layout.root), "--min-nodes", "4", "--name", "refused")
+    assert_clean_error(result, ExitCode.INVALID_CONFIG, "run.min_nodes is 4 but only 3 sites are listed")
+    assert not (running.layout.runs / "refused").exists()
 
 
 def test_killed_supernode_is_restarted_and_rejoins(nodes: list[Supervisor]) -> None:

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 from flowerbed.certs.ca import CertificateAuthority
 from flowerbed.certs.nodekeys import NodeKeyPair
+from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode
 from flowerbed.probes import free_port
+from flowerbed.proc import ManagedProcess, child_env
+from flowerbed.runner import check_result, follow, submit
+from flowerbed.superlink import flwrcli
+from flowerbed.supernode.supervisor import Attempt, LogFollower
 from tests.conftest import RunningFederation, assert_clean_error, run_cli
+from tests.connectproxy import connect_proxy
 from tests.tlsserver import tls_server
 
 
@@ -33,7 +46,7 @@ def test_wrong_ca_is_refused(running: RunningFederation, tmp_path: Path) -> None
     args = start_args(running.gateway, tmp_path / "other.crt", running.layout.node_key("inst-a"),
                       running.data.test_file)  # fmt: skip
     result = run_cli(*args)
-    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "is not signed by the federation CA", "other.crt")
+    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "comes from another flowerbed federation", "other.crt")
 
 
 def test_host_name_not_in_certificate_is_refused(running: RunningFederation, tmp_path: Path) -> None:
@@ -54,13 +67,50 @@ def test_clock_ahead_of_superlink_is_refused(running: RunningFederation, tmp_pat
         args = start_args(f"localhost:{port}", running.layout.ca_cert,
                           running.layout.node_key("inst-a"), running.data.test_file)  # fmt: skip
         result = run_cli(*args)
-    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "s ahead of the SuperLink", "sync the clock")
+    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "s ahead of the gateway (limit 5 s)", "sync the clock")
 
 
 def test_closed_port_is_explained(running: RunningFederation) -> None:
     args = start_args(f"127.0.0.1:{free_port()}", running.layout.ca_cert,
                       running.layout.node_key("inst-a"), running.data.test_file)  # fmt: skip
-    assert_clean_error(run_cli(*args), ExitCode.PREFLIGHT_FAILED, "cannot connect to 127.0.0.1:", "firewall")
+    assert_clean_error(
+        run_cli(*args),
+        ExitCode.PREFLIGHT_FAILED,
+        "cannot connect to 127.0.0.1:",
+        "is the SuperLink up?",
+        "allow outbound TCP",
+    )
+
+
+def test_preflight_goes_through_the_sites_proxy(running: RunningFederation, tmp_path: Path) -> None:
+    """A proxy-only site: preflight reaches the gateway as the SuperNode will (CONNECT, then TLS)."""
+    lay = running.layout
+    args = start_args(running.gateway, lay.ca_cert, lay.node_key("inst-a"), running.data.test_file)
+    with connect_proxy() as (proxy_port, seen):
+        env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}", "NO_PROXY": ""}
+        result = run_cli(*args, "--preflight-only", "--workdir", str(tmp_path), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"open via proxy 127.0.0.1:{proxy_port}" in " ".join(result.stdout.split())
+    assert running.gateway in seen
+    dead = free_port()
+    down = run_cli(*args, "--preflight-only", env={"HTTPS_PROXY": f"http://127.0.0.1:{dead}", "NO_PROXY": ""})
+    assert_clean_error(down, ExitCode.PREFLIGHT_FAILED, f"the proxy 127.0.0.1:{dead} (HTTPS_PROXY) is unreachable")
+    with connect_proxy() as (proxy_port, _):  # it tunnels only to loopback: a far port is refused
+        env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}", "NO_PROXY": ""}
+        refused = run_cli(*start_args("localhost:1", lay.ca_cert, lay.node_key("inst-a"), running.data.test_file),
+                          "--preflight-only", env=env)  # fmt: skip
+    assert_clean_error(refused, ExitCode.PREFLIGHT_FAILED, f"the proxy 127.0.0.1:{proxy_port} refused to open a tunnel")
+
+
+def test_kit_processes_never_send_loopback_to_the_proxy() -> None:
+    env = child_env(extra=None)
+    assert {"127.0.0.1", "::1"} <= set(env["NO_PROXY"].split(","))
+    os.environ["NO_PROXY"] = "intranet.example.org"
+    try:
+        merged = child_env()
+    finally:
+        del os.environ["NO_PROXY"]
+    assert merged["NO_PROXY"].split(",")[0] == "intranet.example.org" and "127.0.0.1" in merged["no_proxy"]
 
 
 def test_bad_local_files_are_refused(running: RunningFederation, tmp_path: Path) -> None:
@@ -90,3 +140,79 @@ def test_unregistered_key_stops_with_a_message(running: RunningFederation, tmp_p
     assert time.monotonic() - started < 100
     log = (tmp_path / "work" / "logs" / "supernode.log").read_text()
     assert "Failed to activate SuperNode" in log
+
+
+def test_log_is_read_line_by_line_with_timestamps(tmp_path: Path) -> None:
+    """A real process's output, invalid UTF-8 included: each line once, timestamped, events noticed."""
+    script = (
+        "import sys; sys.stdout.buffer.write(b'\\xff\\xfe not utf-8\\n'); sys.stdout.flush(); "
+        "print('\\x1b[92mINFO \\x1b[0m:      SuperNode ID: 42', flush=True); "
+        "print('flowerbed-task: round 2: received a train task', flush=True); "
+        "print('flowerbed-task: round 2: train task FAILED on this site\\'s data: x', flush=True)"
+    )
+    log = tmp_path / "supernode.log"
+    proc = ManagedProcess("fake supernode", [sys.executable, "-c", script], log, pipe=True).start()
+    assert proc.popen is not None and proc.popen.stdout is not None
+    attempt, seen = Attempt(), []
+    follower = LogFollower(proc.popen.stdout, log, attempt, seen.append, "gw:9092").start()
+    proc.popen.wait(timeout=30)
+    follower.thread.join(timeout=10)
+    assert seen == [
+        "connected to gw:9092 as node 42",
+        "round 2: received a train task",
+        "round 2: train task FAILED on this site's data: x",
+    ]
+    assert attempt.connected and attempt.tasks == 1 and attempt.failed_tasks == 1
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 4 and "\ufffd" in lines[0]
+    assert lines[1].endswith(" INFO :      SuperNode ID: 42")  # colour codes are not kept in the log
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines)
+
+
+def test_site_behind_a_proxy_trains_and_names_the_proxy_when_it_fails(
+    running: RunningFederation, tmp_path: Path
+) -> None:
+    """Only the gateway goes through the proxy (loopback never does); a dead proxy is named, and its return seen."""
+    key = tmp_path / "proxy-site.key"
+    NodeKeyPair.generate("proxy-site").write(key, tmp_path / "proxy-site.key.pub")
+    flwrcli.register_node(running.layout.flwr_home, tmp_path / "proxy-site.key.pub", "proxy-site")
+    proxy_port = free_port()
+    args = start_args(running.gateway, running.layout.ca_cert, key, running.data.site_files["inst-a"],
+                      "--workdir", str(tmp_path / "work"), "--port", str(free_port()), "--site", "proxy-site")  # fmt: skip
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    env = {**os.environ, "HTTPS_PROXY": proxy_url, "HTTP_PROXY": proxy_url, "NO_PROXY": "", "COLUMNS": "200"}
+    lines: list[str] = []
+    stack = contextlib.ExitStack()
+    _, seen = stack.enter_context(connect_proxy(proxy_port))
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "flowerbed"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+
+    def saw(text: str, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(text in " ".join(line.split()) for line in list(lines)):
+                return True
+            time.sleep(0.5)
+        return False
+
+    try:
+        assert saw("connected to", 90), "".join(lines)
+        settings = RunSettings.model_validate(running.config.run.model_dump() | {"min_nodes": 1, "max_rounds": 1})
+        handle = submit(running.layout, settings, name="through-proxy")
+        result = follow(running.layout, handle, timeout_s=240)
+        check_result(result, handle)
+        assert saw("trained on", 10), "".join(lines)
+        assert set(seen) == {running.gateway}, seen  # the SuperNode's own loopback calls never went to the proxy
+        stack.close()  # the proxy goes down
+        assert saw("down since", 90), "".join(lines)
+        assert saw(f"the proxy 127.0.0.1:{proxy_port} (HTTPS_PROXY) is unreachable", 5), "".join(lines)
+        stack.enter_context(connect_proxy(proxy_port))
+        assert saw("is back after", 90), "".join(lines)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        stack.close()
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)

@@ -1,8 +1,8 @@
 # Start this site's flowerbed SuperNode from the kit folder (Windows PowerShell).
-# Before the first start: set data_path in site.toml, and activate the environment that has
-# flowerbed installed (conda activate flowerbed-supernode-cpu), or set $env:FLOWERBED to its path.
+# It uses, in this order: $env:FLOWERBED, the kit's own .venv (the offline install), or `flowerbed`
+# on PATH (conda activate flowerbed-supernode-cpu). Set data_path in site.toml before the first start.
 $ErrorActionPreference = "Stop"
 Set-Location -Path $PSScriptRoot
-$flowerbed = if ($env:FLOWERBED) { $env:FLOWERBED } else { "flowerbed" }
+$flowerbed = if ($env:FLOWERBED) { $env:FLOWERBED } elseif (Test-Path ".venv\Scripts\flowerbed.exe") { ".venv\Scripts\flowerbed.exe" } else { "flowerbed" }
 & $flowerbed supernode start --kit . @args
 exit $LASTEXITCODE

@@ -1,1 +1,1 @@
-"""Top-level commands: init, run, demo (one module each)."""
+"""Every ``flowerbed`` command: one module per command group, wired together in ``flowerbed.cli``."""

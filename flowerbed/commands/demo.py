@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.live import Live
+from rich.text import Text
 
 from flowerbed.commands.run import history_table
 from flowerbed.console import err, info, out, table
@@ -20,9 +21,9 @@ HELP = (
 
 
 def demo(
-    work_dir: Path | None = typer.Option(
-        None, "--work-dir", help="Folder for the throw-away federation (default: a temp folder)."
-    ),
+    work_dir: Annotated[
+        Path | None, typer.Option("--work-dir", help="Folder for the throw-away federation (default: a temp folder).")
+    ] = None,
 ) -> None:
     from flowerbed.demo import run_demo  # torch is imported only when the demo runs
 
@@ -33,7 +34,9 @@ def demo(
             title = f"demo run: {len(rows)} rounds, {time.monotonic() - started:.0f} s elapsed"
             live.update(history_table(rows, title))
 
-        result = run_demo(work_dir, report=lambda m: live.console.print(f"[dim]›[/] {m}"), on_rows=update)
+        result = run_demo(
+            work_dir, report=lambda m: live.console.print(Text.assemble(("›", "dim"), " ", m)), on_rows=update
+        )
     out.print(history_table(result.run.rows, "Federated rounds"))
     out.print(
         table(

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from flowerbed.console import out
-from flowerbed.deploy.condaenv import parse_role, render
+from flowerbed.deploy.condaenv import Role, render
 
 app = typer.Typer(help="Generate environment files for workspace VMs.", no_args_is_help=True)
 
 
 @app.command("conda", help="Print (or write) the conda env file for a role: superlink, supernode-cpu, supernode-cuda.")
 def conda(
-    role: str = typer.Option(..., help="superlink, supernode-cpu or supernode-cuda."),
-    write: Path | None = typer.Option(None, help="Write ROLE.yml into this folder instead of printing."),
+    role: Annotated[Role, typer.Option(help="Which machine the environment is for.")],
+    write: Annotated[Path | None, typer.Option(help="Write ROLE.yml into this folder instead of printing.")] = None,
 ) -> None:
-    text = render(parse_role(role))
+    text = render(role)
     if write is None:
         typer.echo(text, nl=False)
         return

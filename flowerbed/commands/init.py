@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -59,21 +60,23 @@ def create_federation(
 
 
 def init(
-    fed_dir: Path = typer.Argument(..., help="Folder to create the federation in.", file_okay=False),
-    superlink_address: str = typer.Option(
-        ..., "--superlink-address", help="Public DNS name or IP the SuperNodes connect to."
-    ),
-    san: list[str] = typer.Option([], "--san", help="Extra name or IP for the certificate (repeat)."),
-    site: list[str] = typer.Option(..., "--site", help="Participating site name (repeat)."),
-    name: str = typer.Option("", "--name", help="Federation name (default: the folder's name)."),
-    port: int = typer.Option(9092, "--port", help="Public port of the Fleet gateway."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing federation.toml."),
+    fed_dir: Annotated[Path, typer.Argument(help="Folder to create the federation in.", file_okay=False)],
+    superlink_address: Annotated[
+        str, typer.Option("--superlink-address", help="Public DNS name or IP the SuperNodes connect to.")
+    ],
+    site: Annotated[list[str], typer.Option("--site", help="Participating site name (repeat).")],
+    san: Annotated[
+        list[str] | None, typer.Option("--san", help="Extra name or IP for the certificate (repeat).")
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="Federation name (default: the folder's name).")] = "",
+    port: Annotated[int, typer.Option("--port", help="Public port of the Fleet gateway.")] = 9092,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing federation.toml.")] = False,
 ) -> None:
     path = create_federation(
         fed_dir,
         name=name or default_name(fed_dir),
         address=superlink_address,
-        sans=san,
+        sans=san or [],
         sites=site,
         port=port,
         force=force,

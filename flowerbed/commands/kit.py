@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation
 from flowerbed.console import info, out, table
 from flowerbed.deploy.kit import build_kits, coordinator_unit
 from flowerbed.layout import FederationLayout
-from flowerbed.options import FED_DIR
 
 app = typer.Typer(help="Build per-site startup kits and service units.", no_args_is_help=True)
 
 
 @app.command("build", help="Write one startup kit per site into FEDERATION_DIR/kits/ (folder, .tar.gz, .zip).")
 def build(
-    fed_dir: Path = FED_DIR,
-    site: list[str] = typer.Option([], "--site", help="Only these sites (repeat); default: all."),
+    fed_dir: FedDir = Path(),
+    site: Annotated[list[str] | None, typer.Option("--site", help="Only these sites (repeat); default: all.")] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="An offline bundle (`flowerbed bundle wheels --out DIR`) for VMs without package access."),
+    ] = None,
+    wheel: Annotated[
+        Path | None, typer.Option(help="The flowerbed wheel to ship (default: built from this installation).")
+    ] = None,
 ) -> None:
     config = load_federation(fed_dir)
-    kits = build_kits(FederationLayout(fed_dir), config, site or None)
+    kits = build_kits(FederationLayout(fed_dir), config, site or None, wheel=wheel, bundle=bundle, report=info)
     out.print(
         table("Site kits", ["site", "folder", "archives"],
               ([k.site, k.folder, f"{k.tarball.name}, {k.zipfile.name}"] for k in kits))
@@ -32,8 +40,8 @@ def build(
 
 @app.command("coordinator-unit", help="Print a systemd unit that runs `flowerbed superlink start`.")
 def unit(
-    fed_dir: Path = FED_DIR,
-    flowerbed: str = typer.Option("", help="Path of the flowerbed command (default: this one)."),
+    fed_dir: FedDir = Path(),
+    flowerbed: Annotated[str, typer.Option(help="Path of the flowerbed command (default: this one).")] = "",
 ) -> None:
     config = load_federation(fed_dir)
     exe = flowerbed or shutil.which("flowerbed") or "/usr/local/bin/flowerbed"

@@ -4,32 +4,49 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.live import Live
 
-from flowerbed.config import RunSettings, load_federation
+from flowerbed.commands.common import FedDir
+from flowerbed.config import load_federation, resolve
 from flowerbed.console import err, out, table
 from flowerbed.layout import FederationLayout
-from flowerbed.options import FED_DIR
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, submit
-from flowerbed.serverapp.history import PLOT
+from flowerbed.serverapp.history import FINAL_EVAL, PLOT
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 COLUMNS = ["round", "nodes", "failed", "train loss", "eval loss", "eval acc", "s", "stop"]
 
 
+def _round_label(row: dict[str, Any]) -> str:
+    return "final" if row.get("kind") == FINAL_EVAL else str(row["round"])
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
 def history_table(rows: list[dict[str, Any]], title: str) -> Any:
+    """The run table: one row per round, and the final evaluation as its own row."""
     return table(
         title,
         COLUMNS,
         (
-            [r["round"], r["nodes"], r["failures"], r["train_loss"], r["eval_loss"],
-             r["eval_accuracy"], r["seconds"], r["stop_reason"]]
+            [_round_label(r), r["nodes"], r["failures"], r["train_loss"], r["eval_loss"],
+             r["eval_accuracy"], _seconds(r["seconds"]), r["stop_reason"]]
             for r in rows
         ),
     )  # fmt: skip
+
+
+def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> str:
+    """``run 7: round 3 done, 41 s elapsed`` (or waiting for the first round)."""
+    done = [r for r in rows if r.get("kind") != FINAL_EVAL]
+    if not done:
+        return f"run {run_id}: waiting for the first round, {elapsed:.0f} s elapsed"
+    return f"run {run_id}: round {done[-1]['round']} done, {elapsed:.0f} s elapsed"
 
 
 def follow_live(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
@@ -38,49 +55,57 @@ def follow_live(layout: FederationLayout, handle: RunHandle, timeout_s: float) -
     with Live(console=err, refresh_per_second=2, transient=False) as live:
 
         def update(rows: list[dict[str, Any]]) -> None:
-            elapsed = time.monotonic() - started
-            title = f"run {handle.run_id}: round {len(rows)} done, {elapsed:.0f} s elapsed"
-            live.update(history_table(rows, title))
+            live.update(history_table(rows, progress_title(handle.run_id, rows, time.monotonic() - started)))
 
         return follow(layout, handle, on_rows=update, timeout_s=timeout_s)
 
 
+def best_line(run_id: int, summary: dict[str, Any]) -> str:
+    """The one-line result of a finished run."""
+    rounds = summary.get("rounds")
+    line = f"run {run_id} stopped: {summary.get('stop_reason')} after {rounds} rounds"
+    acc = summary.get("best_eval_accuracy")
+    if acc is None:
+        return line + "; no round was evaluated"
+    best = summary.get("best_round")
+    where = (
+        "the final evaluation of the last model"
+        if best is not None and rounds is not None and best > rounds
+        else f"round {best}"
+    )
+    return line + f"; best eval accuracy {acc:.4f} ({where})"
+
+
 def run(
-    fed_dir: Path = FED_DIR,
-    strategy: str | None = typer.Option(None, help="fedavg, fedprox, fedadam or fedmedian."),
-    max_rounds: int | None = typer.Option(None, help="Stop after this many rounds."),
-    min_nodes: int | None = typer.Option(None, help="Fail a round with fewer valid replies."),
-    target_value: float | None = typer.Option(None, help="Stop when the eval metric reaches it."),
-    patience: int | None = typer.Option(None, help="Rounds without eval-loss improvement."),
-    time_budget_s: float | None = typer.Option(None, help="Wall-time budget in seconds."),
-    local_epochs: int | None = typer.Option(None, help="Local epochs per round."),
-    learning_rate: float | None = typer.Option(None, help="Local learning rate."),
-    proximal_mu: float | None = typer.Option(None, help="FedProx mu."),
-    name: str | None = typer.Option(None, help="Run folder name under runs/ (default: timestamp)."),
-    follow_run: bool = typer.Option(True, "--follow/--no-follow", help="Show progress until it stops."),
+    fed_dir: FedDir = Path(),
+    strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam or fedmedian.")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds.")] = None,
+    min_nodes: Annotated[int | None, typer.Option(help="Fail a round with fewer valid replies.")] = None,
+    target_value: Annotated[float | None, typer.Option(help="Stop when the eval metric reaches it.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Rounds without eval-loss improvement.")] = None,
+    time_budget_s: Annotated[float | None, typer.Option(help="Wall-time budget in seconds.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
+    proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name under runs/ (default: timestamp).")] = None,
+    follow_run: Annotated[bool, typer.Option("--follow/--no-follow", help="Show progress until it stops.")] = True,
 ) -> None:
     layout = FederationLayout(fed_dir)
     config = load_federation(fed_dir)
-    overrides = {
-        k: v
-        for k, v in {
+    run_settings = resolve(
+        config.run,
+        {
             "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes,
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
             "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu,
-        }.items()
-        if v is not None
-    }  # fmt: skip
-    settings = RunSettings.model_validate(config.run.model_dump() | overrides)
-    handle = submit(layout, settings, name)
+        },
+    )  # fmt: skip
+    settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
+    handle = submit(layout, settings, name, control_port=config.superlink.internal_port)
     out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
     if not follow_run:
         return
     result = follow_live(layout, handle, settings.time_budget_s + settings.round_timeout_s + 300)
     check_result(result, handle)
-    summary = result.summary
-    out.print(
-        f"run {handle.run_id} stopped: {summary.get('stop_reason')} after {summary.get('rounds')} "
-        f"rounds; best eval accuracy {summary.get('best_eval_accuracy'):.4f} (round "
-        f"{summary.get('best_round')})"
-    )
+    out.print(best_line(handle.run_id, result.summary))
     out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from flowerbed.certs import service
+from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation
-from flowerbed.console import err, info, out, table
+from flowerbed.console import info, out, table, warn
 from flowerbed.layout import FederationLayout
-from flowerbed.options import FED_DIR
 
 app = typer.Typer(help="Create and inspect the federation's CA, certificates and node keys.",
                   no_args_is_help=True)  # fmt: skip
@@ -18,8 +19,8 @@ app = typer.Typer(help="Create and inspect the federation's CA, certificates and
 
 @app.command("init", help="Create the federation CA once (an existing CA is kept).")
 def init(
-    fed_dir: Path = FED_DIR,
-    force: bool = typer.Option(False, "--force", help="Replace an existing CA (invalidates every kit)."),
+    fed_dir: FedDir = Path(),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing CA (invalidates every kit).")] = False,
 ) -> None:
     config = load_federation(fed_dir)
     path = service.init_ca(FederationLayout(fed_dir), config.name, force=force)
@@ -28,7 +29,7 @@ def init(
 
 
 @app.command("server", help="Issue the gateway/SuperLink certificate for every configured name.")
-def server(fed_dir: Path = FED_DIR) -> None:
+def server(fed_dir: FedDir = Path()) -> None:
     config = load_federation(fed_dir)
     layout = FederationLayout(fed_dir)
     names = service.issue_server(layout, config)
@@ -37,34 +38,34 @@ def server(fed_dir: Path = FED_DIR) -> None:
 
 @app.command("node", help="Create a site's node key pair for SuperNode authentication.")
 def node(
-    site: str = typer.Argument(..., help="Site name from federation.toml."),
-    fed_dir: Path = FED_DIR,
-    force: bool = typer.Option(False, "--force", help="Replace the site's existing key."),
+    site: Annotated[str, typer.Argument(help="Site name from federation.toml.")],
+    fed_dir: FedDir = Path(),
+    force: Annotated[bool, typer.Option("--force", help="Replace the site's existing key.")] = False,
 ) -> None:
     config = load_federation(fed_dir)
     path = service.make_node_key(FederationLayout(fed_dir), config, site, force=force)
     out.print(f"created {path} (0600) and {path}.pub")
 
 
-@app.command("show", help="Show certificates and node keys: SANs, fingerprints, expiry.")
-def show(fed_dir: Path = FED_DIR) -> None:
+@app.command("show", help="Show certificates and node keys: SANs, full SHA-256 fingerprints, expiry.")
+def show(fed_dir: FedDir = Path()) -> None:
     config = load_federation(fed_dir)
     rows = service.show(FederationLayout(fed_dir), config)
     out.print(
         table(
             "Federation PKI",
-            ["kind", "subject", "SANs", "fingerprint", "not after", "days left", "warning"],
+            ["kind", "subject", "SANs", "not after", "days left", "warning"],
             (
-                [r.kind, r.subject, ", ".join(r.sans), r.fingerprint,
+                [r.kind, r.subject, ", ".join(r.sans),
                  r.not_after.date().isoformat() if r.not_after else None, r.days_left, r.warning]
                 for r in rows
             ),
         )
     )  # fmt: skip
+    # Whole fingerprints, one per line, never cut by the terminal's width: they are compared out of band.
+    for r in rows:
+        out.print(f"{r.kind} {r.path.name}: {r.fingerprint}", soft_wrap=True)
     for r in rows:
         if r.warning:
-            err.print(
-                f"[yellow]warning:[/] {r.kind} {r.path}: {r.warning}; run `flowerbed certs server`"
-                if r.kind == "server"
-                else f"[yellow]warning:[/] {r.kind} {r.path}: {r.warning}"
-            )
+            fix = "; run `flowerbed certs server`" if r.kind == "server" else ""
+            warn(f"{r.kind} {r.path}: {r.warning}{fix}")
