@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,3 +152,21 @@ def show(layout: FederationLayout, config: FederationConfig) -> list[CertInfo]:
     if not rows:
         raise FlowerbedError(f"no certificates in {layout.root}: run `flowerbed certs init`")
     return rows
+
+
+def renew_server(layout: FederationLayout, config: FederationConfig) -> tuple[list[str], int | None]:
+    """Re-issue the gateway certificate from the same CA (sites keep their kits: they trust the CA).
+
+    A running gateway (nginx) is told to reload it at once (SIGHUP): returns the names and its pid.
+    """
+    names = issue_server(layout, config)
+    pid: int | None = None
+    if layout.pidfile.is_file():
+        pids = json.loads(layout.pidfile.read_text(encoding="utf-8")).get("processes", {})
+        pid = pids.get("gateway (nginx)")
+        if pid is not None:
+            try:
+                os.kill(int(pid), signal.SIGHUP)  # nginx re-reads its config and certificate files
+            except ProcessLookupError:
+                pid = None
+    return names, pid

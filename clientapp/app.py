@@ -41,6 +41,7 @@ def _load(context: Context, settings: RunSettings) -> SiteData:
         str(context.node_config.get("data-path", "")),
         num_features=settings.num_features if settings.model == "mlp" else None,
         num_classes=settings.num_classes,
+        class_names=settings.class_name_list(),
         image_size=settings.image_size,
         validation_fraction=settings.validation_fraction,
         seed=settings.seed,

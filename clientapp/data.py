@@ -67,13 +67,47 @@ def read_csv(path: Path, num_features: int | None = None) -> tuple[np.ndarray, n
     return x, np.asarray(targets, dtype=np.int64)
 
 
-def read_image_folders(root: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images from ``root/CLASS/*.png`` resized to a square RGB array; classes sorted by name."""
+def _has_images(folder: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir())
+
+
+def image_classes(root: Path, num_classes: int, class_names: list[str] | None) -> list[str]:
+    """The label of each class folder, by a rule every site shares.
+
+    With the run's ``class-names``, label i is the i-th name: a site may lack a class, and an empty
+    extra folder is ignored, but a folder of images that is not a class of the run is refused.
+    Without them, labels follow the sorted folder names, so a site must have exactly
+    ``num-classes`` folders: one extra folder (even an empty ``0-unsorted/``) would shift every label.
+    """
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_names:
+        unknown = [name for name in found if name not in class_names and _has_images(root / name)]
+        if unknown:
+            raise DataError(
+                f"{root}: folder(s) {', '.join(unknown)} are not classes of this run "
+                f"(class-names: {', '.join(class_names)}): move them out of the data folder"
+            )
+        return list(class_names)
+    if len(found) != num_classes:
+        raise DataError(
+            f"{root}: has {len(found)} class folders ({', '.join(found) or 'none'}), the run expects "
+            f"{num_classes} (num-classes); labels follow the sorted folder names, so every site needs the "
+            "same folders: remove the extra ones, or name the classes with class-names in the run config"
+        )
+    return found
+
+
+def read_image_folders(
+    root: Path, image_size: int, *, num_classes: int, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images from ``root/CLASS/*.png`` resized to a square RGB array; labels by :func:`image_classes`."""
     from PIL import Image, UnidentifiedImageError
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = image_classes(root, num_classes, class_names)
     images, labels = [], []
     for label, name in enumerate(classes):
+        if not (root / name).is_dir():
+            continue  # this site has no examples of that class
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -105,6 +139,7 @@ def load_site_data(
     num_features: int | None,
     num_classes: int,
     image_size: int,
+    class_names: list[str] | None = None,
     validation_fraction: float,
     seed: int,
 ) -> SiteData:
@@ -119,7 +154,7 @@ def load_site_data(
         x, y = read_csv(csv_file, num_features)
         kind = "csv"
     elif path.is_dir():
-        x, y, _ = read_image_folders(path, image_size)
+        x, y, _ = read_image_folders(path, image_size, num_classes=num_classes, class_names=class_names)
         kind = "images"
     else:
         raise DataError(f"{path}: not a CSV file nor a folder of class sub-folders")

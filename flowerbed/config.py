@@ -130,6 +130,9 @@ class RunSettings(_Model):
     num_features: int = Field(30, ge=1, description="CSV feature columns (mlp)")
     num_classes: int = Field(2, ge=2)
     image_size: int = Field(32, ge=8, le=512, description="Side of resized images (cnn)")
+    class_names: str = Field(
+        "", description="Image classes in label order, comma-separated (default: sorted folder names)"
+    )
     hidden_units: int = Field(32, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 42
@@ -138,10 +141,18 @@ class RunSettings(_Model):
     def _consistent(self) -> RunSettings:
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("strategy 'fedprox' needs proximal_mu > 0 (e.g. 0.1)")
+        names = self.class_name_list()
+        if names is not None and (len(names) != self.num_classes or len(set(names)) != len(names)):
+            raise ValueError(f"class_names must list num_classes={self.num_classes} distinct names, got {names}")
         target = self.target_value
         if target is not None and self.target_metric == "accuracy" and not 0 < target <= 1:
             raise ValueError("target_value for accuracy must be in (0, 1]")
         return self
+
+    def class_name_list(self) -> list[str] | None:
+        """``class_names`` as a list (None when not set)."""
+        names = [n.strip() for n in self.class_names.split(",") if n.strip()]
+        return names or None
 
     def to_run_config(self) -> dict[str, Any]:
         """Flower run-config (kebab-case keys; ``None`` values are left out)."""

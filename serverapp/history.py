@@ -37,6 +37,7 @@ class RoundRow:
     stop_reason: str = ""
     errors: list[str] = field(default_factory=list)
     kind: str = TRAIN
+    sites: list[str] = field(default_factory=list)  # the sites whose valid replies made this round
 
 
 class History:

@@ -67,6 +67,15 @@ class SiteNames:
             if isinstance(site, str) and site:
                 self.by_node[node_id] = site
 
+    def names(self, replies: list[Message], messages: list[Message]) -> list[str]:
+        """The site names of valid ``replies`` (sorted; unknown nodes by id)."""
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        found = []
+        for reply in replies:
+            node_id = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            found.append(self.by_node.get(node_id, f"node {node_id}"))
+        return sorted(found)
+
     def name(self, node_id: int) -> str:
         site = self.by_node.get(node_id)
         return f"site {site} (node {node_id})" if site else f"node {node_id} (site not known yet)"
@@ -152,6 +161,7 @@ def run_rounds(
                 seconds=round(clock() - t0, 2),
                 stop_reason=reason or "",
                 errors=errors,
+                sites=sites.names(valid, messages),
             )
         )
         history.checkpoint(server_round, arrays.to_torch_state_dict())

@@ -18,7 +18,7 @@ from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, stop_all
-from flowerbed.superlink import flwrcli, gateway
+from flowerbed.superlink import flwrcli, gateway, sites
 
 FLOWER_HINT = "reinstall flowerbed in this environment (`pip install flowerbed`), it brings Flower"
 Report = Callable[[str], None]
@@ -59,7 +59,9 @@ def _check_pki(layout: FederationLayout) -> None:
             raise FlowerbedError(f"{path} is missing: run `{fix}` first")
     cert = read_cert(layout.server_cert)
     if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
-        raise FlowerbedError(f"the server certificate {layout.server_cert} has expired: run `flowerbed certs server`")
+        raise FlowerbedError(
+            f"the server certificate {layout.server_cert} has expired: run `flowerbed certs renew-server`"
+        )
 
 
 def _secret(layout: FederationLayout) -> None:
@@ -165,14 +167,19 @@ def start_stack(
 
 
 def register_sites(layout: FederationLayout, config: FederationConfig, report: Report) -> list[str]:
-    """Register every site's public node key that the SuperLink does not know yet."""
+    """Register every site's public node key that the SuperLink does not know yet; unregister revoked ones."""
+    for name in sites.unregister_pending(layout):
+        report(f"unregistered the node key of revoked site {name}")
+    revoked = {name for name, entry in sites.load_registry(layout).items() if entry.get("revoked")}
     registered = []
     for site in config.sites:
+        if site.name in revoked:
+            continue
         pub = layout.node_pub(site.name)
         if not pub.is_file():
-            report(f"site {site.name}: no node key yet ({pub}); run `flowerbed certs node {site.name}`")
+            report(f"site {site.name}: no node key yet ({pub}); run `flowerbed kit build --site {site.name}`")
             continue
-        if flwrcli.register_node(layout.flwr_home, pub, site.name):
+        if sites.register(layout, site.name) is not None:
             report(f"registered node key of site {site.name}")
         registered.append(site.name)
     return registered

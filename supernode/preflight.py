@@ -110,10 +110,7 @@ def _explain_verify_error(
         )
     if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
         when = peer.not_valid_after_utc.date().isoformat() if peer else "?"
-        return (
-            f"the gateway's certificate expired on {when}: "
-            "ask the coordinator to run `flowerbed certs server` and restart the SuperLink"
-        )
+        return f"the gateway's certificate expired on {when}: ask the coordinator to run `flowerbed certs renew-server`"
     # A wrong --ca file, another federation's gateway, or TLS interception: the checklist tells them apart.
     der = peer.public_bytes(serialization.Encoding.DER) if peer else b""
     row = explain_untrusted("TLS", host, port, ca, decode_der(der) if der else {})

@@ -170,6 +170,12 @@ class Supervisor:
         return self.spec.workdir / "logs" / "supernode.log"
 
     def _start(self) -> tuple[ManagedProcess, LogFollower]:
+        for path, what in ((self.spec.key, "node key"), (self.spec.ca, "CA certificate")):
+            if not path.is_file():  # gone since preflight: a restart would only crash in a loop
+                raise FlowerbedError(
+                    f"the {what} {path} is gone: restore it from the site kit and start again",
+                    exit_code=ExitCode.PREFLIGHT_FAILED,
+                )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         proc = ManagedProcess(
             name=f"flower-supernode ({self.spec.site})",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def run_cli(
         cwd=cwd,
         check=False,
     )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.5) -> bool:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass (bounded in time)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:

@@ -154,3 +154,20 @@ def test_messages_print_outside_text_literally(capsys: pytest.CaptureFixture[str
     assert "Invalid Flower App configuration: [tool.flwr.app] is missing" in text
     assert "[bold]x[/] SHA256:ab:cd:ef" in text
     assert "SHA256:e9:97:95:25:ab:f3:cd:45" in text
+
+
+@pytest.mark.parametrize("form", ["default", "dot", "relative", "absolute"])
+def test_federation_folder_in_every_form(tmp_path: Path, form: str) -> None:
+    """`-d` left out (= `.`), `-d .`, a relative `-d` and an absolute one all reach the same folder."""
+    fed = tmp_path / "fed"
+    assert run_cli("init", str(fed), "--superlink-address", "localhost", "--site", "a").returncode == 0
+    where = {"default": ([], fed), "dot": (["-d", "."], fed), "relative": (["-d", "fed"], tmp_path),
+             "absolute": (["-d", str(fed)], tmp_path / "elsewhere")}  # fmt: skip
+    args, cwd = where[form]
+    cwd.mkdir(exist_ok=True)
+    for command in (["certs", "init"], ["certs", "server"], ["kit", "build"], ["certs", "show"]):
+        result = run_cli(*command, *args, cwd=cwd, timeout=300)
+        assert result.returncode == 0, (command, result.stderr)
+    assert (fed / "kits" / "a.tar.gz").is_file()
+    assert f"issued {fed / 'pki' / 'server.crt'}" not in result.stdout  # (show prints no issue line)
+    assert "ca.crt: SHA256:" in result.stdout

@@ -82,8 +82,51 @@ def test_image_folders_train_a_cnn(tmp_path: Path) -> None:
     assert evaluate(model, data.validation).accuracy == 1.0  # type: ignore[attr-defined]
 
 
+def images(root: Path, classes: dict[str, int]) -> Path:
+    """Real PNG files: ``count`` images per class folder (0 makes an empty folder)."""
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.full((4, 4, 3), 40 * i, dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_an_extra_class_folder_never_shifts_labels(tmp_path: Path) -> None:
+    """An empty `0-unsorted/` would sort first and move every label by one: refused, or ignored by name."""
+    site = images(tmp_path / "site", {"0-unsorted": 0, "benign": 3, "malignant": 3})
+    with pytest.raises(DataError, match=r"has 3 class folders \(0-unsorted, benign, malignant\), the run expects 2"):
+        load(site, num_features=None)
+    named = load_site_data(str(site), num_features=None, num_classes=2, image_size=8, validation_fraction=0.2,
+                           seed=0, class_names=["benign", "malignant"])  # fmt: skip
+    labels = torch.cat([named.train.tensors[1], named.validation.tensors[1]])  # type: ignore[attr-defined]
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    # a site with only one of the classes keeps the run's labels
+    only = images(tmp_path / "only", {"malignant": 4})
+    one = load_site_data(str(only), num_features=None, num_classes=2, image_size=8, validation_fraction=0.25,
+                         seed=0, class_names=["benign", "malignant"])  # fmt: skip
+    assert set(torch.cat([one.train.tensors[1], one.validation.tensors[1]]).tolist()) == {1}  # type: ignore[attr-defined]
+    # a folder of images that is not a class of the run is refused
+    images(tmp_path / "site", {"atypical": 2})
+    with pytest.raises(
+        DataError, match=r"folder\(s\) atypical are not classes of this run \(class-names: benign, malignant\)"
+    ):
+        load_site_data(str(site), num_features=None, num_classes=2, image_size=8, validation_fraction=0.2,
+                       seed=0, class_names=["benign", "malignant"])  # fmt: skip
+
+
+def test_class_names_must_match_num_classes() -> None:
+    from pydantic import ValidationError
+
+    from flowerbed.config import RunSettings
+
+    assert RunSettings.model_validate({"class_names": "benign, malignant"}).class_name_list() == ["benign", "malignant"]
+    with pytest.raises(ValidationError, match="class_names must list num_classes=2 distinct names"):
+        RunSettings.model_validate({"class_names": "a,b,c"})
+
+
 def test_unreadable_image_is_named(tmp_path: Path) -> None:
     (tmp_path / "cls").mkdir()
+    (tmp_path / "other").mkdir()
     (tmp_path / "cls" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"broken.png: not a readable image"):
         load(tmp_path, num_features=None)

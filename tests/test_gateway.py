@@ -90,7 +90,7 @@ def test_every_site_key_is_registered(running: RunningFederation) -> None:
     assert running.stack.registered == ["inst-a", "inst-b", "univ-hospital"]
     assert len(flwrcli.list_nodes(running.layout.flwr_home)) == 3
     # registering again is not an error (state survives restarts)
-    assert flwrcli.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is False
+    assert flwrcli.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is None
 
 
 def test_superlink_binds_loopback_only(running: RunningFederation) -> None:

@@ -141,9 +141,17 @@ def test_kit_checks_refuse_clearly(kitfed: FederationLayout, tmp_path: Path) -> 
                        "the gateway certificate (server.crt) expired on")  # fmt: skip
     (folder / "server.crt").write_bytes(saved)
 
+    (folder / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\ntruncated\n")
+    assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
+                       "ca.crt (the federation CA) is damaged, not a PEM certificate", "unpack the whole")  # fmt: skip
     (folder / "ca.crt").unlink()
     assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
-                       "ca.crt is missing from")  # fmt: skip
+                       "ca.crt is missing from", "the kit is incomplete")  # fmt: skip
+    (folder / "site.toml").rename(folder / "site.toml.bak")
+    truncated = run_cli("supernode", "start", "--kit", str(folder))
+    assert_clean_error(truncated, ExitCode.ERROR, "site.toml does not exist: the kit is incomplete: unpack the whole")
+    assert "flowerbed init" not in truncated.stderr  # the coordinator's command means nothing to a site
+    (folder / "site.toml.bak").rename(folder / "site.toml")
     (folder / "site.toml").write_text(toml + "\nunknown = 1\n")
     assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.INVALID_CONFIG,
                        "unknown: Extra inputs are not permitted")  # fmt: skip

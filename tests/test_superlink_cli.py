@@ -7,20 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from flowerbed.probes import tcp_open
-from tests.conftest import make_config, make_federation
-
-
-def wait_for(predicate: object, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.5)
-    return False
+from tests.conftest import make_config, make_federation, wait_for
 
 
 def pid_alive(pid: int) -> bool:
@@ -78,6 +68,26 @@ def test_second_start_on_same_ports_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"port {config.superlink.internal_port} on 127.0.0.1 is in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_gateway_port_held_by_another_process_is_refused(tmp_path: Path) -> None:
+    """A TCP probe would be answered by the other process: refuse before start, never claim "up"."""
+    import socket
+
+    config = make_config("held")
+    layout = make_federation(tmp_path / "fed", config)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", config.superlink.port))
+        sock.listen(1)
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "flowerbed"), "superlink", "start"],
+            capture_output=True, text=True, timeout=120, check=False, cwd=layout.root,  # the default -d .
+        )  # fmt: skip
+    flat = " ".join(result.stderr.split())
+    assert result.returncode == 1, result.stderr
+    assert f"port {config.superlink.port} on 127.0.0.1 is already in use by another process" in flat
+    assert "is up" not in result.stdout and "Traceback" not in flat
+    assert not layout.pidfile.exists()
 
 
 def test_nginx_location_override_is_checked(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation
 from flowerbed.console import info, out, table, warn
 from flowerbed.layout import FederationLayout
+from flowerbed.superlink import sites
 
 app = typer.Typer(help="Create and inspect the federation's CA, certificates and node keys.",
                   no_args_is_help=True)  # fmt: skip
@@ -67,5 +68,29 @@ def show(fed_dir: FedDir = Path()) -> None:
         out.print(f"{r.kind} {r.path.name}: {r.fingerprint}", soft_wrap=True)
     for r in rows:
         if r.warning:
-            fix = "; run `flowerbed certs server`" if r.kind == "server" else ""
+            fix = "; run `flowerbed certs renew-server`" if r.kind == "server" else ""
             warn(f"{r.kind} {r.path}: {r.warning}{fix}")
+
+
+@app.command("revoke", help="Unregister a site's node key at once; it stays refused after restarts.")
+def revoke(
+    site: Annotated[str, typer.Argument(help="Site name.")],
+    fed_dir: FedDir = Path(),
+) -> None:
+    node_id, now = sites.revoke_site(FederationLayout(fed_dir), site)
+    if now:
+        out.print(f"revoked {site}: the SuperLink refuses node {node_id} from now on; its key is in nodes/revoked/")
+    else:
+        out.print(f"revoked {site}: its key is in nodes/revoked/; the SuperLink unregisters it when it starts")
+
+
+@app.command("renew-server", help="Re-issue the gateway certificate from the same CA; sites keep their kits.")
+def renew_server(fed_dir: FedDir = Path()) -> None:
+    config = load_federation(fed_dir)
+    layout = FederationLayout(fed_dir)
+    names, pid = service.renew_server(layout, config)
+    out.print(f"issued {layout.server_cert} for: {', '.join(names)}")
+    if pid is not None:
+        out.print(f"the running gateway (pid {pid}) serves it now; the loopback SuperLink reads it at its next start")
+    else:
+        info("the coordinator is not running: `flowerbed superlink start` uses the new certificate")
