@@ -261,8 +261,9 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
                 Row(
                     "tls " + name,
                     FAIL,
-                    f"the certificate does not name {host!r} (it names: {_names(peer)})",
-                    "connect with one of those names, or ask the coordinator to add this one",
+                    f"the gateway's certificate does not name {host!r} (it names: {_names(peer)})",
+                    "connect with one of those names, or ask the coordinator to add it (`--san`, then "
+                    "`flowerbed certs renew-server`)",
                 ),
             ]
         if exc.verify_code == 10:
@@ -271,8 +272,8 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
                 Row(
                     "tls " + name,
                     FAIL,
-                    "the certificate has expired ({})".format(peer.get("notAfter", "?")),
-                    "ask the coordinator to run `flowerbed certs server`",
+                    "the gateway's certificate expired on {}".format(peer.get("notAfter", "?")),
+                    "ask the coordinator to run `flowerbed certs renew-server`",
                 ),
             ]
         return [*rows, explain_untrusted("tls " + name, host, port, ca, peer)]

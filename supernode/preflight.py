@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import os
-import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.nodekeys import load_private_key
-from flowerbed.certs.service import cert_sans, read_cert
-from flowerbed.deploy.firewall_checklist import (
-    FAIL,
-    PASS,
-    HopError,
-    check_clock,
-    decode_der,
-    explain_untrusted,
-    open_connection,
-    proxy_for,
-)
+from flowerbed.certs.service import read_cert
+from flowerbed.deploy.firewall_checklist import FAIL, PASS, check_gateway
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.supernode.supervisor import SupernodeSpec
 
@@ -80,69 +66,23 @@ def check_key(key: Path) -> Check:
     return Check("node key", True, f"{key} (mode 600)")
 
 
-def _peer_cert(host: str, port: int, timeout_s: float, proxy: tuple[str, int] | None) -> x509.Certificate | None:
-    """The server's certificate without verification (to explain a failed verification)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            open_connection(host, port, timeout_s, proxy) as raw,
-            ctx.wrap_socket(raw, server_hostname=host) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except OSError:
-        return None
-    return x509.load_der_x509_certificate(der) if der else None
-
-
-def _explain_verify_error(
-    exc: ssl.SSLCertVerificationError, host: str, port: int, ca: Path, proxy: tuple[str, int] | None
-) -> str:
-    code = exc.verify_code
-    peer = _peer_cert(host, port, 5.0, proxy)
-    # X509_V_ERR_HOSTNAME_MISMATCH (62) and X509_V_ERR_IP_ADDRESS_MISMATCH (64)
-    if code in (62, 64) or "mismatch" in str(exc.verify_message).lower():
-        names = ", ".join(cert_sans(peer)) if peer else "unknown"
-        return (
-            f"the gateway's certificate does not name {host!r} (it names: {names}): connect with one "
-            "of those names, or ask the coordinator to add it with `flowerbed certs server`"
-        )
-    if code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
-        when = peer.not_valid_after_utc.date().isoformat() if peer else "?"
-        return f"the gateway's certificate expired on {when}: ask the coordinator to run `flowerbed certs renew-server`"
-    # A wrong --ca file, another federation's gateway, or TLS interception: the checklist tells them apart.
-    der = peer.public_bytes(serialization.Encoding.DER) if peer else b""
-    row = explain_untrusted("TLS", host, port, ca, decode_der(der) if der else {})
-    return f"{row.detail}: {row.fix}"
-
-
 def check_tls(host: str, port: int, ca: Path, timeout_s: float = 10.0) -> tuple[Check, Check]:
-    """Reach (through HTTPS_PROXY when it applies, as the SuperNode connects), a verified TLS
-    handshake and the clock skew against the gateway's Date header. A failure names its hop."""
-    proxy = proxy_for(host)
-    via = f" via proxy {proxy[0]}:{proxy[1]}" if proxy else ""
-    try:
-        raw = open_connection(host, port, timeout_s, proxy)
-    except HopError as exc:
-        hint = " (is the SuperLink up?)" if exc.hop == "tcp" else ""
-        return Check("reach", False, f"{exc.message}{hint}: {exc.fix}"), Check("TLS", False, "not tried")
-    reach = Check("reach", True, f"TCP {host}:{port} open{via}")
-    ctx = ssl.create_default_context(cafile=str(ca))
-    try:
-        with raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            head = tls.recv(4096).decode("latin-1")
-            received = time.time()
-    except ssl.SSLCertVerificationError as exc:
-        return reach, Check("TLS", False, _explain_verify_error(exc, host, port, ca, proxy))
-    except (ssl.SSLError, OSError) as exc:
-        return reach, Check("TLS", False, f"TLS handshake with {host}:{port}{via} failed: {exc}")
+    """Reach and a verified TLS handshake with the clock skew, as the firewall checklist checks them.
+
+    One implementation for both (deploy/firewall_checklist.py must stay a standalone stdlib file,
+    so this module imports it): through ``HTTPS_PROXY`` when one applies, as the SuperNode
+    connects, with each failure naming its hop and a wrong CA file told apart from interception.
+    """
+    rows = check_gateway(host, port, ca, timeout_s)
+    if rows[0].status == FAIL:
+        return Check("reach", False, f"{rows[0].detail}: {rows[0].fix}"), Check("TLS", False, "not tried")
+    reach = Check("reach", True, f"TCP {host}:{port} {rows[0].detail}")
+    failed = next((r for r in rows[1:] if r.status == FAIL), None)
+    if failed is not None:
+        return reach, Check("TLS", False, f"{failed.detail}: {failed.fix}")
     detail = f"verified against {ca.name}"
-    clock = check_clock(head, received)
-    if clock.status == FAIL:
-        return reach, Check("TLS", False, f"{clock.detail}: {clock.fix} and start again")
-    if clock.status == PASS:
+    clock = next((r for r in rows if r.check == "clock skew" and r.status == PASS), None)
+    if clock is not None:
         detail += f", clock skew {clock.detail.split(' ')[0]} s"
     return reach, Check("TLS", True, detail)
 

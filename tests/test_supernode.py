@@ -59,6 +59,22 @@ def test_host_name_not_in_certificate_is_refused(running: RunningFederation, tmp
     assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "does not name '127.0.0.1' (it names: link.example.org)")
 
 
+def test_expired_gateway_certificate_is_named(running: RunningFederation, tmp_path: Path) -> None:
+    import datetime as dt
+
+    ca = CertificateAuthority.load(running.layout.ca_cert, running.layout.ca_key)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    ca.issue_server_cert(["localhost"], not_before=past, not_after=past + dt.timedelta(days=1)).write(
+        tmp_path / "old.crt", tmp_path / "old.key"
+    )
+    with tls_server(tmp_path / "old.crt", tmp_path / "old.key") as port:
+        args = start_args(f"localhost:{port}", running.layout.ca_cert,
+                          running.layout.node_key("inst-a"), running.data.test_file)  # fmt: skip
+        result = run_cli(*args, "--preflight-only")
+    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "the gateway's certificate expired on",
+                       "ask the coordinator to run `flowerbed certs renew-server`")  # fmt: skip
+
+
 def test_clock_ahead_of_superlink_is_refused(running: RunningFederation, tmp_path: Path) -> None:
     ca = CertificateAuthority.load(running.layout.ca_cert, running.layout.ca_key)
     ca.issue_server_cert(["localhost"]).write(tmp_path / "s.crt", tmp_path / "s.key")
@@ -77,7 +93,7 @@ def test_closed_port_is_explained(running: RunningFederation) -> None:
         run_cli(*args),
         ExitCode.PREFLIGHT_FAILED,
         "cannot connect to 127.0.0.1:",
-        "is the SuperLink up?",
+        "ask the coordinator whether it runs",
         "allow outbound TCP",
     )
 
@@ -90,7 +106,7 @@ def test_preflight_goes_through_the_sites_proxy(running: RunningFederation, tmp_
         env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}", "NO_PROXY": ""}
         result = run_cli(*args, "--preflight-only", "--workdir", str(tmp_path), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"open via proxy 127.0.0.1:{proxy_port}" in " ".join(result.stdout.split())
+    assert f"reachable via proxy 127.0.0.1:{proxy_port}" in " ".join(result.stdout.split())
     assert running.gateway in seen
     dead = free_port()
     down = run_cli(*args, "--preflight-only", env={"HTTPS_PROXY": f"http://127.0.0.1:{dead}", "NO_PROXY": ""})

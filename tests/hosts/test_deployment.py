@@ -164,7 +164,7 @@ def test_from_nothing_to_a_converged_run_on_three_hosts(tmp_path: Path) -> None:
                     cwd = run_block(site, block, cwd, substitute={"inst-a": site.name})
         for name, proc in supernodes.items():
             assert proc.saw(f"connected to {GATEWAY}:9092 as node", 180), f"{name}:\n{proc.text()}"
-        assert "open via proxy proxy.example.org:3128" in " ".join(supernodes["inst-b"].text().split())
+        assert "reachable via proxy proxy.example.org:3128" in " ".join(supernodes["inst-b"].text().split())
 
         # The run, as the coordinator's page says, converges.
         run = [b for b in coordinator_doc if b.section.startswith("5.")]
