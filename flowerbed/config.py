@@ -121,6 +121,11 @@ class RunSettings(_Model):
     time_budget_s: float = Field(3600, gt=0)
     round_timeout_s: float = Field(300, gt=0)
     node_wait_s: float = Field(300, gt=0, description="How long to wait for min_nodes to connect")
+    site_absence_tolerance_s: float = Field(
+        600, ge=0, description="How long a round short of min_nodes waits for absent sites before the run fails"
+    )
+    absence_retry_s: float = Field(15, gt=0, description="Pause before a round short of absent sites is retried")
+    keep_checkpoints: int = Field(3, ge=0, description="Round checkpoints kept (the last N); best.pt is always kept")
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.01, gt=0)

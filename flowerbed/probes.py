@@ -34,9 +34,19 @@ def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free on ``host`` right now (held together while chosen, so never equal)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def presents_certificate(host: str, port: int, ca: Path, cert_der: bytes, timeout_s: float = 2.0) -> bool:

@@ -33,8 +33,10 @@ def main(grid: Grid, context: Context) -> None:
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
-        # Flower marks a run whose replies all errored as completed: fail it ourselves.
-        raise SystemExit(f"flowerbed run failed: {exc}") from None
+        # Flower marks a run whose replies all errored as completed: fail it ourselves. An Exception
+        # (not SystemExit, which flwr's run_serverapp does not catch) sets the run's status at once,
+        # instead of when the task heartbeat expires a minute later.
+        raise RuntimeError(f"flowerbed run failed: {exc}") from None
     summary.update(
         status="completed",
         stop_reason=outcome.stop_reason,

@@ -18,6 +18,8 @@ FINAL_MODEL = "final_model.pt"
 PLOT = "metrics.png"
 TRAIN = "train"
 FINAL_EVAL = "final-eval"  # the last model's own evaluation, after max-rounds or the time budget
+WAITING = "waiting"  # a round short of min-nodes because sites are away, retried after a wait
+BEST = "best.pt"
 COLUMNS = [
     "round", "kind", "nodes", "failures", "train_loss", "eval_loss", "eval_accuracy", "seconds", "stop_reason",
 ]  # fmt: skip
@@ -61,11 +63,26 @@ class History:
                 writer.writerow(COLUMNS)
             writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
 
-    def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> Path:
+    def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor], keep: int = 3) -> Path | None:
+        """Save this round's aggregated model; keep only the last ``keep`` round checkpoints (0: none)."""
         import torch
 
-        path = self.out_dir / "checkpoints" / f"round-{server_round:04d}.pt"
-        torch.save(state_dict, path)
+        folder = self.out_dir / "checkpoints"
+        path = folder / f"round-{server_round:04d}.pt"
+        if keep > 0:
+            torch.save(state_dict, path)
+        for old in sorted(folder.glob("round-*.pt"))[: -keep or None]:
+            old.unlink()
+        return path if keep > 0 else None
+
+    def save_best(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> Path:
+        """The best evaluated trained model so far, as checkpoints/best.pt (kept whatever ``keep`` is)."""
+        import torch
+
+        path = self.out_dir / "checkpoints" / BEST
+        tmp = path.with_suffix(".tmp")
+        torch.save({"round": server_round, "state_dict": state_dict}, tmp)
+        tmp.replace(path)
         return path
 
     def finish(self, state_dict: dict[str, torch.Tensor] | None, summary: dict[str, Any]) -> None:
@@ -100,6 +117,7 @@ def plot_history(rows: list[RoundRow], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.kind != WAITING]  # a retried round is drawn once
     rounds = [r.round for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss (global model)")):

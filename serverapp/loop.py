@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.config import RunSettings
 from flowerbed.serverapp.criteria import MAX_ROUNDS, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import FINAL_EVAL, History, RoundRow
+from flowerbed.serverapp.history import FINAL_EVAL, WAITING, History, RoundRow
 
 Clock = Callable[[], float]
 
@@ -76,14 +77,32 @@ class SiteNames:
             found.append(self.by_node.get(node_id, f"node {node_id}"))
         return sorted(found)
 
+    def absent_from(self, present: set[int]) -> list[str]:
+        """The sites seen in this run whose node is no longer connected."""
+        return [self.name(node) for node in self.by_node if node not in present]
+
     def name(self, node_id: int) -> str:
         site = self.by_node.get(node_id)
         return f"site {site} (node {node_id})" if site else f"node {node_id} (site not known yet)"
 
 
-def _split(messages: list[Message], replies: list[Message], sites: SiteNames) -> tuple[list[Message], list[str]]:
+# Flower's own error codes for a node that is not there (flwr.common.constant.ErrorCode): waiting helps.
+ABSENT_CODES = {3, 4, 5}
+WAITING_ROW_EVERY_S = 60.0  # MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
+
+
+@dataclass
+class Replies:
+    """One exchange's outcome: the valid replies, an error line per failure, and who was absent."""
+
+    valid: list[Message]
+    errors: list[str]
+    absent: list[str]  # site labels whose node was unavailable or did not answer in time
+
+
+def _split(messages: list[Message], replies: list[Message], sites: SiteNames) -> Replies:
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    valid, errors = [], []
+    out = Replies([], [], [])
     for reply in replies:
         node_id = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         sites.learn(node_id, reply)
@@ -91,20 +110,58 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
             reason = str(reply.error.reason)
             who = sites.name(node_id)
             # Our ClientApp's own errors already start with "site NAME:"; Flower's do not.
-            errors.append(reason if reason.startswith("site ") else f"{who}: {reason}")
+            out.errors.append(reason if reason.startswith("site ") else f"{who}: {reason}")
+            if reply.error.code in ABSENT_CODES:
+                out.absent.append(who)
         else:
-            valid.append(reply)
+            out.valid.append(reply)
     answered = {dst.get(r.metadata.reply_to_message_id) for r in replies}
-    errors.extend(
-        f"{sites.name(node)}: no reply before round-timeout-s" for node in dst.values() if node not in answered
-    )
-    return valid, errors
+    for node in dst.values():
+        if node not in answered:
+            out.errors.append(f"{sites.name(node)}: no reply before round-timeout-s")
+            out.absent.append(sites.name(node))
+    return out
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     if metrics is None or key not in metrics:
         return None
     return float(metrics[key])  # type: ignore[arg-type]
+
+
+@dataclass
+class BestModel:
+    """The best evaluated model that was trained (the initial model never counts): one model in memory."""
+
+    round: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    arrays: ArrayRecord | None = None
+
+    def offer(self, server_round: int, loss: float, accuracy: float, arrays: ArrayRecord, min_delta: float) -> bool:
+        if self.loss is None or loss < self.loss - min_delta:
+            self.round, self.loss, self.accuracy, self.arrays = server_round, loss, accuracy, arrays
+            return True
+        return False
+
+
+@dataclass
+class Absence:
+    """Since when each absent site has been away (monotonic seconds)."""
+
+    since: dict[str, float]
+
+    def update(self, absent: list[str], now: float) -> None:
+        for name in absent:
+            self.since.setdefault(name, now)
+        for name in [n for n in self.since if n not in absent]:
+            del self.since[name]
+
+    def describe(self, now: float) -> str:
+        return ", ".join(f"{name} away {now - t:.0f} s" for name, t in sorted(self.since.items()))
+
+    def longest(self, now: float) -> float:
+        return max((now - t for t in self.since.values()), default=0.0)
 
 
 def run_rounds(
@@ -115,37 +172,74 @@ def run_rounds(
     history: History,
     *,
     clock: Clock = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
-    """Train until target/plateau/max-rounds/time-budget; raise :class:`RunFailedError` on too few replies."""
+    """Train until target/plateau/max-rounds/time-budget.
+
+    A round short of min-nodes valid replies because sites are absent waits and is retried with the
+    nodes present, for at most ``site_absence_tolerance_s`` per absence; a site whose ClientApp
+    failed on its data is not absent, and the run fails at once. Raises :class:`RunFailedError`.
+    """
     tracker = ConvergenceTracker(settings)
     sites = SiteNames()
+    best = BestModel()
+    absence = Absence({})
     start = clock()
     arrays = initial
-    sent: dict[int, ArrayRecord] = {}
     server_round = 0
     reason: str | None = None
+    last_waiting_row = -math.inf
     while reason is None:
         server_round += 1
         t0 = clock()
-        wait_for_nodes(grid, settings, clock)
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-        valid, errors = _split(messages, replies, sites)
-        if len(valid) < settings.min_nodes:
-            why = f"round {server_round}: {len(valid)} valid replies, min-nodes is {settings.min_nodes}" + (
-                f" ({'; '.join(errors)})" if errors else " (no reply before round-timeout-s)"
+        if sites.by_node:  # after the first round: a site that left is waited for, within the tolerance
+            gone = sites.absent_from(set(grid.get_node_ids()))
+            if len(sites.by_node) - len(gone) < settings.min_nodes:
+                got = Replies([], [f"{name}: not connected" for name in gone], gone)
+            else:
+                got = None
+        else:
+            wait_for_nodes(grid, settings, clock)
+            got = None
+        messages: list[Message] = []
+        if got is None:
+            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            got = _split(messages, list(grid.send_and_receive(messages, timeout=settings.round_timeout_s)), sites)
+        if len(got.valid) < settings.min_nodes:
+            absence.update(got.absent, clock())
+            why = f"round {server_round}: {len(got.valid)} valid replies, min-nodes is {settings.min_nodes}" + (
+                f" ({'; '.join(got.errors)})" if got.errors else " (no reply before round-timeout-s)"
             )
+            data_errors = len(got.errors) > len(got.absent)
+            if got.absent and not data_errors and absence.longest(clock()) < settings.site_absence_tolerance_s:
+                if clock() - last_waiting_row >= WAITING_ROW_EVERY_S:  # the table shows it, not every retry
+                    last_waiting_row = clock()
+                    waiting = (
+                        f"waiting: {absence.describe(clock())} (tolerance {settings.site_absence_tolerance_s:.0f} s)"
+                    )
+                    history.append(
+                        RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
+                                 round(clock() - t0, 2), waiting, got.errors, kind=WAITING,
+                                 sites=sites.names(got.valid, messages))
+                    )  # fmt: skip
+                sleep(min(settings.absence_retry_s, settings.site_absence_tolerance_s))
+                server_round -= 1  # the same round again, with the nodes present
+                continue
+            if got.absent and not data_errors:
+                why = f"{why}; absent too long: {absence.describe(clock())}"
             history.append(
-                RoundRow(server_round, len(valid), len(errors), None, None, None,
-                         round(clock() - t0, 2), f"failed: {why}", errors)
+                RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
+                         round(clock() - t0, 2), f"failed: {why}", got.errors)
             )  # fmt: skip
             raise RunFailedError(why)
-        new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-        sent[server_round] = arrays
+        absence.update(got.absent, clock())
+        new_arrays, metrics = strategy.aggregate_train(server_round, got.valid)
         eval_loss = _metric(metrics, "eval-loss")
         eval_acc = _metric(metrics, "eval-accuracy")
         if eval_loss is not None and eval_acc is not None:
             reason = tracker.observe(server_round, eval_loss, eval_acc)
+            if server_round > 1 and best.offer(server_round, eval_loss, eval_acc, arrays, settings.min_delta):
+                history.save_best(server_round, arrays.to_torch_state_dict())
         if new_arrays is not None:
             arrays = new_arrays
         if reason is None:
@@ -153,21 +247,19 @@ def run_rounds(
         history.append(
             RoundRow(
                 round=server_round,
-                nodes=len(valid),
-                failures=len(errors),
+                nodes=len(got.valid),
+                failures=len(got.errors),
                 train_loss=_metric(metrics, "train-loss"),
                 eval_loss=eval_loss,
                 eval_accuracy=eval_acc,
                 seconds=round(clock() - t0, 2),
                 stop_reason=reason or "",
-                errors=errors,
-                sites=sites.names(valid, messages),
+                errors=got.errors,
+                sites=sites.names(got.valid, messages),
             )
         )
-        history.checkpoint(server_round, arrays.to_torch_state_dict())
-    final = arrays
-    best_loss = best_acc = None
-    if reason in (MAX_ROUNDS, TIME_BUDGET):
+        history.checkpoint(server_round, arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)
+    if reason in (MAX_ROUNDS, TIME_BUDGET) or best.arrays is None:
         t0 = clock()
         final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites)
         history.append(
@@ -182,13 +274,11 @@ def run_rounds(
         )  # fmt: skip
         if final_eval is not None:
             tracker.observe(server_round + 1, *final_eval)
-            sent[server_round + 1] = arrays
-    if tracker.best_round is not None:
-        final = sent[tracker.best_round]
-        for rnd, loss, acc in tracker.history:
-            if rnd == tracker.best_round:
-                best_loss, best_acc = loss, acc
-    return Outcome(reason, server_round, tracker.best_round, best_loss, best_acc, final)
+            if best.offer(server_round + 1, *final_eval, arrays, settings.min_delta):
+                history.save_best(server_round + 1, arrays.to_torch_state_dict())
+    # No trained model was evaluated: the last one, never the initial one.
+    final = best.arrays if best.arrays is not None else arrays
+    return Outcome(reason, server_round, best.round, best.loss, best.accuracy, final)
 
 
 def evaluate_final(
@@ -206,11 +296,11 @@ def evaluate_final(
     """
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
-    valid, errors = _split(messages, replies, sites)
-    if len(valid) < settings.min_nodes:
-        return None, len(valid), errors
-    metrics = strategy.aggregate_evaluate(server_round, replies)
+    got = _split(messages, replies, sites)
+    if len(got.valid) < settings.min_nodes:
+        return None, len(got.valid), got.errors
+    metrics = strategy.aggregate_evaluate(server_round, got.valid)
     loss, acc = _metric(metrics, "eval-loss"), _metric(metrics, "eval-accuracy")
     if loss is None or acc is None:
-        return None, len(valid), errors
-    return (loss, acc), len(valid), errors
+        return None, len(got.valid), got.errors
+    return (loss, acc), len(got.valid), got.errors

@@ -16,7 +16,7 @@ from flowerbed.certs import service
 from flowerbed.config import FederationConfig, save_toml_model
 from flowerbed.demodata import DemoData, make_demo_data
 from flowerbed.layout import FederationLayout
-from flowerbed.probes import free_port, tcp_open
+from flowerbed.probes import free_ports, tcp_open
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 
 SITES = ["inst-a", "inst-b", "univ-hospital"]
@@ -24,17 +24,18 @@ SITES = ["inst-a", "inst-b", "univ-hospital"]
 
 def make_config(name: str = "test", sites: list[str] | None = None, **run: object) -> FederationConfig:
     """A loopback federation on free ports."""
+    port, internal, health, executor_health = free_ports(4)
     return FederationConfig.model_validate(
         {
             "name": name,
             "superlink": {
                 "address": "localhost",
                 "sans": ["127.0.0.1"],
-                "port": free_port(),
+                "port": port,
                 "gateway_host": "127.0.0.1",
-                "internal_port": free_port(),
-                "health_port": free_port(),
-                "executor_health_port": free_port(),
+                "internal_port": internal,
+                "health_port": health,
+                "executor_health_port": executor_health,
                 # Far below the 60 s default: every run in the tests goes through a gateway that
                 # closes idle connections between polls, as a NAT with a short idle cut would.
                 "idle_timeout_s": 2,

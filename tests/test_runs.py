@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from flowerbed.clientapp.task import model_for
 from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.probes import free_port
@@ -55,7 +57,13 @@ def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, n
         running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "node_wait_s": 60}
     )
     handle = submit(running.layout, settings, name="too-few")
-    result = follow(running.layout, handle, timeout_s=240)
+    result = follow(running.layout, handle, timeout_s=240, poll_s=0.5)
+    seen_failed = time.time()
+    # A failure the ServerApp decided reaches the user at once, not when Flower's heartbeat expires
+    # (about a minute later): summary.json is written the moment the ServerApp decides.
+    decided = (handle.out_dir / "summary.json").stat().st_mtime
+    assert result.status == "finished:failed"
+    assert seen_failed - decided < 8, f"{seen_failed - decided:.1f} s from decision to status"
     with pytest.raises(FlowerbedError) as info:
         check_result(result, handle)
     assert info.value.exit_code == ExitCode.RUN_FAILED
@@ -123,14 +131,26 @@ def test_run_with_the_superlink_stopped_says_so_and_leaves_nothing(tmp_path: Pat
 @pytest.mark.parametrize("strategy", ["fedadam", "fedmedian"])
 def test_other_strategies_aggregate(running: RunningFederation, nodes: list[Supervisor], strategy: str) -> None:
     settings = RunSettings.model_validate(
-        running.config.run.model_dump() | {"strategy": strategy, "max_rounds": 1, "min_nodes": 2}
+        running.config.run.model_dump()
+        | {"strategy": strategy, "max_rounds": 2, "min_nodes": 2, "keep_checkpoints": 1, "patience": 5}
     )
     handle = submit(running.layout, settings, name=f"strategy-{strategy}")
     result = follow(running.layout, handle, timeout_s=240)
     check_result(result, handle)
     assert result.summary["settings"]["strategy"] == strategy
     assert result.rows[0]["nodes"] == 2 and result.rows[0]["train_loss"] is not None
-    assert (handle.out_dir / "final_model.pt").is_file()
+    # Checkpoints: the last N (here 1) and the best; the final model is the best trained one,
+    # never the initial model that round 1 evaluated.
+    checkpoints = handle.out_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "round-0002.pt"]
+    best = torch.load(checkpoints / "best.pt")
+    assert best["round"] == result.summary["best_round"] >= 2
+    final = torch.load(handle.out_dir / "final_model.pt")
+    assert final.keys() == best["state_dict"].keys()
+    assert all(torch.equal(final[k], best["state_dict"][k]) for k in final)
+    torch.manual_seed(settings.seed)
+    initial = model_for(settings).state_dict()
+    assert not all(torch.equal(final[k], initial[k]) for k in final)
 
 
 def test_error_replies_do_not_crash_the_supernode(nodes: list[Supervisor]) -> None:

@@ -14,7 +14,7 @@ from flowerbed.config import load_federation, resolve
 from flowerbed.console import err, out, table
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, submit
-from flowerbed.serverapp.history import FINAL_EVAL, PLOT
+from flowerbed.serverapp.history import FINAL_EVAL, PLOT, WAITING
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 COLUMNS = ["round", "nodes", "failed", "train loss", "eval loss", "eval acc", "s", "stop"]
@@ -22,6 +22,10 @@ COLUMNS = ["round", "nodes", "failed", "train loss", "eval loss", "eval acc", "s
 
 def _round_label(row: dict[str, Any]) -> str:
     return "final" if row.get("kind") == FINAL_EVAL else str(row["round"])
+
+
+def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("kind", "train") == "train"]
 
 
 def _seconds(value: Any) -> str:
@@ -43,7 +47,9 @@ def history_table(rows: list[dict[str, Any]], title: str) -> Any:
 
 def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> str:
     """``run 7: round 3 done, 41 s elapsed`` (or waiting for the first round)."""
-    done = [r for r in rows if r.get("kind") != FINAL_EVAL]
+    done = _trained(rows)
+    if rows and rows[-1].get("kind") == WAITING:
+        return f"run {run_id}: round {rows[-1]['round']} waits for absent sites, {elapsed:.0f} s elapsed"
     if not done:
         return f"run {run_id}: waiting for the first round, {elapsed:.0f} s elapsed"
     return f"run {run_id}: round {done[-1]['round']} done, {elapsed:.0f} s elapsed"
