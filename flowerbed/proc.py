@@ -149,6 +149,18 @@ class ManagedProcess:
             pass
 
 
+def kill_group(pgid: int) -> None:
+    """End a process group that outlived its leader (SIGTERM, then SIGKILL a moment later)."""
+    if os.name != "posix":  # pragma: no cover - Windows has no process groups of this kind
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(1.0)
+
+
 def stop_all(processes: list[ManagedProcess], grace_s: float = 10.0) -> None:
     """Stop processes in reverse start order."""
     for proc in reversed(processes):

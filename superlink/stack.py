@@ -17,9 +17,10 @@ from flowerbed.config import FederationConfig
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import grpc_health, presents_certificate, tcp_open
-from flowerbed.proc import ManagedProcess, child_env, executable, stop_all
+from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, stop_all, tail
 from flowerbed.superlink import flwrcli, gateway, sites
 
+EXECUTOR = "flower-superexec (ServerApp executor)"
 FLOWER_HINT = "reinstall flowerbed in this environment (`pip install flowerbed`), it brings Flower"
 Report = Callable[[str], None]
 
@@ -32,6 +33,8 @@ class CoordinatorStack:
     config: FederationConfig
     processes: list[ManagedProcess] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
+    probes: dict[str, Callable[[], bool]] = field(default_factory=dict)  # readiness, by process name
+    retired_groups: list[int] = field(default_factory=list)  # a dead executor's group: its ServerApp runs on
 
     @property
     def control_address(self) -> str:
@@ -46,6 +49,8 @@ class CoordinatorStack:
 
     def stop(self) -> None:
         stop_all(self.processes)
+        for group in self.retired_groups:
+            kill_group(group)
         self.layout.pidfile.unlink(missing_ok=True)
 
 
@@ -113,10 +118,11 @@ def start_stack(
         )  # fmt: skip
         stack.processes.append(superlink.start())
         report(f"starting flower-superlink on 127.0.0.1:{sl.internal_port} (pid {superlink.pid})")
-        superlink.wait_ready(lambda: grpc_health(f"127.0.0.1:{sl.health_port}"), deadline_s)
+        stack.probes[superlink.name] = lambda: grpc_health(f"127.0.0.1:{sl.health_port}")
+        superlink.wait_ready(stack.probes[superlink.name], deadline_s)
 
         executor = ManagedProcess(
-            name="flower-superexec (ServerApp executor)",
+            name=EXECUTOR,
             argv=[
                 executable("flower-superexec", FLOWER_HINT),
                 "--runtime-api-address", stack.control_address,
@@ -130,7 +136,8 @@ def start_stack(
         )  # fmt: skip
         stack.processes.append(executor.start())
         report(f"starting the ServerApp executor (pid {executor.pid})")
-        executor.wait_ready(lambda: grpc_health(f"127.0.0.1:{sl.executor_health_port}"), deadline_s)
+        stack.probes[executor.name] = lambda: grpc_health(f"127.0.0.1:{sl.executor_health_port}")
+        executor.wait_ready(stack.probes[executor.name], deadline_s)
 
         flwrcli.write_connection(layout.flwr_home, stack.control_address, layout.ca_cert)
         stack.registered = register_sites(layout, config, report)
@@ -158,7 +165,8 @@ def start_stack(
         gw = gateway.gateway_process(nginx, conf_prefix, layout.logs / "gateway.log")
         stack.processes.append(gw.start())
         report(f"starting the Fleet gateway on {sl.gateway_host}:{sl.port} (pid {gw.pid})")
-        gw.wait_ready(lambda: presents_certificate(probe_host, sl.port, layout.ca_cert, ours), deadline_s)
+        stack.probes[gw.name] = lambda: presents_certificate(probe_host, sl.port, layout.ca_cert, ours)
+        gw.wait_ready(stack.probes[gw.name], deadline_s)
     except BaseException:
         stack.stop()
         raise
@@ -194,10 +202,50 @@ def _write_pidfile(stack: CoordinatorStack) -> None:
     stack.layout.pidfile.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
-def supervise(stack: CoordinatorStack, *, should_stop: Callable[[], bool], poll_s: float = 1.0) -> None:
-    """Block until ``should_stop`` or a child exits; a dead child is an error naming its log."""
+def supervise(
+    stack: CoordinatorStack,
+    *,
+    should_stop: Callable[[], bool],
+    report: Report = lambda _msg: None,
+    poll_s: float = 1.0,
+    max_restarts: int = 5,
+    window_s: float = 600.0,
+    deadline_s: float = 90.0,
+) -> None:
+    """Block until ``should_stop``; a child that dies is restarted with backoff while the others run on.
+
+    A dead gateway or SuperLink has its whole process group ended first (an orphaned nginx worker
+    would hold the port); a dead executor's group is left running, because the ServerApp it started
+    goes on with the run, and is ended when the coordinator stops. More than ``max_restarts`` deaths
+    of one child within ``window_s`` is an error naming its log.
+    """
+    deaths: dict[str, list[float]] = {}
     while not should_stop():
         dead = stack.first_exited()
-        if dead is not None:
-            raise FlowerbedError(f"{dead.name} exited with status {dead.poll()}; see {dead.log_path}")
-        time.sleep(poll_s)
+        if dead is None:
+            time.sleep(poll_s)
+            continue
+        now = time.monotonic()
+        recent = [t for t in deaths.get(dead.name, []) if now - t < window_s] + [now]
+        deaths[dead.name] = recent
+        code, why = dead.poll(), tail(dead.log_path, 2) or "no log lines"
+        if len(recent) > max_restarts:
+            raise FlowerbedError(
+                f"{dead.name} died {len(recent)} times within {window_s:.0f} s (last status {code}); "
+                f"see {dead.log_path}: {why}"
+            )
+        backoff = min(2.0 ** (len(recent) - 1), 30.0)
+        report(f"{dead.name} exited with status {code} ({why}); restarting it in {backoff:.0f} s, the rest runs on")
+        end = time.monotonic() + backoff
+        while time.monotonic() < end and not should_stop():
+            time.sleep(0.2)
+        if should_stop():
+            return
+        if dead.name == EXECUTOR:
+            stack.retired_groups.append(dead.pid)
+        else:
+            dead.stop()  # ends its process group too
+        dead.start()
+        dead.wait_ready(stack.probes[dead.name], deadline_s)
+        _write_pidfile(stack)
+        report(f"{dead.name} is back (pid {dead.pid})")

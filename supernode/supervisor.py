@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
@@ -91,7 +92,7 @@ class Attempt:
 class LogFollower:
     """Reads one process's output line by line, timestamps it into the log, and notes events."""
 
-    def __init__(self, stream: object, log_path: Path, attempt: Attempt, report: Report, superlink: str) -> None:
+    def __init__(self, stream: IO[bytes], log_path: Path, attempt: Attempt, report: Report, superlink: str) -> None:
         self.stream = stream
         self.log_path = log_path
         self.attempt = attempt
@@ -106,7 +107,7 @@ class LogFollower:
 
     def _run(self) -> None:
         with self.log_path.open("ab") as log:
-            for raw in iter(self.stream.readline, b""):  # type: ignore[attr-defined]
+            for raw in iter(self.stream.readline, b""):
                 line = ANSI.sub("", raw.decode("utf-8", errors="replace").rstrip("\r\n"))
                 log.write(f"{stamp()} {line}\n".encode())
                 log.flush()

@@ -14,7 +14,7 @@ from flowerbed.config import load_federation, resolve
 from flowerbed.console import err, out, table
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, submit
-from flowerbed.serverapp.history import FINAL_EVAL, PLOT, WAITING
+from flowerbed.serverapp.history import FINAL_EVAL, PLOT, TRAIN, WAITING
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 COLUMNS = ["round", "nodes", "failed", "train loss", "eval loss", "eval acc", "s", "stop"]
@@ -25,7 +25,7 @@ def _round_label(row: dict[str, Any]) -> str:
 
 
 def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r.get("kind", "train") == "train"]
+    return [r for r in rows if r.get("kind", TRAIN) == TRAIN]
 
 
 def _seconds(value: Any) -> str:

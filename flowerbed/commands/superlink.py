@@ -37,7 +37,7 @@ def start(
             markup=False,
         )
         out.print(f"logs: {layout.logs}; submit a run with `flowerbed run -d {fed_dir}`; Ctrl-C stops")
-        supervise(stack, should_stop=stop.is_set)
+        supervise(stack, should_stop=stop.is_set, report=info)
     finally:
         stack.stop()
         info("stopped SuperLink, executor and gateway")
