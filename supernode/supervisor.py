@@ -267,18 +267,24 @@ class Supervisor:
                             "superlink start` registers every site key in the federation)",
                             exit_code=ExitCode.REJECTED,
                         )
-                    self.report("the SuperLink refused this node for now (a previous session may "
-                                "still be active); retrying")  # fmt: skip
+                    left = self.rejected_window_s - (now - first_refusal)
+                    # A countdown, not "restarting": Flower refuses a node that comes back within about
+                    # a minute of a crash, while the SuperLink still sees its previous session.
+                    self.report(
+                        f"the SuperLink refuses this node for now (its previous session is still active "
+                        f"there): retrying in {backoff:.0f} s, giving up in {left:.0f} s"
+                    )
                 else:
                     first_refusal = None
                 if time.monotonic() - started >= self.healthy_after_s:
                     backoff = 1.0
                 self.restarts += 1
                 self.connected = False
-                self.report(
-                    f"flower-supernode exited with status {attempt.exit_code}; "
-                    f"restarting in {backoff:.0f} s (see {self.log_path})"
-                )
+                if first_refusal is None:
+                    self.report(
+                        f"flower-supernode exited with status {attempt.exit_code}; "
+                        f"restarting in {backoff:.0f} s (see {self.log_path})"
+                    )
                 end = time.monotonic() + backoff
                 while time.monotonic() < end and not should_stop():
                     time.sleep(0.2)

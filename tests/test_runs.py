@@ -206,3 +206,7 @@ def test_killed_supernode_is_restarted_and_rejoins(nodes: list[Supervisor]) -> N
     assert sup.restarts >= 1
     assert sup.connected, Path(sup.log_path).read_text()[-2000:]
     assert sup.process.pid != old_pid
+    # The site saw a countdown while Flower refused the returning node, not a bare "restarting".
+    countdown = re.compile(r"the SuperLink refuses this node for now \(.*\): retrying in \d+ s, giving up in \d+ s")
+    assert "Failed to activate SuperNode" in Path(sup.log_path).read_text()  # Flower refused it first
+    assert any(countdown.fullmatch(m) for m in SITE_REPORTS[sup.spec.site]), SITE_REPORTS[sup.spec.site]
