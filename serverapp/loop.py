@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -68,15 +68,6 @@ class SiteNames:
             if isinstance(site, str) and site:
                 self.by_node[node_id] = site
 
-    def names(self, replies: list[Message], messages: list[Message]) -> list[str]:
-        """The site names of valid ``replies`` (sorted; unknown nodes by id)."""
-        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        found = []
-        for reply in replies:
-            node_id = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            found.append(self.by_node.get(node_id, f"node {node_id}"))
-        return sorted(found)
-
     def absent_from(self, present: set[int]) -> list[str]:
         """The sites seen in this run whose node is no longer connected."""
         return [self.name(node) for node in self.by_node if node not in present]
@@ -98,6 +89,7 @@ class Replies:
     valid: list[Message]
     errors: list[str]
     absent: list[str]  # site labels whose node was unavailable or did not answer in time
+    sites: list[str] = field(default_factory=list)  # the sites of the valid replies (unknown ones by node id)
 
 
 def _split(messages: list[Message], replies: list[Message], sites: SiteNames) -> Replies:
@@ -115,6 +107,8 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
                 out.absent.append(who)
         else:
             out.valid.append(reply)
+            out.sites.append(sites.by_node.get(node_id, f"node {node_id}"))
+    out.sites.sort()
     answered = {dst.get(r.metadata.reply_to_message_id) for r in replies}
     for node in dst.values():
         if node not in answered:
@@ -220,7 +214,7 @@ def run_rounds(
                     history.append(
                         RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
                                  round(clock() - t0, 2), waiting, got.errors, kind=WAITING,
-                                 sites=sites.names(got.valid, messages))
+                                 sites=got.sites)
                     )  # fmt: skip
                 sleep(min(settings.absence_retry_s, settings.site_absence_tolerance_s))
                 server_round -= 1  # the same round again, with the nodes present
@@ -255,7 +249,7 @@ def run_rounds(
                 seconds=round(clock() - t0, 2),
                 stop_reason=reason or "",
                 errors=got.errors,
-                sites=sites.names(got.valid, messages),
+                sites=got.sites,
             )
         )
         history.checkpoint(server_round, arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)

@@ -23,8 +23,6 @@ from flowerbed.probes import tcp_open
 from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink import flwrcli
 
-WARN_DAYS = 30
-
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -124,9 +122,9 @@ def expiry_warnings(layout: FederationLayout) -> list[str]:
         if not path.is_file():
             continue
         info = service.cert_info(kind, path)
-        if info.days_left is not None and info.days_left < WARN_DAYS:
+        if info.warning:  # the same 30-day rule as `flowerbed certs show`
             fix = "`flowerbed certs renew-server`" if kind == "server" else "a new CA and new kits for every site"
-            when = "has expired" if info.days_left < 0 else f"expires in {info.days_left} days"
+            when = "has expired" if info.warning == "EXPIRED" else info.warning
             lines.append(f"the {kind} certificate {path} {when}: {fix}")
     return lines
 
@@ -144,9 +142,8 @@ def add_site(layout: FederationLayout, name: str) -> tuple[FederationConfig, str
         )
     if load_registry(layout).get(name, {}).get("revoked"):
         raise FlowerbedError(f"site {name!r} was revoked; its name cannot be reused: choose another name")
-    config = FederationConfig.model_validate(
-        config.model_dump() | {"sites": [*config.model_dump()["sites"], {"name": name}]}
-    )
+    data = config.model_dump()
+    config = FederationConfig.model_validate(data | {"sites": [*data["sites"], {"name": name}]})
     save_toml_model(layout.config, config)
     if not layout.node_key(name).exists():
         service.make_node_key(layout, config, name)

@@ -76,17 +76,15 @@ def load_kit(root: Path) -> SiteKit:
     if problem:
         raise _fail(problem)
     now = dt.datetime.now(dt.UTC)
-    ca_cert = read_cert_checked(kit.ca, "the federation CA")
-    server_cert = read_cert_checked(kit.server_cert, "the gateway certificate")
-    for path, what, cert in (
-        (kit.ca, "the federation CA", ca_cert),
-        (kit.server_cert, "the gateway certificate", server_cert),
-    ):
+    named = ((kit.ca, "the federation CA"), (kit.server_cert, "the gateway certificate"))
+    certs = {path: read_cert_checked(path, what) for path, what in named}
+    for path, what in named:
+        cert = certs[path]
         if cert.not_valid_after_utc <= now:
             raise _fail(
                 f"{what} ({path.name}) expired on {cert.not_valid_after_utc.date()}: ask the coordinator for a new kit"
             )
-    sans = cert_sans(server_cert)
+    sans = cert_sans(certs[kit.server_cert])
     if config.superlink_address not in sans:
         raise _fail(
             f"superlink_address {config.superlink_address!r} in site.toml is not a name of the gateway "
