@@ -36,12 +36,15 @@ OS_PACKAGES = ("ubuntu", "none")
 class Row:
     """One line of the checklist."""
 
-    def __init__(self, check: str, status: str, detail: str, fix: str = "", required: bool = True) -> None:
+    def __init__(
+        self, check: str, status: str, detail: str, fix: str = "", required: bool = True, *, value: float | None = None
+    ) -> None:
         self.check = check
         self.status = status
         self.detail = detail
         self.fix = fix
         self.required = required
+        self.value = value  # the measured figure, where there is one (clock skew: seconds ahead)
 
     @property
     def blocking(self) -> bool:
@@ -389,6 +392,7 @@ def check_clock(head: str, received: float) -> Row:
                     FAIL,
                     f"this VM is {ahead:.0f} s ahead of the gateway (limit 5 s)",
                     "sync the clock with NTP (Flower refuses nodes ahead of the SuperLink)",
+                    value=ahead,
                 )
             if -ahead > MAX_BEHIND_S:
                 return Row(
@@ -396,8 +400,9 @@ def check_clock(head: str, received: float) -> Row:
                     FAIL,
                     f"this VM is {-ahead:.0f} s behind the gateway (limit 300 s)",
                     "sync the clock with NTP",
+                    value=ahead,
                 )
-            return Row("clock skew", PASS, f"{ahead:+.0f} s against the gateway")
+            return Row("clock skew", PASS, f"{ahead:+.0f} s against the gateway", value=ahead)
     return Row("clock skew", WARN, "the gateway sent no Date header", "", required=False)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import json
 import shutil
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
-from flowerbed.serverapp.history import SUMMARY, read_rows
+from flowerbed.serverapp.history import RESUMED, TRAIN, read_rows
+from flowerbed.serverapp.resume import RESUME_KEY, RUN_ID_FILE, ended, plan_resume, run_id_of, serverapp_alive
 from flowerbed.superlink import flwrcli
 
 APP_NAME = "flowerbed-app"
@@ -63,6 +65,23 @@ class RunHandle:
     out_dir: Path
 
 
+def _check_superlink(layout: FederationLayout, control_port: int | None) -> None:
+    start_hint = f"`flowerbed superlink start -d {layout.root}` (another terminal, or the service)"
+    if not (layout.flwr_home / "config.toml").is_file():
+        raise FlowerbedError(f"the SuperLink of {layout.root} was never started: start it with {start_hint}")
+    if control_port is not None and not tcp_open("127.0.0.1", control_port):
+        raise FlowerbedError(
+            f"the SuperLink is not running (nothing answers on 127.0.0.1:{control_port}): start it with {start_hint}"
+        )
+
+
+def _submit(layout: FederationLayout, out_dir: Path, run_config: dict[str, Any]) -> int:
+    write_app_manifest(out_dir / "app", run_config)
+    run_id = flwrcli.submit_run(layout.flwr_home, out_dir / "app")
+    (out_dir / RUN_ID_FILE).write_text(str(run_id), encoding="utf-8")
+    return run_id
+
+
 def submit(
     layout: FederationLayout, settings: RunSettings, name: str | None = None, *, control_port: int | None = None
 ) -> RunHandle:
@@ -71,26 +90,63 @@ def submit(
     ``control_port``: the SuperLink's loopback port, checked first so that a stopped coordinator is
     named as such. A run that could not be submitted leaves no run folder behind.
     """
-    start_hint = f"`flowerbed superlink start -d {layout.root}` (another terminal, or the service)"
-    if not (layout.flwr_home / "config.toml").is_file():
-        raise FlowerbedError(f"the SuperLink of {layout.root} was never started: start it with {start_hint}")
-    if control_port is not None and not tcp_open("127.0.0.1", control_port):
-        raise FlowerbedError(
-            f"the SuperLink is not running (nothing answers on 127.0.0.1:{control_port}): start it with {start_hint}"
-        )
+    _check_superlink(layout, control_port)
     stamp = name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out_dir = layout.runs / stamp
     if out_dir.exists():
-        raise FlowerbedError(f"{out_dir} already exists: choose another --name")
-    run_config = settings.to_run_config() | {"output-dir": str(out_dir)}
-    app_dir = out_dir / "app"
-    write_app_manifest(app_dir, run_config)
+        raise FlowerbedError(f"{out_dir} already exists: choose another --name, or `--resume {stamp}` to go on")
     try:
-        run_id = flwrcli.submit_run(layout.flwr_home, app_dir)
+        run_id = _submit(layout, out_dir, settings.to_run_config() | {"output-dir": str(out_dir)})
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    (out_dir / "run-id").write_text(str(run_id), encoding="utf-8")
+    return RunHandle(run_id=run_id, out_dir=out_dir)
+
+
+def _run_folders(layout: FederationLayout) -> list[Path]:
+    return [manifest.parent.parent for manifest in layout.runs.glob("*/app/pyproject.toml")]
+
+
+def run_folder(layout: FederationLayout, name: str) -> Path:
+    """``runs/NAME`` of this federation, or a one-line error listing the runs there are."""
+    out_dir = layout.runs / name
+    if not (out_dir / "app" / "pyproject.toml").is_file():
+        known = sorted(p.name for p in _run_folders(layout))
+        raise FlowerbedError(
+            f"no run {name!r} in {layout.runs}: " + (f"runs there are {', '.join(known)}" if known else "none yet")
+        )
+    return out_dir
+
+
+def stored_settings(out_dir: Path) -> RunSettings:
+    """The settings a run was submitted with (from its manifest)."""
+    data = tomllib.loads((out_dir / "app" / "pyproject.toml").read_text("utf-8"))
+    return RunSettings.from_run_config(data["tool"]["flwr"]["app"]["config"])
+
+
+def resume(
+    layout: FederationLayout,
+    name: str,
+    settings: RunSettings | None = None,
+    *,
+    control_port: int | None = None,
+    why: str = "",
+) -> RunHandle:
+    """Go on with run ``name`` from its last checkpoint, as a new Flower run writing to the same folder.
+
+    ``settings``: replaces the stored ones (e.g. more rounds); refused while its ServerApp still runs.
+    """
+    _check_superlink(layout, control_port)
+    out_dir = run_folder(layout, name)
+    if serverapp_alive(out_dir):
+        raise FlowerbedError(f"run {name} is still running: follow it with `flowerbed runs follow {name}`")
+    plan_resume(out_dir)  # refuses what cannot be resumed (completed, no checkpoint) before submitting
+    old = run_id_of(out_dir)
+    config = (settings or stored_settings(out_dir)).to_run_config()
+    run_id = _submit(layout, out_dir, config | {"output-dir": str(out_dir), RESUME_KEY: True, "resume-why": why})
+    if old is not None:
+        with contextlib.suppress(FlowerbedError):
+            flwrcli.stop_run(layout.flwr_home, old)  # its ServerApp is gone; Flower would wait a minute
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
 
@@ -99,6 +155,10 @@ class RunResult:
     status: str
     rows: list[dict[str, Any]]
     summary: dict[str, Any]
+    run_id: int = 0
+
+
+INTERRUPTED = "interrupted"
 
 
 def follow(
@@ -106,43 +166,117 @@ def follow(
     handle: RunHandle,
     *,
     on_rows: Callable[[list[dict[str, Any]]], None] = lambda _rows: None,
+    on_note: Callable[[str], None] = lambda _msg: None,
     timeout_s: float = 24 * 3600,
     poll_s: float = 2.0,
+    resume_grace_s: float = 45.0,
+    unreachable_s: float = 180.0,
 ) -> RunResult:
-    """Poll history and run status until the run finishes (or ``timeout_s``)."""
+    """Poll history and run status until the run ends (or ``timeout_s``).
+
+    A resume (by the coordinator or another terminal) gives the folder a new Flower run, which is
+    followed on. A ServerApp that died is waited for ``resume_grace_s`` (the coordinator resumes
+    such runs by itself), and a SuperLink restarting for ``unreachable_s``.
+    """
     end = time.monotonic() + timeout_s
     status = "unknown"
+    run_id = handle.run_id
+    interrupted_at: float | None = None
+    unreachable_at: float | None = None
     while time.monotonic() < end:
         on_rows(read_rows(handle.out_dir))
+        latest = run_id_of(handle.out_dir)
+        if latest is not None and latest != run_id:
+            run_id, interrupted_at = latest, None
+            on_note(f"the run was resumed and goes on as Flower run {run_id}")
         try:
-            status = flwrcli.run_status(layout.flwr_home, handle.run_id)
+            status = flwrcli.run_status(layout.flwr_home, run_id)
         except FlowerbedError as exc:
-            raise FlowerbedError(
-                f"run {handle.run_id} was submitted and goes on, but following it failed ({exc.message}); "
-                f"its results will be in {handle.out_dir}"
-            ) from None
-        if status.startswith(FINISHED):
+            unreachable_at = unreachable_at or time.monotonic()
+            if time.monotonic() - unreachable_at > unreachable_s:
+                raise FlowerbedError(
+                    f"run {run_id} was submitted, but the SuperLink has not answered for {unreachable_s:.0f} s "
+                    f"({exc.message}); when it is back, follow it with `flowerbed runs follow "
+                    f"{handle.out_dir.name}`"
+                ) from None
+            time.sleep(poll_s)
+            continue
+        unreachable_at = None
+        summary = ended(handle.out_dir)
+        if summary is not None and status.startswith(FINISHED):
             break
+        if summary is None and (status.startswith(FINISHED) or serverapp_alive(handle.out_dir) is False):
+            if interrupted_at is None:  # a resume stops the old Flower run first: wait for the new one
+                interrupted_at = time.monotonic()
+                on_note(f"run {run_id}: its ServerApp stopped without a result; waiting for a resume")
+            if time.monotonic() - interrupted_at > resume_grace_s:
+                status = status if status.endswith("stopped") else INTERRUPTED
+                break
         time.sleep(poll_s)
     else:
         raise FlowerbedError(
-            f"run {handle.run_id} still {status} after {timeout_s:.0f} s; "
-            f"it goes on: follow it with `flwr log {handle.run_id}`"
+            f"run {run_id} still {status} after {timeout_s:.0f} s; "
+            f"it goes on: follow it with `flowerbed runs follow {handle.out_dir.name}`"
         )
     rows = read_rows(handle.out_dir)
     on_rows(rows)
-    summary_path = handle.out_dir / SUMMARY
-
-    summary = json.loads(summary_path.read_text("utf-8")) if summary_path.exists() else {}
-    return RunResult(status=status, rows=rows, summary=summary)
+    return RunResult(status=status, rows=rows, summary=ended(handle.out_dir) or {}, run_id=run_id)
 
 
 def check_result(result: RunResult, handle: RunHandle) -> None:
     """Raise a run-failed error when the run did not complete as flowerbed defines it."""
+    run_id = result.run_id or handle.run_id
     if result.summary.get("status") == "completed" and result.status.endswith("completed"):
         return
-    reason = result.summary.get("stop_reason") or f"Flower reports {result.status}"
+    name = handle.out_dir.name
+    if not result.summary and result.status == INTERRUPTED:
+        reason = f"its ServerApp stopped without a result; go on with `flowerbed run --resume {name}`"
+    elif not result.summary and result.status.endswith("stopped"):
+        reason = f"it was stopped; go on with `flowerbed run --resume {name}`"
+    else:
+        reason = result.summary.get("stop_reason") or f"Flower reports {result.status}"
     raise FlowerbedError(
-        f"run {handle.run_id} failed: {reason} (history: {handle.out_dir})",
+        f"run {run_id} failed: {reason} (history: {handle.out_dir})",
         exit_code=ExitCode.RUN_FAILED,
     )
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run folder, as `flowerbed runs` shows it (read from files; Flower is not asked)."""
+
+    name: str
+    run_id: int | None
+    status: str  # completed, failed, stopped, running, interrupted, starting
+    rounds: int
+    resumes: int
+    best_accuracy: float | None
+    stop_reason: str
+
+
+def run_overview(layout: FederationLayout) -> list[RunInfo]:
+    """Every run folder of the federation, oldest first."""
+    infos = []
+    folders = sorted(
+        (p.parent.parent for p in layout.runs.glob("*/app/pyproject.toml")), key=lambda p: p.stat().st_mtime
+    )
+    for out_dir in folders:
+        rows = read_rows(out_dir)
+        summary = ended(out_dir)
+        alive = serverapp_alive(out_dir)
+        if summary is not None:
+            status = str(summary.get("status", "unknown"))
+        else:
+            status = {True: "running", False: INTERRUPTED, None: "starting"}[alive]
+        infos.append(
+            RunInfo(
+                name=out_dir.name,
+                run_id=run_id_of(out_dir),
+                status=status,
+                rounds=max((int(r["round"]) for r in rows if r.get("kind") == TRAIN), default=0),
+                resumes=sum(r.get("kind") == RESUMED for r in rows),
+                best_accuracy=(summary or {}).get("best_eval_accuracy"),
+                stop_reason=str((summary or {}).get("stop_reason", "")),
+            )
+        )
+    return infos

@@ -11,8 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from flowerbed.clientapp.task import model_for
 from flowerbed.config import RunSettings
-from flowerbed.serverapp.history import History
+from flowerbed.serverapp.history import SUMMARY, History
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
+from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row
 from flowerbed.serverapp.strategies import make_strategy
 
 app = ServerApp()
@@ -23,13 +24,22 @@ def main(grid: Grid, context: Context) -> None:
     """Run rounds until convergence and write history, checkpoints, final model and plot."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     out_dir = Path(str(context.run_config.get("output-dir", "flowerbed-run"))).expanduser()
-    history = History(out_dir)
+    resume = load_resume_point(out_dir) if context.run_config.get(RESUME_KEY) else None
+    history = History(out_dir, resume.rows if resume else None)
+    mark_serverapp(out_dir, context.run_id)
+    if resume is not None:
+        (out_dir / SUMMARY).unlink(missing_ok=True)  # the run goes on: it has not ended any more
+        history.append(resume_row(resume, context.run_id, str(context.run_config.get("resume-why", ""))))
     torch.manual_seed(settings.seed)
     model = model_for(settings)
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
+    if resume is not None:
+        summary["resumed_from_round"] = resume.round
     try:
-        outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history)
+        outcome = run_rounds(
+            grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history, resume=resume
+        )
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
@@ -37,6 +47,13 @@ def main(grid: Grid, context: Context) -> None:
         # (not SystemExit, which flwr's run_serverapp does not catch) sets the run's status at once,
         # instead of when the task heartbeat expires a minute later.
         raise RuntimeError(f"flowerbed run failed: {exc}") from None
+    except Exception as exc:
+        # A fault of the ServerApp itself: recorded as the end of the run, so that nothing resumes
+        # it over and over; `flowerbed run --resume` goes on once it is mended.
+        why = f"the ServerApp failed: {type(exc).__name__}: {exc}"
+        summary.update(status="failed", stop_reason=why, seconds=round(time.time() - started, 1))
+        history.finish(None, summary)
+        raise
     summary.update(
         status="completed",
         stop_reason=outcome.stop_reason,

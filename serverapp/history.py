@@ -19,6 +19,9 @@ PLOT = "metrics.png"
 TRAIN = "train"
 FINAL_EVAL = "final-eval"  # the last model's own evaluation, after max-rounds or the time budget
 WAITING = "waiting"  # a round short of min-nodes because sites are away, retried after a wait
+FAILED = "failed"  # the round that ended the run (a resumed run trains this round again)
+RESUMED = "resumed"  # the run went on from its last checkpoint (after a coordinator crash or a failed run)
+PLOTTED = (TRAIN, FINAL_EVAL)
 BEST = "best.pt"
 COLUMNS = [
     "round", "kind", "nodes", "failures", "train_loss", "eval_loss", "eval_accuracy", "seconds", "stop_reason",
@@ -40,16 +43,18 @@ class RoundRow:
     errors: list[str] = field(default_factory=list)
     kind: str = TRAIN
     sites: list[str] = field(default_factory=list)  # the sites whose valid replies made this round
+    missing: list[str] = field(default_factory=list)  # sites seen earlier in the run that this round lacked
 
 
 class History:
     """Append-only writer for a run's output folder."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, rows: list[RoundRow] | None = None) -> None:
+        """``rows``: those already written (a resumed run appends to its own history)."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "checkpoints").mkdir(exist_ok=True)
-        self.rows: list[RoundRow] = []
+        self.rows: list[RoundRow] = list(rows or [])
 
     def append(self, row: RoundRow) -> None:
         self.rows.append(row)
@@ -68,9 +73,11 @@ class History:
         import torch
 
         folder = self.out_dir / "checkpoints"
-        path = folder / f"round-{server_round:04d}.pt"
+        path = checkpoint_path(self.out_dir, server_round)
         if keep > 0:
-            torch.save(state_dict, path)
+            tmp = path.with_suffix(".tmp")
+            torch.save(state_dict, tmp)
+            tmp.replace(path)  # a crash mid-write never leaves a half checkpoint
         for old in sorted(folder.glob("round-*.pt"))[: -keep or None]:
             old.unlink()
         return path if keep > 0 else None
@@ -96,6 +103,17 @@ class History:
             plot_history(self.rows, self.out_dir / PLOT)
 
 
+def checkpoint_path(out_dir: Path, server_round: int) -> Path:
+    """Where the model aggregated in ``server_round`` is kept."""
+    return out_dir / "checkpoints" / f"round-{server_round:04d}.pt"
+
+
+def row_from_dict(data: dict[str, Any]) -> RoundRow:
+    """A history.jsonl line as a row (keys that a newer or older kit wrote are tolerated)."""
+    known = set(RoundRow.__dataclass_fields__)
+    return RoundRow(**{k: v for k, v in data.items() if k in known})
+
+
 def read_rows(out_dir: Path) -> list[dict[str, Any]]:
     """Rows written so far (for live progress); a half-written last line is skipped."""
     path = out_dir / HISTORY_JSONL
@@ -117,7 +135,7 @@ def plot_history(rows: list[RoundRow], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.kind != WAITING]  # a retried round is drawn once
+    rows = [r for r in rows if r.kind in PLOTTED]  # waits, failures and resumes are not rounds
     rounds = [r.round for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss (global model)")):

@@ -13,7 +13,8 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.config import RunSettings
 from flowerbed.serverapp.criteria import MAX_ROUNDS, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import FINAL_EVAL, WAITING, History, RoundRow
+from flowerbed.serverapp.history import FAILED, FINAL_EVAL, WAITING, History, RoundRow
+from flowerbed.serverapp.resume import ResumePoint
 
 Clock = Callable[[], float]
 
@@ -167,12 +168,16 @@ def run_rounds(
     *,
     clock: Clock = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    resume: ResumePoint | None = None,
 ) -> Outcome:
     """Train until target/plateau/max-rounds/time-budget.
 
     A round short of min-nodes valid replies because sites are absent waits and is retried with the
     nodes present, for at most ``site_absence_tolerance_s`` per absence; a site whose ClientApp
     failed on its data is not absent, and the run fails at once. Raises :class:`RunFailedError`.
+
+    ``resume``: go on after the round it names, with the convergence state its history implies
+    (the time budget counts the time already spent in rounds, not the time the coordinator was down).
     """
     tracker = ConvergenceTracker(settings)
     sites = SiteNames()
@@ -181,14 +186,25 @@ def run_rounds(
     start = clock()
     arrays = initial
     server_round = 0
+    if resume is not None:
+        start -= resume.elapsed_s
+        server_round = resume.round
+        if resume.state_dict is not None:
+            arrays = ArrayRecord(resume.state_dict)
+        for row in resume.trained:
+            if row.eval_loss is not None and row.eval_accuracy is not None:
+                tracker.observe(row.round, row.eval_loss, row.eval_accuracy)
+                if row.round == resume.best_round and resume.best_state_dict is not None:
+                    best = BestModel(row.round, row.eval_loss, row.eval_accuracy, ArrayRecord(resume.best_state_dict))
     reason: str | None = None
     last_waiting_row = -math.inf
     while reason is None:
         server_round += 1
         t0 = clock()
         if sites.by_node:  # after the first round: a site that left is waited for, within the tolerance
-            gone = sites.absent_from(set(grid.get_node_ids()))
-            if len(sites.by_node) - len(gone) < settings.min_nodes:
+            present = set(grid.get_node_ids())
+            if len(present) < settings.min_nodes:
+                gone = sites.absent_from(present) or [f"{settings.min_nodes - len(present)} site(s) not seen yet"]
                 got = Replies([], [f"{name}: not connected" for name in gone], gone)
             else:
                 got = None
@@ -223,7 +239,7 @@ def run_rounds(
                 why = f"{why}; absent too long: {absence.describe(clock())}"
             history.append(
                 RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
-                         round(clock() - t0, 2), f"failed: {why}", got.errors)
+                         round(clock() - t0, 2), f"failed: {why}", got.errors, kind=FAILED)
             )  # fmt: skip
             raise RunFailedError(why)
         absence.update(got.absent, clock())
@@ -238,6 +254,8 @@ def run_rounds(
             arrays = new_arrays
         if reason is None:
             reason = tracker.limit(server_round, clock() - start, settings)
+        # The checkpoint before its row: a row in the history always has its model to resume from.
+        history.checkpoint(server_round, arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)
         history.append(
             RoundRow(
                 round=server_round,
@@ -250,9 +268,9 @@ def run_rounds(
                 stop_reason=reason or "",
                 errors=got.errors,
                 sites=got.sites,
+                missing=sorted(set(sites.by_node.values()) - set(got.sites)),
             )
         )
-        history.checkpoint(server_round, arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)
     if reason in (MAX_ROUNDS, TIME_BUDGET) or best.arrays is None:
         t0 = clock()
         final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites)

@@ -105,3 +105,14 @@ def run_status(flwr_home: Path, run_id: int) -> str:
     if not runs:
         raise FlowerbedError(f"the SuperLink does not know run {run_id}")
     return str(runs[0].get("status", "unknown"))
+
+
+def stop_run(flwr_home: Path, run_id: int) -> bool:
+    """Ask the SuperLink to stop a run; False when it had already finished."""
+    try:
+        flwr(flwr_home, "stop", str(run_id), CONNECTION)
+    except FlowerbedError as exc:
+        if "finished" in exc.message.lower() or "not found" in exc.message.lower():
+            return False
+        raise
+    return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from flowerbed.layout import FederationLayout
 from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, stop_all, tail
 from flowerbed.superlink import flwrcli, gateway, sites
+from flowerbed.superlink.keeper import RunKeeper
 
 EXECUTOR = "flower-superexec (ServerApp executor)"
 FLOWER_HINT = "reinstall flowerbed in this environment (`pip install flowerbed`), it brings Flower"
@@ -52,6 +54,12 @@ class CoordinatorStack:
         for group in self.retired_groups:
             kill_group(group)
         self.layout.pidfile.unlink(missing_ok=True)
+
+
+def superlink_command() -> list[str]:
+    """Flower's flower-superlink, started through :mod:`flowerbed.superlink.launch` (SQLite waits for locks)."""
+    executable("flower-superlink", FLOWER_HINT)  # Flower is installed: a clear error if not
+    return [sys.executable, "-m", "flowerbed.superlink.launch"]
 
 
 def _check_pki(layout: FederationLayout) -> None:
@@ -99,7 +107,7 @@ def start_stack(
         superlink = ManagedProcess(
             name="flower-superlink",
             argv=[
-                executable("flower-superlink", FLOWER_HINT),
+                *superlink_command(),
                 "--ssl-ca-certfile", str(layout.ca_cert),
                 "--ssl-certfile", str(layout.server_cert),
                 "--ssl-keyfile", str(layout.server_key),
@@ -211,18 +219,22 @@ def supervise(
     max_restarts: int = 5,
     window_s: float = 600.0,
     deadline_s: float = 90.0,
+    keeper: RunKeeper | None = None,
 ) -> None:
     """Block until ``should_stop``; a child that dies is restarted with backoff while the others run on.
 
     A dead gateway or SuperLink has its whole process group ended first (an orphaned nginx worker
     would hold the port); a dead executor's group is left running, because the ServerApp it started
     goes on with the run, and is ended when the coordinator stops. More than ``max_restarts`` deaths
-    of one child within ``window_s`` is an error naming its log.
+    of one child within ``window_s`` is an error naming its log. ``keeper`` resumes runs whose
+    ServerApp died.
     """
     deaths: dict[str, list[float]] = {}
     while not should_stop():
         dead = stack.first_exited()
         if dead is None:
+            if keeper is not None:
+                keeper.tick()
             time.sleep(poll_s)
             continue
         now = time.monotonic()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -17,22 +18,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
 from flowerbed.supernode.events import TASK_EVENT
+from flowerbed.supernode.signoff import sign_off
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"
 BAD_CERT = "CERTIFICATE_VERIFY_FAILED"
 LINK_FAILED = "Connection attempt failed"
 LINK_RESTORED = "Connection successful after"
+PORT_TRIES = 3  # restarts that find the SuperNode's own port taken before giving up
+DRIFT, REPORTED = "clock drift", "reported"  # what a diagnosis before a restart told the site
+PORT_IN_USE = "address already in use"
+ENDED_ITSELF = "SuperNode terminated gracefully"  # also Flower's answer to HTTP 401: it SIGINTs itself
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines even into a pipe
 Report = Callable[[str], None]
 LinkProbe = Callable[[], tuple[bool, str]]
+ClockProbe = Callable[[], float | None]  # seconds this VM is ahead of the SuperLink's gateway
 
 
 def _no_probe() -> tuple[bool, str]:
     return True, ""
+
+
+def _no_clock() -> float | None:
+    return None
 
 
 def stamp(when: float | None = None) -> str:
@@ -53,6 +65,7 @@ class SupernodeSpec:
     workdir: Path
     port: int = 9094
     extra_node_config: dict[str, str] = field(default_factory=dict)
+    nice: int = 0  # a lower CPU priority for the SuperNode and its ClientApps (POSIX), e.g. on a shared host
 
     def __post_init__(self) -> None:
         # The SuperNode runs in its work folder: relative paths from the user's folder would break.
@@ -64,7 +77,9 @@ class SupernodeSpec:
         return " ".join(f'{k}="{v}"' for k, v in items.items())
 
     def argv(self) -> list[str]:
+        lower = ["nice", "-n", str(self.nice)] if self.nice > 0 and shutil.which("nice") else []
         return [
+            *lower,
             executable("flower-supernode", "reinstall flowerbed in this environment"),
             "--superlink", self.superlink,
             "--root-certificates", str(self.ca),
@@ -87,6 +102,9 @@ class Attempt:
     link_restored: float = 0.0
     tasks: int = 0
     failed_tasks: int = 0
+    node_id: int | None = None
+    port_in_use: bool = False  # its loopback API port was held by another process
+    ended_itself: float | None = None  # when it logged a graceful end that nobody asked for
 
 
 class LogFollower:
@@ -120,6 +138,7 @@ class LogFollower:
             a.connected = True
             rest = line.split(CONNECTED, 1)[1].split()
             self.node_id = rest[0] if rest else "?"
+            a.node_id = int(self.node_id) if self.node_id.isdigit() else None
             self.report(f"connected to {self.superlink} as node {self.node_id}")
         elif ACTIVATION_FAILED in line:
             a.rejected = True
@@ -130,6 +149,10 @@ class LogFollower:
             a.last_link_failure = time.monotonic()
         elif LINK_RESTORED in line:
             a.link_restored = time.monotonic()
+        elif PORT_IN_USE in line:
+            a.port_in_use = True
+        elif ENDED_ITSELF in line:
+            a.ended_itself = time.monotonic()
         elif TASK_EVENT in line:
             event = line.split(TASK_EVENT, 1)[1].strip()
             if " received " in event:
@@ -157,11 +180,17 @@ class Supervisor:
     max_backoff_s: float = 30.0
     healthy_after_s: float = 60.0
     link_probe: LinkProbe = _no_probe
+    clock_probe: ClockProbe = _no_clock
+    clock_recheck_s: float = 5.0  # while the clock is off, how often it is measured again
+    ended_grace_s: float = 10.0  # a SuperNode that logged its own end is ended after this
+    sign_off_crashed: bool = True  # deactivate a killed node's session so that its restart is accepted
     link_probe_every_s: float = 5.0  # while the link is down or Flower reports failed attempts
     link_check_every_s: float = 30.0  # while all seems well: Flower says nothing of some failures
     process: ManagedProcess | None = None
     connected: bool = False
     restarts: int = 0
+    node_id: int | None = None  # the last node id Flower gave this site's key
+    unasked_exits: int = 0  # clean exits nobody asked for: Flower's answer to HTTP 401
     link_down_since: float | None = None
     last_probe: float = 0.0
     attempt: Attempt = field(default_factory=Attempt)
@@ -229,19 +258,111 @@ class Supervisor:
     def _watch(self, proc: ManagedProcess, follower: LogFollower, should_stop: Callable[[], bool]) -> Attempt:
         while True:
             self.connected = self.attempt.connected
+            self._remember_node(self.attempt.node_id)
             code = proc.poll()
             if code is not None or should_stop():
+                proc.stop()  # its group too: a leftover child (flower-superexec) holds the output pipe open
                 follower.thread.join(timeout=5)
                 self.attempt.exit_code = code
                 self.connected = self.attempt.connected
                 return self.attempt
+            ended = self.attempt.ended_itself
+            if ended is not None and time.monotonic() - ended > self.ended_grace_s:
+                proc.stop(grace_s=5)  # it said it ended but hangs on (seen after HTTP 401): end it
+                continue
             self._check_link(time.monotonic())
             time.sleep(0.5)
+
+    def _clock_off(self) -> tuple[float | None, bool]:
+        """The measured offset (seconds ahead of the SuperLink) and whether Flower would refuse it."""
+        offset = self.clock_probe()
+        return offset, offset is not None and (offset > MAX_AHEAD_S or -offset > MAX_BEHIND_S)
+
+    def _wait_for_clock(self, should_stop: Callable[[], bool], node_id: int | None) -> None:
+        """Check the clock every ``clock_recheck_s`` until it is right again (or a stop).
+
+        The node's own sign-off was refused while its clock was off, so the supervisor signs the
+        old session off once the clock is right: the restart is then accepted at once.
+        """
+        while not should_stop():
+            end = time.monotonic() + self.clock_recheck_s
+            while time.monotonic() < end and not should_stop():
+                time.sleep(0.2)
+            offset, off = self._clock_off()
+            if not off:
+                measured = f"{offset:+.1f} s" if offset is not None else "not measured"
+                if node_id is not None and self.sign_off_crashed:
+                    sign_off(self.spec.superlink, self.spec.ca, self.spec.key, node_id)
+                self.report(f"the clock is right again ({measured} against the SuperLink): restarting the SuperNode")
+                return
+
+    def _diagnose(self, attempt: Attempt, backoff: float) -> str | None:
+        """Before each restart: sign a killed node off, and check the clock; what was reported.
+
+        Flower answers HTTP 401 (a signature outside its time window, or a key it no longer
+        knows) by ending the SuperNode as if Ctrl-C was pressed: a clean exit nobody asked for.
+        """
+        code = attempt.exit_code
+        self._remember_node(attempt.node_id)
+        unasked = attempt.ended_itself is not None
+        killed = not unasked and code not in (0, None) and attempt.connected
+        if killed and attempt.node_id is not None and self.sign_off_crashed:
+            why = sign_off(self.spec.superlink, self.spec.ca, self.spec.key, attempt.node_id)
+            self.report(
+                f"flower-supernode ended with status {code} without signing off; "
+                + (
+                    f"signed node {attempt.node_id} off at the SuperLink, so it may rejoin at once"
+                    if why is None
+                    else f"signing it off failed ({why}): the SuperLink may refuse it for about a minute"
+                )
+            )
+        self.unasked_exits = self.unasked_exits + 1 if unasked else 0
+        offset, off = self._clock_off()  # on every restart: a clock can drift after the start
+        if off and offset is not None:
+            where = f"{offset:.0f} s ahead of" if offset > 0 else f"{-offset:.0f} s behind"
+            self.report(
+                f"clock drift: this VM's clock is {where} the SuperLink's (measured {offset:+.1f} s; Flower refuses "
+                f"a node more than 5 s ahead or 300 s behind, HTTP 401): sync it with NTP (`timedatectl "
+                f"set-ntp true`, or `w32tm /resync` on Windows); the SuperNode restarts once the clock is right "
+                f"(checked every {self.clock_recheck_s:.0f} s)"
+            )
+            return DRIFT
+        if self.unasked_exits >= 2:
+            measured = f"{offset:+.1f} s" if offset is not None else "not measured"
+            self.report(
+                f"the SuperLink refused this node's signed requests (HTTP 401) {self.unasked_exits} times with "
+                f"the clock within its window ({measured}): ask the coordinator whether the node key "
+                f"{self.spec.key.name} was revoked; retrying in {backoff:.0f} s"
+            )
+            return REPORTED
+        return None
+
+    @property
+    def node_id_path(self) -> Path:
+        return self.spec.workdir / "node-id"
+
+    def _remember_node(self, node_id: int | None) -> None:
+        if node_id is not None and node_id != self.node_id:
+            self.node_id = node_id
+            self.node_id_path.write_text(str(node_id), encoding="utf-8")
+
+    def _sign_off_previous(self) -> None:
+        """A supervisor that was killed with its SuperNode (kill -9, power loss) left the session
+        online at the SuperLink, which refuses the node for about a minute: sign it off first."""
+        try:
+            previous = int(self.node_id_path.read_text("utf-8").strip())
+        except (OSError, ValueError):
+            return
+        self.node_id = previous
+        if self.sign_off_crashed and sign_off(self.spec.superlink, self.spec.ca, self.spec.key, previous) is None:
+            self.report(f"signed off node {previous}'s previous session, which ended without it: rejoining at once")
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         """Block until ``should_stop`` (then stop the SuperNode) or a fatal refusal (raises)."""
         backoff = 1.0
         first_refusal: float | None = None
+        busy = 0
+        self._sign_off_previous()
         try:
             while not should_stop():
                 proc, follower = self._start()
@@ -280,7 +401,21 @@ class Supervisor:
                     backoff = 1.0
                 self.restarts += 1
                 self.connected = False
-                if first_refusal is None:
+                busy = busy + 1 if attempt.port_in_use else 0
+                if busy >= PORT_TRIES:  # a leftover of an earlier SuperNode would have ended by now
+                    port = self.spec.port
+                    raise FlowerbedError(
+                        f"port {port} on 127.0.0.1 is held by another process (`ss -ltnp 'sport = :{port}'` "
+                        "names it): stop it, or give this SuperNode another port (--port, or supernode_port in "
+                        "site.toml)",
+                        exit_code=ExitCode.PREFLIGHT_FAILED,
+                    )
+                said = self._diagnose(attempt, backoff) if first_refusal is None else REPORTED
+                if said == DRIFT:
+                    self._wait_for_clock(should_stop, attempt.node_id or self.node_id)
+                    backoff = 1.0
+                    continue
+                if said is None:
                     self.report(
                         f"flower-supernode exited with status {attempt.exit_code}; "
                         f"restarting in {backoff:.0f} s (see {self.log_path})"

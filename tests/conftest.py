@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +18,10 @@ from flowerbed.certs import service
 from flowerbed.config import FederationConfig, save_toml_model
 from flowerbed.demodata import DemoData, make_demo_data
 from flowerbed.layout import FederationLayout
-from flowerbed.probes import free_ports, tcp_open
+from flowerbed.probes import free_port, free_ports, tcp_open
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
+from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
+from tests import faults
 
 SITES = ["inst-a", "inst-b", "univ-hospital"]
 
@@ -118,3 +122,40 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederat
         for proc in stack.processes:
             assert proc.poll() is not None, f"{proc.name} still running"
         assert not tcp_open("127.0.0.1", config.superlink.port)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller only (pytest-xdist)
+        faults.RECORDS.unlink(missing_ok=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):
+        faults.merge_records()  # docs/reliability.md from the fault tests that ran
+
+
+@contextmanager
+def supervised_sites(
+    layout: FederationLayout,
+    gateway: str,
+    data: dict[str, Path],
+    work: Path,
+    *,
+    nice: int = 0,
+    max_backoff_s: float = 30.0,
+) -> Iterator[dict[str, Supervisor]]:
+    """One real SuperNode per site, each under its supervisor in a thread; all stopped on exit."""
+    stop = threading.Event()
+    threads, supervisors = [], {}
+    try:
+        for site, path in data.items():
+            spec = SupernodeSpec(site=site, superlink=gateway, ca=layout.ca_cert, key=layout.node_key(site),
+                                 data=path, workdir=work / site, port=free_port(), nice=nice)  # fmt: skip
+            supervisors[site] = Supervisor(spec, max_backoff_s=max_backoff_s)
+            threads.append(threading.Thread(target=supervisors[site].run, args=(stop.is_set,), daemon=True))
+            threads[-1].start()
+        yield supervisors
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)

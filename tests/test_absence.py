@@ -22,7 +22,8 @@ from flowerbed.runner import check_result, follow, submit
 from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
-from tests.conftest import make_config, make_federation, wait_for
+from tests.conftest import make_config, make_federation, run_cli, wait_for
+from tests.faults import record
 
 SITES = ["site-a", "site-b", "site-c"]
 
@@ -88,7 +89,11 @@ def test_a_site_away_for_a_while_is_waited_for(federation: tuple[FederationLayou
     away_at = time.monotonic()
     sites["site-b"].stop()  # the VM reboots ...
     assert wait_for(lambda: any(r.get("kind") == "waiting" for r in read_rows(handle.out_dir)), 120)
-    sites["site-b"].start()  # ... and comes back (Flower refuses it for about a minute first)
+    noticed = time.monotonic() - away_at
+    sites["site-b"].start()  # ... and comes back
+    back_at = time.monotonic()
+    assert wait_for(lambda: sites["site-b"].connected, 240)
+    rejoined = time.monotonic() - back_at
     result = follow(layout, handle, timeout_s=420)
     check_result(result, handle)
     rows = result.rows
@@ -97,7 +102,9 @@ def test_a_site_away_for_a_while_is_waited_for(federation: tuple[FederationLayou
     trained = [r["round"] for r in rows if r["kind"] == "train"]
     assert trained == [1, 2, 3]  # no round lost or repeated
     assert all(r["nodes"] == 2 for r in rows if r["kind"] == "train")
-    print(f"site away about {time.monotonic() - away_at:.0f} s; {len(waiting)} waiting row(s); run completed")
+    record("a site away for a while (VM reboot)", "a waiting row naming the site, then the run went on",
+           injected="site's SuperNode stopped after round 1, started again after the first waiting row",
+           noticed_s=noticed, recovered_s=rejoined, rounds_lost=0, replies_lost=0)  # fmt: skip
 
 
 def test_a_site_away_too_long_fails_the_run_by_name(federation: tuple[FederationLayout, dict[str, Site]]) -> None:
@@ -113,3 +120,30 @@ def test_a_site_away_too_long_fails_the_run_by_name(federation: tuple[Federation
     assert "absent too long: site site-b" in message and " away " in message
     assert "node " in message  # the node id is given too, after the site's name
     assert any(r["kind"] == "waiting" for r in result.rows)
+
+
+def test_the_failed_run_is_resumed_by_hand_once_the_site_is_back(
+    federation: tuple[FederationLayout, dict[str, Site]],
+) -> None:
+    layout, sites = federation
+    handle_dir = layout.runs / "stays-away"
+    failed_at = [r["round"] for r in read_rows(handle_dir) if r["kind"] == "failed"]
+    assert failed_at, read_rows(handle_dir)
+    back = time.monotonic()
+    sites["site-b"].start()
+    assert wait_for(lambda: sites["site-b"].connected, 240)
+    rejoined = time.monotonic() - back
+    # As the coordinator would type it.
+    result = run_cli("run", "--resume", "stays-away", "-d", str(layout.root), "--max-rounds", "3", timeout=400)
+    text = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 0, text
+    assert "resumed run stays-away as Flower run" in text and "stopped: max-rounds after 3 rounds" in text
+    rows = read_rows(handle_dir)
+    assert [r["round"] for r in rows if r["kind"] == "train"] == [1, 2, 3]  # the failed round trained once
+    resumed = [r for r in rows if r["kind"] == "resumed"]
+    assert len(resumed) == 1 and "resumed by hand" in resumed[0]["stop_reason"]
+    assert "round 1's checkpoint" in resumed[0]["stop_reason"]
+    assert rows[-1]["kind"] == "final-eval"
+    record("a site away longer than the tolerance", "the run failed naming the site; `flowerbed run --resume` "
+           "went on from the last checkpoint once it was back", injected="site stopped (VM shut down) for minutes",
+           noticed_s=None, recovered_s=rejoined, rounds_lost=0, replies_lost=0)  # fmt: skip

@@ -6,12 +6,12 @@ goes on across a gateway kill.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from flowerbed.certs.service import read_cert
 from flowerbed.config import RunSettings, load_federation
 from flowerbed.demodata import make_demo_data
-from flowerbed.probes import free_port, grpc_health, presents_certificate, tcp_open
+from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.serverapp.history import read_rows
-from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
-from tests.conftest import SITES, make_config, make_federation, wait_for
+from tests.conftest import SITES, make_config, make_federation, supervised_sites, wait_for
+from tests.faults import record
 
 GATEWAY, SUPERLINK, EXECUTOR = "gateway (nginx)", "flower-superlink", "flower-superexec (ServerApp executor)"
 
@@ -38,17 +38,13 @@ def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path
                             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     text = lambda: " ".join((tmp_path / "coordinator.out").read_text().split())  # noqa: E731
     pids = lambda: json.loads(layout.pidfile.read_text())["processes"] if layout.pidfile.exists() else {}  # noqa: E731
-    stop = threading.Event()
-    threads = []
+    sites = contextlib.ExitStack()
     try:
         assert wait_for(lambda: "is up" in text(), 120), text()
         data = make_demo_data(tmp_path / "data", SITES)
-        for site in SITES[:2]:
-            spec = SupernodeSpec(site=site, superlink=f"localhost:{sl.port}", ca=layout.ca_cert,
-                                 key=layout.node_key(site), data=data.site_files[site], workdir=tmp_path / site,
-                                 port=free_port())  # fmt: skip
-            threads.append(threading.Thread(target=Supervisor(spec).run, args=(stop.is_set,), daemon=True))
-            threads[-1].start()
+        sites.enter_context(
+            supervised_sites(layout, f"localhost:{sl.port}", {s: data.site_files[s] for s in SITES[:2]}, tmp_path)
+        )
         settings = RunSettings.model_validate(
             load_federation(layout.root).run.model_dump() | {"max_rounds": 3, "patience": 10, "round_timeout_s": 120}
         )
@@ -61,7 +57,9 @@ def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path
         assert wait_for(lambda: f"{GATEWAY} is back" in text(), 60), text()
         ours = read_cert(layout.server_cert).public_bytes(serialization.Encoding.DER)
         assert presents_certificate("127.0.0.1", sl.port, layout.ca_cert, ours)
-        print(f"gateway back after {time.monotonic() - killed:.1f} s")
+        record("kill -9 the gateway (nginx) mid-run", '"gateway (nginx) exited with status -9 ...; restarting it", '
+               '"... is back"; the run went on', injected="SIGKILL to the nginx master", noticed_s=None,
+               recovered_s=time.monotonic() - killed, rounds_lost=0, replies_lost=0)  # fmt: skip
         result = follow(layout, handle, timeout_s=400)
         check_result(result, handle)
         assert [r["round"] for r in result.rows if r["kind"] == "train"] == [1, 2, 3]
@@ -70,16 +68,18 @@ def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path
         for name, probe in ((SUPERLINK, lambda: grpc_health(f"127.0.0.1:{sl.health_port}")),
                             (EXECUTOR, lambda: grpc_health(f"127.0.0.1:{sl.executor_health_port}"))):  # fmt: skip
             before = pids()
+            killed = time.monotonic()
             os.kill(before[name], signal.SIGKILL)
             assert wait_for(lambda n=name, b=before: f"{n} is back" in text() and pids().get(n) != b[n], 90), text()
+            record(f"kill -9 {name}", f'"{name} exited with status -9 ...; restarting it", "... is back"; the other '
+                   "processes ran on", injected=f"SIGKILL to {name}", noticed_s=None,
+                   recovered_s=time.monotonic() - killed, rounds_lost=0, replies_lost=0)  # fmt: skip
             assert probe()
             assert all(pids()[other] == before[other] for other in before if other != name)
             assert f"{name} exited with status -9" in text()
         assert proc.poll() is None  # the coordinator itself never stopped
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
+        sites.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=90)
         out.close()

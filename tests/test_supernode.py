@@ -7,6 +7,7 @@ import email.utils
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -156,6 +157,21 @@ def test_unregistered_key_stops_with_a_message(running: RunningFederation, tmp_p
     assert time.monotonic() - started < 100
     log = (tmp_path / "work" / "logs" / "supernode.log").read_text()
     assert "Failed to activate SuperNode" in log
+
+
+def test_its_own_port_held_by_another_process_stops_with_a_message(running: RunningFederation, tmp_path: Path) -> None:
+    """A leftover process on the SuperNode's loopback port: three tries, then one line naming the port."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        args = start_args(running.gateway, running.layout.ca_cert, running.layout.node_key("inst-b"),
+                          running.data.site_files["inst-b"], "--workdir", str(tmp_path / "work"),
+                          "--port", str(port))  # fmt: skip
+        result = run_cli(*args, timeout=180)
+    assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, f"port {port} on 127.0.0.1 is held by another process",
+                       f"ss -ltnp 'sport = :{port}'", "--port")  # fmt: skip
+    assert result.stdout.count("started flower-supernode") == 3
 
 
 def test_log_is_read_line_by_line_with_timestamps(tmp_path: Path) -> None:

@@ -12,16 +12,24 @@ from rich.live import Live
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation, resolve
 from flowerbed.console import err, out, table
+from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
-from flowerbed.runner import RunHandle, RunResult, check_result, follow, submit
-from flowerbed.serverapp.history import FINAL_EVAL, PLOT, TRAIN, WAITING
+from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
+from flowerbed.serverapp.history import FAILED, FINAL_EVAL, PLOT, RESUMED, TRAIN, WAITING
+from flowerbed.serverapp.resume import run_id_of
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
-COLUMNS = ["round", "nodes", "failed", "train loss", "eval loss", "eval acc", "s", "stop"]
+COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "eval acc", "s", "stop"]
+
+
+LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait"}
 
 
 def _round_label(row: dict[str, Any]) -> str:
-    return "final" if row.get("kind") == FINAL_EVAL else str(row["round"])
+    label = LABELS.get(str(row.get("kind")))
+    if label is None:
+        return str(row["round"])
+    return label if row.get("kind") in (FINAL_EVAL, RESUMED) else f"{row['round']} {label}"
 
 
 def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -38,8 +46,8 @@ def history_table(rows: list[dict[str, Any]], title: str) -> Any:
         title,
         COLUMNS,
         (
-            [_round_label(r), r["nodes"], r["failures"], r["train_loss"], r["eval_loss"],
-             r["eval_accuracy"], _seconds(r["seconds"]), r["stop_reason"]]
+            [_round_label(r), r["nodes"], r["failures"], ", ".join(r.get("missing", [])), r["train_loss"],
+             r["eval_loss"], r["eval_accuracy"], _seconds(r["seconds"]), r["stop_reason"]]
             for r in rows
         ),
     )  # fmt: skip
@@ -58,12 +66,26 @@ def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> s
 def follow_live(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
     """Follow a run with a live table (round, nodes, losses, accuracy, elapsed)."""
     started = time.monotonic()
+    run_id = [handle.run_id]
     with Live(console=err, refresh_per_second=2, transient=False) as live:
 
         def update(rows: list[dict[str, Any]]) -> None:
-            live.update(history_table(rows, progress_title(handle.run_id, rows, time.monotonic() - started)))
+            live.update(history_table(rows, progress_title(run_id[0], rows, time.monotonic() - started)))
 
-        return follow(layout, handle, on_rows=update, timeout_s=timeout_s)
+        def note(message: str) -> None:
+            live.console.print(message, markup=False)
+            latest = run_id_of(handle.out_dir)
+            run_id[0] = latest if latest is not None else run_id[0]
+
+        return follow(layout, handle, on_rows=update, on_note=note, timeout_s=timeout_s)
+
+
+def follow_and_report(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> None:
+    """Follow to the end, then the one-line result, the plot and the history (a failed run exits 5)."""
+    result = follow_live(layout, handle, timeout_s)
+    check_result(result, handle)
+    out.print(best_line(result.run_id, result.summary))
+    out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")
 
 
 def best_line(run_id: int, summary: dict[str, Any]) -> str:
@@ -94,12 +116,23 @@ def run(
     learning_rate: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
     proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/ (default: timestamp).")] = None,
+    resume_name: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="NAME",
+            help="Go on with runs/NAME from its last checkpoint (options given replace its settings).",
+        ),
+    ] = None,
     follow_run: Annotated[bool, typer.Option("--follow/--no-follow", help="Show progress until it stops.")] = True,
 ) -> None:
     layout = FederationLayout(fed_dir)
     config = load_federation(fed_dir)
+    if resume_name is not None and name is not None:
+        raise FlowerbedError("--resume NAME goes on in runs/NAME: leave out --name")
+    base = stored_settings(run_folder(layout, resume_name)) if resume_name is not None else config.run
     run_settings = resolve(
-        config.run,
+        base,
         {
             "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes,
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
@@ -107,11 +140,12 @@ def run(
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
-    handle = submit(layout, settings, name, control_port=config.superlink.internal_port)
-    out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
-    if not follow_run:
-        return
-    result = follow_live(layout, handle, settings.time_budget_s + settings.round_timeout_s + 300)
-    check_result(result, handle)
-    out.print(best_line(handle.run_id, result.summary))
-    out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")
+    port = config.superlink.internal_port
+    if resume_name is not None:
+        handle = resume(layout, resume_name, settings, control_port=port, why="; resumed by hand")
+        out.print(f"resumed run {resume_name} as Flower run {handle.run_id}; output in {handle.out_dir}")
+    else:
+        handle = submit(layout, settings, name, control_port=port)
+        out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
+    if follow_run:
+        follow_and_report(layout, handle, settings.time_budget_s + settings.round_timeout_s + 300)

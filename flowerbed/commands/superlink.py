@@ -11,6 +11,7 @@ from flowerbed.commands.common import FedDir, stop_on_signals
 from flowerbed.config import load_federation, resolve
 from flowerbed.console import info, out
 from flowerbed.layout import FederationLayout
+from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.stack import start_stack, supervise
 
 app = typer.Typer(help="Run the coordinator: SuperLink, ServerApp executor and Fleet gateway.",
@@ -23,6 +24,13 @@ def start(
     gateway_host: Annotated[str | None, typer.Option(help="Listen address of the gateway.")] = None,
     port: Annotated[int | None, typer.Option(help="Public port of the gateway.")] = None,
     deadline_s: Annotated[float, typer.Option(help="Seconds each process may take to become ready.")] = 90,
+    resume_runs: Annotated[
+        bool,
+        typer.Option(
+            "--resume-runs/--no-resume-runs",
+            help="Resume runs interrupted by a crash or restart from their last checkpoint.",
+        ),
+    ] = True,
 ) -> None:
     config = load_federation(fed_dir)
     config = resolve(config, {"superlink": resolve(config.superlink, {"gateway_host": gateway_host, "port": port})})
@@ -37,7 +45,9 @@ def start(
             markup=False,
         )
         out.print(f"logs: {layout.logs}; submit a run with `flowerbed run -d {fed_dir}`; Ctrl-C stops")
-        supervise(stack, should_stop=stop.is_set, report=info)
+        keeper = RunKeeper(layout, info, enabled=resume_runs, control_port=sl.internal_port)
+        keeper.tick(why="; the coordinator had stopped", startup=True)
+        supervise(stack, should_stop=stop.is_set, report=info, keeper=keeper)
     finally:
         stack.stop()
         info("stopped SuperLink, executor and gateway")

@@ -9,7 +9,7 @@ import typer
 
 from flowerbed.commands.common import stop_on_signals
 from flowerbed.console import info, out, table
-from flowerbed.supernode.preflight import link_probe, require, run_preflight
+from flowerbed.supernode.preflight import clock_probe, link_probe, require, run_preflight
 from flowerbed.supernode.sitekit import site_spec
 from flowerbed.supernode.supervisor import Supervisor
 
@@ -41,5 +41,11 @@ def start(
     if preflight_only:
         return
     stop = stop_on_signals()
-    Supervisor(spec, report=info, rejected_window_s=rejected_window_s, link_probe=link_probe(spec)).run(stop.is_set)
+    Supervisor(
+        spec,
+        report=info,
+        rejected_window_s=rejected_window_s,
+        link_probe=link_probe(spec),
+        clock_probe=clock_probe(spec),
+    ).run(stop.is_set)
     info("SuperNode stopped")

@@ -45,6 +45,20 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     return result
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc), whatever their process groups."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo and len(found) < 10_000:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
 @dataclass
 class Background:
     """A process started on a host; its output is collected in ``lines``."""
@@ -67,6 +81,13 @@ class Background:
                 return needle in " ".join(self.text().split())
             time.sleep(0.5)
         return False
+
+    def power_off(self) -> None:
+        """SIGKILL the process and everything it started, at once (a VM that loses power)."""
+        for pid in descendants(self.popen.pid):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
 
     def stop(self, grace_s: float = 30) -> int | None:
         """SIGTERM the process group, then SIGKILL."""
@@ -147,6 +168,7 @@ class Network:
         self.prefix = f"10.250.{subnet_index}"
         self.hosts: dict[str, Host] = {}
         self.names: dict[str, str] = {}
+        self.own: dict[str, dict[str, str]] = {}  # per host: names only it resolves differently
         self._netns: list[str] = [self.lan]
         sh("ip", "netns", "add", self.lan)
         sh("ip", "-n", self.lan, "link", "add", "br0", "type", "bridge")
@@ -175,11 +197,15 @@ class Network:
         self.hosts[name] = host
         return host
 
-    def name(self, dns: str, host: Host) -> None:
-        """Let every host resolve ``dns`` to ``host``'s address."""
-        self.names[dns] = host.address
-        text = "127.0.0.1 localhost\n::1 localhost\n" + "".join(f"{a} {n}\n" for n, a in self.names.items())
+    def name(self, dns: str, host: Host, *, on: Host | None = None, address: str | None = None) -> None:
+        """Let every host (or only ``on``) resolve ``dns`` to ``host``'s address (or ``address``)."""
+        if on is None:
+            self.names[dns] = address or host.address
+        else:
+            self.own.setdefault(on.name, {})[dns] = address or host.address
         for h in self.hosts.values():
+            names = self.names | self.own.get(h.name, {})
+            text = "127.0.0.1 localhost\n::1 localhost\n" + "".join(f"{a} {n}\n" for n, a in names.items())
             folder = NETNS_ETC / h.netns
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "hosts").write_text(text)

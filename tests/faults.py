@@ -1,0 +1,143 @@
+"""The fault suite's figures: each fault test records what it injected, what the user saw and what it cost.
+
+Records go to ``build/faults.jsonl`` during a pytest session; at its end ``docs/reliability.json``
+keeps the last figures of each fault and ``docs/reliability.md`` is written from it (never by hand).
+``python -m tests.faults`` writes the page again from the JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = ROOT / "build" / "faults.jsonl"
+DATA = ROOT / "docs" / "reliability.json"
+PAGE = ROOT / "docs" / "reliability.md"
+
+
+def record(
+    fault: str,
+    user_saw: str,
+    *,
+    injected: str = "",
+    noticed_s: float | None = None,
+    recovered_s: float | None = None,
+    rounds_lost: int = 0,
+    replies_lost: int = 0,
+    **figures: float | int | str,
+) -> dict[str, Any]:
+    """Print the fault's figure line and keep it for the reliability page."""
+    row: dict[str, Any] = {
+        "fault": fault,
+        "injected": injected or fault,
+        "user_saw": user_saw,
+        "noticed_s": None if noticed_s is None else round(noticed_s, 1),
+        "recovered_s": None if recovered_s is None else round(recovered_s, 1),
+        "rounds_lost": rounds_lost,
+        "replies_lost": replies_lost,
+        "figures": figures,
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    extra = "".join(f", {k} {v}" for k, v in figures.items())
+    print(
+        f"FAULT {fault}: noticed after {row['noticed_s']} s, recovered after {row['recovered_s']} s, "
+        f"rounds lost {rounds_lost}, replies lost {replies_lost}{extra}"
+    )
+    RECORDS.parent.mkdir(parents=True, exist_ok=True)
+    with RECORDS.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
+
+
+def machine() -> str:
+    import flwr
+    import torch
+
+    cores = os.cpu_count()
+    return (
+        f"{platform.system()} {platform.machine()}, {cores} cores, Python {platform.python_version()}, "
+        f"flwr {getattr(flwr, '__version__', '?')}, torch {torch.__version__}"
+    )
+
+
+def merge_records() -> bool:
+    """Fold this session's records into docs/reliability.json (by fault); True when anything was recorded."""
+    if not RECORDS.exists():
+        return False
+    rows = [json.loads(line) for line in RECORDS.read_text("utf-8").splitlines() if line.strip()]
+    if not rows:
+        return False
+    data = json.loads(DATA.read_text("utf-8")) if DATA.exists() else {"faults": {}}
+    for row in rows:
+        data["faults"][row["fault"]] = row
+    data["machine"] = machine()
+    DATA.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_page(data)
+    return True
+
+
+LIMITS = """## Limits found, and what the kit does about them
+
+- **SQLite locking with many sites.** Flower 1.42 keeps the SuperLink's state and object store in
+  one SQLite file (WAL, 5 s busy timeout) with deferred transactions; a transaction that reads and
+  then writes fails at once with `database is locked` when another writer holds the lock. With 16
+  SuperNodes on this 2-core machine, before the fix: one `Failed to store object ... database is
+  locked` in round 1, that site's reply was lost, and the round stalled (243 s, then the run
+  failed). After: `flowerbed superlink start` runs Flower's SuperLink through
+  `flowerbed.superlink.launch`, which makes every transaction `BEGIN IMMEDIATE` with a 60 s busy
+  timeout: no lock error, 3 rounds of 16 replies each (68/63/56 s), coordinator peak RSS 658 MB,
+  37 gateway connections at most. The in-memory state was not chosen: node registrations and runs
+  would not survive a coordinator restart.
+- **A node restarted right after a crash** is refused by Flower for about 60 s (its old session is
+  still online). The kit signs the old session off with the node's own key before the restart
+  (also when the whole site was killed, from `WORKDIR/node-id`), so the restart is accepted at once;
+  where that fails the site sees a countdown.
+- **Clock drift.** Flower refuses a node more than 5 s ahead of the SuperLink with HTTP 401 and ends
+  the SuperNode as if Ctrl-C was pressed. The supervisor measures the clock against the gateway
+  before every restart, says `clock drift` with the offset, and restarts once the clock is right.
+- **netem is not in this machine's kernel** (`tc qdisc add ... netem`: "Specified qdisc kind is
+  unknown"). Latency comes from a delaying TCP relay (`tests/hosts/slowlink.py`) and loss from an
+  nftables `numgen random` drop rule instead.
+"""
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
+def write_page(data: dict[str, Any]) -> None:
+    lines = [
+        "# Reliability: what each fault costs",
+        "",
+        "<!-- Generated by tests/faults.py from docs/reliability.json at the end of the last test run "
+        "that ran fault tests. Do not edit by hand: run the fault tests (`pytest tests/test_resume.py "
+        "tests/test_absence.py tests/test_heal.py tests/hosts`) or `python -m tests.faults`. -->",
+        "",
+        "Each row is one fault test of the suite: a real federation (real `flower-superlink`, "
+        "`flower-supernode`, nginx gateway, TLS, node keys), one fault injected, the outcome asserted. "
+        "Timeouts are scaled down by configuration so that each test takes about a minute; with the "
+        "defaults (e.g. `site_absence_tolerance_s = 600`) the same faults are tolerated for longer.",
+        "",
+        f"Measured on: {data.get('machine', '?')}.",
+        "",
+        "| fault | what was injected | what the user saw | lost | noticed after | recovered after | measured |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["faults"].values():
+        lost = f"{row['rounds_lost']} rounds, {row['replies_lost']} replies"
+        extra = "; ".join(f"{k} {v}" for k, v in row.get("figures", {}).items())
+        lines.append(
+            f"| {row['fault']} | {row['injected']} | {row['user_saw']} | {lost} | {_seconds(row['noticed_s'])} | "
+            f"{_seconds(row['recovered_s'])} | {row['when']}{'; ' + extra if extra else ''} |"
+        )
+    lines += ["", LIMITS]
+    PAGE.write_text("\n".join(lines), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_page(json.loads(DATA.read_text("utf-8")))
