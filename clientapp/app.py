@@ -8,15 +8,17 @@ round gives the ServerApp both (every exchange costs seconds in Flower, whatever
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flowerbed.clientapp.data import DataError, SiteData, load_site_data
-from flowerbed.clientapp.task import evaluate, model_for, train
+from flowerbed.clientapp.builtin import task_name
+from flowerbed.clientapp.data import DataError
 from flowerbed.config import RunSettings
 from flowerbed.supernode.events import TASK_EVENT
+from flowerbed.task import Task, check_metrics, load_task, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
 
@@ -36,23 +38,35 @@ def _site_record(context: Context) -> ConfigRecord:
     return ConfigRecord({"site-name": _site(context)})
 
 
-def _load(context: Context, settings: RunSettings) -> SiteData:
-    return load_site_data(
-        str(context.node_config.get("data-path", "")),
-        num_features=settings.num_features if settings.model == "mlp" else None,
-        num_classes=settings.num_classes,
-        class_names=settings.class_name_list(),
-        image_size=settings.image_size,
-        validation_fraction=settings.validation_fraction,
-        seed=settings.seed,
-    )
+def _task(context: Context) -> tuple[Task, Any]:
+    """The run's task and its own settings (validated)."""
+    task = load_task(task_name(_settings(context)))
+    return task, task_config(task, dict(context.run_config))
 
 
-def _model(msg: Message, settings: RunSettings) -> Any:
-    model = model_for(settings)
+def _load(context: Context, task: Task, config: Any) -> tuple[Any, Any]:
+    data_path = str(context.node_config.get("data-path", ""))
+    if not data_path:
+        raise DataError("data-path is not set in the SuperNode's node config")
+    return task.load_data(Path(data_path).expanduser(), config)
+
+
+def _model(msg: Message, task: Task, config: Any) -> Any:
+    model = task.model(config)
     arrays = msg.content.array_records["arrays"]
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
+
+
+MetricValues = dict[str, int | float | list[int] | list[float]]
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> MetricValues:
+    return {f"{prefix}-{key}": value for key, value in metrics.items()}
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "loss") or "no metric"
 
 
 def site_event(text: str) -> None:
@@ -74,34 +88,21 @@ def _error(msg: Message, context: Context, exc: DataError) -> Message:
 def train_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model, train it locally, reply with weights and metrics."""
     site_event(f"round {_round(msg)}: received a train task")
-    settings = _settings(context)
+    task, config = _task(context)
     try:
-        data = _load(context, settings)
+        train_data, validation = _load(context, task, config)
     except DataError as exc:
         return _error(msg, context, exc)
-    model = _model(msg, settings)
-    before = evaluate(model, data.validation)
+    model = _model(msg, task, config)
+    before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
     server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
-    train_loss = train(
-        model,
-        data.train,
-        epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
-        proximal_mu=settings.proximal_mu,
-        seed=settings.seed + server_round,
-    )
-    metrics = MetricRecord(
-        {
-            "train-loss": train_loss,
-            "eval-loss": before.loss,
-            "eval-accuracy": before.accuracy,
-            "num-examples": data.num_train,
-        }
-    )
+    if "seed" in type(config).model_fields:  # a different shuffle each round, the same at a rerun
+        config = config.model_copy(update={"seed": config.seed + server_round})
+    trained = check_metrics(task.train(model, train_data, config), f"{task.name}.train")
+    metrics = MetricRecord(_prefixed("train", trained) | _prefixed("eval", before) | {"num-examples": len(train_data)})
     site_event(
-        f"round {server_round}: trained on {data.num_train} examples; the global model scored "
-        f"accuracy {before.accuracy:.4f} on {before.num_examples} local validation examples"
+        f"round {server_round}: trained on {len(train_data)} examples; the global model scored "
+        f"{_summary(before)} on {len(validation)} local validation examples"
     )
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "site": _site_record(context)})
     return Message(content=content, reply_to=msg)
@@ -111,14 +112,12 @@ def train_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the site's validation split."""
     site_event(f"round {_round(msg)}: received an evaluate task")
-    settings = _settings(context)
+    task, config = _task(context)
     try:
-        data = _load(context, settings)
+        _, validation = _load(context, task, config)
     except DataError as exc:
         return _error(msg, context, exc)
-    result = evaluate(_model(msg, settings), data.validation)
-    site_event(f"round {_round(msg)}: evaluated the final model: accuracy {result.accuracy:.4f}")
-    metrics = MetricRecord(
-        {"eval-loss": result.loss, "eval-accuracy": result.accuracy, "num-examples": result.num_examples}
-    )
+    result = check_metrics(task.evaluate(_model(msg, task, config), validation, config), f"{task.name}.evaluate")
+    site_event(f"round {_round(msg)}: evaluated the final model: {_summary(result)}")
+    metrics = MetricRecord(_prefixed("eval", result) | {"num-examples": len(validation)})
     return Message(content=RecordDict({"metrics": metrics, "site": _site_record(context)}), reply_to=msg)

@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from flowerbed import __version__
-from flowerbed.commands import bundle, certs, check, demo, env, init, kit, run, runs, sites, superlink, supernode
+from flowerbed.commands import bundle, certs, check, demo, env, init, kit, run, runs, sites, superlink, supernode, task
 from flowerbed.config import ConfigError, format_validation_error
 from flowerbed.console import error
 from flowerbed.errors import ExitCode, FlowerbedError
@@ -52,6 +52,7 @@ app.add_typer(superlink.app, name="superlink")
 app.add_typer(supernode.app, name="supernode")
 app.add_typer(sites.app, name="sites")
 app.add_typer(runs.app, name="runs")
+app.add_typer(task.app, name="task")
 
 
 def main() -> None:

@@ -111,10 +111,14 @@ class Site(_Model):
 class RunSettings(_Model):
     """Run defaults: strategy, convergence criteria and local training settings."""
 
+    task: str = Field(
+        "", description="The task (model, data, training, metrics) by name; empty: the built-in task of `model`"
+    )
     strategy: Strategy = "fedavg"
     max_rounds: int = Field(20, ge=1, le=10000)
     min_nodes: int = Field(2, ge=1)
-    target_metric: Literal["accuracy", "loss"] = "accuracy"
+    target_metric: str = Field("accuracy", description="Any metric the task's evaluate reports, e.g. auroc")
+    target_mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for *loss, else max")
     target_value: float | None = Field(None, description="Stop when the eval metric reaches it")
     patience: int = Field(3, ge=1, description="Rounds without eval-loss improvement before stop")
     min_delta: float = Field(1e-3, ge=0)
@@ -153,6 +157,19 @@ class RunSettings(_Model):
         if target is not None and self.target_metric == "accuracy" and not 0 < target <= 1:
             raise ValueError("target_value for accuracy must be in (0, 1]")
         return self
+
+    @field_validator("target_metric")
+    @classmethod
+    def _metric_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", value):
+            raise ValueError(f"{value!r} is not a metric name (letters, digits, - and _; e.g. auroc)")
+        return value
+
+    def target_direction(self) -> str:
+        """``max`` when a higher ``target_metric`` is better, ``min`` when lower is (``*loss`` in auto mode)."""
+        if self.target_mode != "auto":
+            return self.target_mode
+        return "min" if self.target_metric.endswith("loss") else "max"
 
     def class_name_list(self) -> list[str] | None:
         """``class_names`` as a list (None when not set)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import shutil
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,16 @@ from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
-from flowerbed.serverapp.history import RESUMED, TRAIN, read_rows
-from flowerbed.serverapp.resume import RESUME_KEY, RUN_ID_FILE, ended, plan_resume, run_id_of, serverapp_alive
+from flowerbed.serverapp.history import RESUMED, SUMMARY, TRAIN, read_rows
+from flowerbed.serverapp.resume import (
+    RESUME_KEY,
+    RESUMING_FILE,
+    RUN_ID_FILE,
+    ended,
+    plan_resume,
+    run_id_of,
+    serverapp_alive,
+)
 from flowerbed.superlink import flwrcli
 
 APP_NAME = "flowerbed-app"
@@ -138,16 +147,48 @@ def resume(
     """
     _check_superlink(layout, control_port)
     out_dir = run_folder(layout, name)
-    if serverapp_alive(out_dir):
-        raise FlowerbedError(f"run {name} is still running: follow it with `flowerbed runs follow {name}`")
-    plan_resume(out_dir)  # refuses what cannot be resumed (completed, no checkpoint) before submitting
-    old = run_id_of(out_dir)
-    config = (settings or stored_settings(out_dir)).to_run_config()
-    run_id = _submit(layout, out_dir, config | {"output-dir": str(out_dir), RESUME_KEY: True, "resume-why": why})
+    with resume_lock(out_dir):
+        if serverapp_alive(out_dir):
+            raise FlowerbedError(f"run {name} is still running: follow it with `flowerbed runs follow {name}`")
+        plan_resume(out_dir)  # refuses what cannot be resumed (completed, no checkpoint) before submitting
+        old = run_id_of(out_dir)
+        config = (settings or stored_settings(out_dir)).to_run_config()
+        summary, parked = out_dir / SUMMARY, out_dir / "summary.previous.json"
+        if summary.exists():
+            summary.replace(parked)  # the run has not ended any more; put back if the submission fails
+        try:
+            run_id = _submit(
+                layout, out_dir, config | {"output-dir": str(out_dir), RESUME_KEY: True, "resume-why": why}
+            )
+        except BaseException:
+            if parked.exists() and not summary.exists():
+                parked.replace(summary)
+            raise
     if old is not None:
         with contextlib.suppress(FlowerbedError):
             flwrcli.stop_run(layout.flwr_home, old)  # its ServerApp is gone; Flower would wait a minute
     return RunHandle(run_id=run_id, out_dir=out_dir)
+
+
+@contextlib.contextmanager
+def resume_lock(out_dir: Path, stale_s: float = 300.0) -> Iterator[None]:
+    """One resume of a run folder at a time (the coordinator's and a terminal's could race)."""
+    lock = out_dir / RESUMING_FILE
+    for _ in range(2):
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            break
+        except FileExistsError:
+            if time.time() - lock.stat().st_mtime < stale_s:
+                raise FlowerbedError(
+                    f"run {out_dir.name} is being resumed already (by the coordinator or another terminal): "
+                    f"follow it with `flowerbed runs follow {out_dir.name}`"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a resume that was killed
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -189,6 +230,10 @@ def follow(
         if latest is not None and latest != run_id:
             run_id, interrupted_at = latest, None
             on_note(f"the run was resumed and goes on as Flower run {run_id}")
+        decided = ended(handle.out_dir)
+        if decided is not None and decided.get("status") != "completed" and run_id_of(handle.out_dir) == run_id:
+            status = f"{FINISHED}:{decided.get('status')}"  # the ServerApp decided: no need to wait for Flower
+            break
         try:
             status = flwrcli.run_status(layout.flwr_home, run_id)
         except FlowerbedError as exc:

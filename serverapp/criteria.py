@@ -23,9 +23,16 @@ class ConvergenceTracker:
     rounds_without_improvement: int = 0
     history: list[tuple[int, float, float]] = field(default_factory=list)
 
-    def observe(self, server_round: int, eval_loss: float, eval_accuracy: float) -> str | None:
-        """Record the eval result of the model sent in ``server_round``; a stop reason or None."""
-        self.history.append((server_round, eval_loss, eval_accuracy))
+    def observe(
+        self, server_round: int, eval_loss: float, eval_accuracy: float | None, metrics: dict[str, float] | None = None
+    ) -> str | None:
+        """Record the eval result of the model sent in ``server_round``; a stop reason or None.
+
+        Plateau and the best round follow the eval loss; the target can be any reported metric
+        (``metrics`` holds them all by name), reached when at or beyond ``target_value`` in the
+        metric's direction (``target_mode``).
+        """
+        self.history.append((server_round, eval_loss, eval_accuracy if eval_accuracy is not None else math.nan))
         if eval_loss < self.best_loss - self.settings.min_delta:
             self.best_loss = eval_loss
             self.best_round = server_round
@@ -35,11 +42,16 @@ class ConvergenceTracker:
             if self.best_round is None:
                 self.best_round = server_round
         target = self.settings.target_value
-        if target is not None:
-            if self.settings.target_metric == "accuracy" and eval_accuracy >= target:
-                return TARGET
-            if self.settings.target_metric == "loss" and eval_loss <= target:
-                return TARGET
+        values = {"loss": eval_loss, **({"accuracy": eval_accuracy} if eval_accuracy is not None else {})}
+        value = (metrics or {}).get(self.settings.target_metric, values.get(self.settings.target_metric))
+        reached = (
+            value is not None
+            and target is not None
+            and math.isfinite(value)
+            and (value >= target if self.settings.target_direction() == "max" else value <= target)
+        )
+        if reached:
+            return TARGET
         if self.rounds_without_improvement >= self.settings.patience:
             return PLATEAU
         return None

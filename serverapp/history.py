@@ -44,6 +44,7 @@ class RoundRow:
     kind: str = TRAIN
     sites: list[str] = field(default_factory=list)  # the sites whose valid replies made this round
     missing: list[str] = field(default_factory=list)  # sites seen earlier in the run that this round lacked
+    metrics: dict[str, float] = field(default_factory=dict)  # every aggregated metric (train-*, eval-*)
 
 
 class History:
@@ -137,7 +138,15 @@ def plot_history(rows: list[RoundRow], path: Path) -> None:
 
     rows = [r for r in rows if r.kind in PLOTTED]  # waits, failures and resumes are not rounds
     rounds = [r.round for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    extra = sorted({k for r in rows for k in r.metrics if k.startswith("eval-")} - {"eval-loss", "eval-accuracy"})
+    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
+    if extra:  # the task's own metrics (auroc, sensitivity ...), each as a line
+        for key in extra:
+            axes[2].plot(rounds, [r.metrics.get(key) for r in rows], marker="o", label=key.removeprefix("eval-"))
+        axes[2].set_xlabel("round")
+        axes[2].set_ylabel("eval metric (global model)")
+        axes[2].legend()
     for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss (global model)")):
         ax_loss.plot(rounds, [getattr(r, key) for r in rows], marker="o", label=label)
     ax_loss.set_xlabel("round")

@@ -118,10 +118,31 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
     return out
 
 
+def all_metrics(metrics: MetricRecord | None) -> dict[str, float]:
+    """Every aggregated metric by name (``train-*``, ``eval-*``), without the example counts."""
+    if metrics is None:
+        return {}
+    return {k: float(v) for k, v in metrics.items() if k != "num-examples" and isinstance(v, int | float)}
+
+
+def eval_metrics(metrics: MetricRecord | None) -> dict[str, float]:
+    """The evaluation metrics of the global model by the task's own names (``auroc``, ``loss`` ...)."""
+    return {k.removeprefix("eval-"): v for k, v in all_metrics(metrics).items() if k.startswith("eval-")}
+
+
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
     if metrics is None or key not in metrics:
         return None
     return float(metrics[key])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class FinalEval:
+    """The last model's own evaluation."""
+
+    loss: float
+    accuracy: float | None
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -133,7 +154,9 @@ class BestModel:
     accuracy: float | None = None
     arrays: ArrayRecord | None = None
 
-    def offer(self, server_round: int, loss: float, accuracy: float, arrays: ArrayRecord, min_delta: float) -> bool:
+    def offer(
+        self, server_round: int, loss: float, accuracy: float | None, arrays: ArrayRecord, min_delta: float
+    ) -> bool:
         if self.loss is None or loss < self.loss - min_delta:
             self.round, self.loss, self.accuracy, self.arrays = server_round, loss, accuracy, arrays
             return True
@@ -192,8 +215,9 @@ def run_rounds(
         if resume.state_dict is not None:
             arrays = ArrayRecord(resume.state_dict)
         for row in resume.trained:
-            if row.eval_loss is not None and row.eval_accuracy is not None:
-                tracker.observe(row.round, row.eval_loss, row.eval_accuracy)
+            if row.eval_loss is not None:
+                evaluated = {k.removeprefix("eval-"): v for k, v in row.metrics.items() if k.startswith("eval-")}
+                tracker.observe(row.round, row.eval_loss, row.eval_accuracy, evaluated)
                 if row.round == resume.best_round and resume.best_state_dict is not None:
                     best = BestModel(row.round, row.eval_loss, row.eval_accuracy, ArrayRecord(resume.best_state_dict))
     reason: str | None = None
@@ -246,8 +270,8 @@ def run_rounds(
         new_arrays, metrics = strategy.aggregate_train(server_round, got.valid)
         eval_loss = _metric(metrics, "eval-loss")
         eval_acc = _metric(metrics, "eval-accuracy")
-        if eval_loss is not None and eval_acc is not None:
-            reason = tracker.observe(server_round, eval_loss, eval_acc)
+        if eval_loss is not None:
+            reason = tracker.observe(server_round, eval_loss, eval_acc, eval_metrics(metrics))
             if server_round > 1 and best.offer(server_round, eval_loss, eval_acc, arrays, settings.min_delta):
                 history.save_best(server_round, arrays.to_torch_state_dict())
         if new_arrays is not None:
@@ -269,6 +293,7 @@ def run_rounds(
                 errors=got.errors,
                 sites=got.sites,
                 missing=sorted(set(sites.by_node.values()) - set(got.sites)),
+                metrics=all_metrics(metrics),
             )
         )
     if reason in (MAX_ROUNDS, TIME_BUDGET) or best.arrays is None:
@@ -277,16 +302,17 @@ def run_rounds(
         history.append(
             RoundRow(
                 round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
-                eval_loss=final_eval[0] if final_eval else None,
-                eval_accuracy=final_eval[1] if final_eval else None,
+                eval_loss=final_eval.loss if final_eval else None,
+                eval_accuracy=final_eval.accuracy if final_eval else None,
                 seconds=round(clock() - t0, 2),
                 stop_reason="evaluation of the last model" if final_eval else "final evaluation: too few replies",
-                errors=errors, kind=FINAL_EVAL,
+                errors=errors, kind=FINAL_EVAL, metrics=final_eval.metrics if final_eval else {},
             )
         )  # fmt: skip
         if final_eval is not None:
-            tracker.observe(server_round + 1, *final_eval)
-            if best.offer(server_round + 1, *final_eval, arrays, settings.min_delta):
+            evaluated = {k.removeprefix("eval-"): v for k, v in final_eval.metrics.items() if k.startswith("eval-")}
+            tracker.observe(server_round + 1, final_eval.loss, final_eval.accuracy, evaluated)
+            if best.offer(server_round + 1, final_eval.loss, final_eval.accuracy, arrays, settings.min_delta):
                 history.save_best(server_round + 1, arrays.to_torch_state_dict())
     # No trained model was evaluated: the last one, never the initial one.
     final = best.arrays if best.arrays is not None else arrays
@@ -301,10 +327,10 @@ def evaluate_final(
     server_round: int,
     *,
     sites: SiteNames,
-) -> tuple[tuple[float, float] | None, int, list[str]]:
+) -> tuple[FinalEval | None, int, list[str]]:
     """One evaluate exchange for the last aggregated model (it was never evaluated).
 
-    Returns (loss, accuracy) or None, the number of valid replies, and the errors naming sites.
+    Returns its metrics or None, the number of valid replies, and the errors naming sites.
     """
     messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout_s))
@@ -312,7 +338,7 @@ def evaluate_final(
     if len(got.valid) < settings.min_nodes:
         return None, len(got.valid), got.errors
     metrics = strategy.aggregate_evaluate(server_round, got.valid)
-    loss, acc = _metric(metrics, "eval-loss"), _metric(metrics, "eval-accuracy")
-    if loss is None or acc is None:
+    loss = _metric(metrics, "eval-loss")
+    if loss is None:
         return None, len(got.valid), got.errors
-    return (loss, acc), len(got.valid), got.errors
+    return FinalEval(loss, _metric(metrics, "eval-accuracy"), all_metrics(metrics)), len(got.valid), got.errors

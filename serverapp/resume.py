@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 SERVERAPP_FILE = "serverapp.json"
 RUN_ID_FILE = "run-id"
+RESUMING_FILE = "resuming"  # present while a resume of the folder is being submitted
 RESUME_KEY = "resume"  # run-config key: go on from the folder's last checkpoint
 
 

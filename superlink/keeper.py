@@ -19,7 +19,7 @@ from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import resume
 from flowerbed.serverapp.history import HISTORY_JSONL, RESUMED, SUMMARY, TRAIN, read_rows
-from flowerbed.serverapp.resume import ended, plan_resume, run_id_of, serverapp_alive
+from flowerbed.serverapp.resume import RESUMING_FILE, ended, plan_resume, run_id_of, serverapp_alive
 from flowerbed.superlink import flwrcli
 
 Report = Callable[[str], None]
@@ -51,7 +51,7 @@ def interrupted_runs(layout: FederationLayout, *, unknown_too: bool = False) -> 
     found = []
     for out_dir in sorted(layout.runs.glob("*/run-id"), key=lambda p: p.stat().st_mtime):
         folder = out_dir.parent
-        if ended(folder) is not None:
+        if ended(folder) is not None or (folder / RESUMING_FILE).exists():
             continue
         alive = serverapp_alive(folder)
         if alive is False or (alive is None and unknown_too):

@@ -103,6 +103,7 @@ def test_sixteen_sites_on_one_coordinator(tmp_path: Path) -> None:
             access = (layout.logs / "gateway-access.log").read_text().splitlines()
             assert not [line for line in access if '" 500 ' in line or '" 502 ' in line], "HTTP 5xx at the gateway"
             assert peak_conns <= 4 * COUNT, peak_conns  # bounded: pooled keep-alive connections per node
+            assert peak_rss < 2000, peak_rss  # MB: SuperLink, executor, ServerApp and nginx together
             record(f"{COUNT} SuperNodes on one 2-core coordinator, 3 rounds", "all rounds with every site's reply",
                    injected=f"{COUNT} sites on loopback (sites at nice 10)", noticed_s=None,
                    recovered_s=None, rounds_lost=0, replies_lost=0, seconds_total=round(time.monotonic() - started),

@@ -145,6 +145,9 @@ def test_a_run_resumes_after_its_serverapp_and_then_the_whole_coordinator_are_ki
 
         listing = run_cli("runs", "-d", str(layout.root))
         assert listing.returncode == 0 and "survivor" in listing.stdout and "completed" in listing.stdout
+        followed = run_cli("runs", "follow", "survivor", "-d", str(layout.root))  # from another terminal
+        assert followed.returncode == 0, followed.stderr
+        assert "stopped: max-rounds after 5 rounds" in " ".join(followed.stdout.split())
     finally:
         sites.close()
         coordinator.stop()

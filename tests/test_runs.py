@@ -64,7 +64,7 @@ def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, n
     # (about a minute later): summary.json is written the moment the ServerApp decides.
     decided = (handle.out_dir / "summary.json").stat().st_mtime
     assert result.status == "finished:failed"
-    assert seen_failed - decided < 8, f"{seen_failed - decided:.1f} s from decision to status"
+    assert seen_failed - decided < 5, f"{seen_failed - decided:.1f} s from decision to status"
     with pytest.raises(FlowerbedError) as info:
         check_result(result, handle)
     assert info.value.exit_code == ExitCode.RUN_FAILED
@@ -109,7 +109,7 @@ def test_flowerbed_run_cli_reaches_max_rounds(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["strategy"] == "fedprox"
     # The table: seconds with one decimal, the final evaluation as its own row named "final".
-    assert re.search(r"│ final │ 2 │ 1 │ - │ \d\.\d{4} │ \d\.\d{4} │ \d+\.\d │ evaluation of the last model", flat)
+    assert re.search(r"│ final │ 2 │ 1 │ - │ - │ \d\.\d{4} │ \d\.\d{4} │ \d+\.\d │ evaluation of the last model", flat)
     assert not re.search(r"│ \d+\.\d{4} │ (max-rounds|evaluation)", flat)
     where = "the final evaluation of the last model" if summary["best_round"] == 3 else f"round {summary['best_round']}"
     assert f"best eval accuracy {summary['best_eval_accuracy']:.4f} ({where})" in flat

@@ -171,7 +171,7 @@ def test_its_own_port_held_by_another_process_stops_with_a_message(running: Runn
         result = run_cli(*args, timeout=180)
     assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, f"port {port} on 127.0.0.1 is held by another process",
                        f"ss -ltnp 'sport = :{port}'", "--port")  # fmt: skip
-    assert result.stdout.count("started flower-supernode") == 3
+    assert (result.stdout + result.stderr).count("started flower-supernode") == 3
 
 
 def test_log_is_read_line_by_line_with_timestamps(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 
+from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation, resolve
 from flowerbed.console import err, out, table
@@ -17,6 +18,7 @@ from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
 from flowerbed.serverapp.history import FAILED, FINAL_EVAL, PLOT, RESUMED, TRAIN, WAITING
 from flowerbed.serverapp.resume import run_id_of
+from flowerbed.task import load_task, task_config
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "eval acc", "s", "stop"]
@@ -40,14 +42,33 @@ def _seconds(value: Any) -> str:
     return "-" if value is None else f"{float(value):.1f}"
 
 
+SHOWN = ("eval-loss", "eval-accuracy", "train-loss")
+
+
+def extra_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The task's own evaluation metrics (beyond loss and accuracy), in the order they appear."""
+    names: list[str] = []
+    for row in rows:
+        for key in row.get("metrics", {}):
+            if key.startswith("eval-") and key not in SHOWN and key not in names:
+                names.append(key)
+    return names
+
+
+def _value(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
+
+
 def history_table(rows: list[dict[str, Any]], title: str) -> Any:
-    """The run table: one row per round, and the final evaluation as its own row."""
+    """The run table: one row per round, every metric the task reports, the final evaluation as its own row."""
+    extra = extra_metrics(rows)
     return table(
         title,
-        COLUMNS,
+        COLUMNS[:-2] + [name.removeprefix("eval-") for name in extra] + COLUMNS[-2:],
         (
             [_round_label(r), r["nodes"], r["failures"], ", ".join(r.get("missing", [])), r["train_loss"],
-             r["eval_loss"], r["eval_accuracy"], _seconds(r["seconds"]), r["stop_reason"]]
+             r["eval_loss"], r["eval_accuracy"], *(_value(r.get("metrics", {}).get(n)) for n in extra),
+             _seconds(r["seconds"]), r["stop_reason"]]
             for r in rows
         ),
     )  # fmt: skip
@@ -92,8 +113,8 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
     """The one-line result of a finished run."""
     rounds = summary.get("rounds")
     line = f"run {run_id} stopped: {summary.get('stop_reason')} after {rounds} rounds"
-    acc = summary.get("best_eval_accuracy")
-    if acc is None:
+    acc, loss = summary.get("best_eval_accuracy"), summary.get("best_eval_loss")
+    if acc is None and loss is None:
         return line + "; no round was evaluated"
     best = summary.get("best_round")
     where = (
@@ -101,7 +122,8 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
         if best is not None and rounds is not None and best > rounds
         else f"round {best}"
     )
-    return line + f"; best eval accuracy {acc:.4f} ({where})"
+    score = f"best eval accuracy {acc:.4f}" if acc is not None else f"best eval loss {loss:.4f}"
+    return line + f"; {score} ({where})"
 
 
 def run(
@@ -140,6 +162,8 @@ def run(
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
+    task = load_task(task_name(settings))  # an unknown task is refused here, not later at every site
+    task_config(task, settings.to_run_config())
     port = config.superlink.internal_port
     if resume_name is not None:
         handle = resume(layout, resume_name, settings, control_port=port, why="; resumed by hand")

@@ -1,0 +1,64 @@
+"""The two built-in tasks, through the same task interface as a study's own task.
+
+``tabular``: an MLP on a CSV file (a ``target`` column and numeric features); ``images``: a small
+CNN on a folder of class sub-folders. Their settings are the kit's run settings
+(:class:`flowerbed.config.RunSettings`): ``num_features``, ``hidden_units``, ``image_size`` ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from flowerbed.clientapp.data import load_site_data
+from flowerbed.clientapp.task import evaluate, make_model, train
+from flowerbed.config import RunSettings
+from flowerbed.task import Metrics
+
+
+class BuiltinTask:
+    """A built-in task: ``kind`` is the model (``mlp`` or ``cnn``)."""
+
+    Config = RunSettings
+
+    def __init__(self, name: str, kind: str) -> None:
+        self.name = name
+        self.kind = kind
+
+    def model(self, config: RunSettings) -> nn.Module:
+        return make_model(self.kind, num_features=config.num_features, num_classes=config.num_classes,
+                          hidden_units=config.hidden_units, image_size=config.image_size)  # fmt: skip
+
+    def load_data(self, path: Path, config: RunSettings) -> tuple[Dataset[Any], Dataset[Any]]:
+        data = load_site_data(
+            str(path),
+            num_features=config.num_features if self.kind == "mlp" else None,
+            num_classes=config.num_classes,
+            class_names=config.class_name_list(),
+            image_size=config.image_size,
+            validation_fraction=config.validation_fraction,
+            seed=config.seed,
+        )
+        return data.train, data.validation
+
+    def train(self, model: nn.Module, data: Dataset[Any], config: RunSettings) -> Metrics:
+        loss = train(model, data, epochs=config.local_epochs, batch_size=config.batch_size,  # type: ignore[arg-type]
+                     learning_rate=config.learning_rate, proximal_mu=config.proximal_mu, seed=config.seed)  # fmt: skip
+        return {"loss": loss}
+
+    def evaluate(self, model: nn.Module, data: Dataset[Any], config: RunSettings) -> Metrics:
+        result = evaluate(model, data)  # type: ignore[arg-type]
+        return {"loss": result.loss, "accuracy": result.accuracy}
+
+
+tabular = BuiltinTask("tabular", "mlp")
+images = BuiltinTask("images", "cnn")
+TASK_OF_MODEL = {"mlp": "tabular", "cnn": "images"}
+
+
+def task_name(settings: RunSettings) -> str:
+    """The task a run uses: its ``task`` setting, else the built-in task of its ``model``."""
+    return settings.task or TASK_OF_MODEL[settings.model]

@@ -1,0 +1,281 @@
+"""A study's task as a small installable package: scaffold it, check it without Flower, build its wheel."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import re
+import sys
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowerbed.deploy.bundle import run_pip
+from flowerbed.errors import FlowerbedError
+from flowerbed.task import ENTRY_POINTS, LocalRound, Task, check_interface, local_round, task_config
+
+NAME = re.compile(r"[a-z][a-z0-9-]{1,40}")
+Report = Any
+
+
+def module_name(name: str) -> str:
+    return "flowerbed_task_" + name.replace("-", "_")
+
+
+PYPROJECT = """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "flowerbed-task-{name}"
+version = "0.1.0"
+description = "The {name} task for flowerbed: model, data loading, training and metrics"
+requires-python = ">=3.10"
+# torch and flowerbed are at every site already; list what else the task imports (and ship
+# its wheels with `flowerbed kit build --task`).
+dependencies = []
+
+[project.entry-points."{group}"]
+{name} = "{module}.task:task"
+
+[tool.setuptools]
+packages = ["{module}"]
+"""
+
+TASK = '''"""The {name} task: fill in the model, the loading of your files, training and the metrics that matter.
+
+flowerbed calls only these members (see flowerbed.task.Task). Every metric evaluate() returns is in
+the run table, the history and the plot, and can drive the run (target_metric = "auroc").
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from flowerbed.clientapp.data import DataError
+
+
+class Config(BaseModel):
+    """This task's own run settings (set them in federation.toml's [run] table)."""
+
+    num_features: int = Field(30, ge=1)
+    hidden_units: int = Field(32, ge=1)
+    local_epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 42
+
+
+class Task:
+    name = "{name}"
+    Config = Config
+
+    def model(self, config: Config) -> nn.Module:
+        return nn.Sequential(nn.Linear(config.num_features, config.hidden_units), nn.ReLU(),
+                             nn.Linear(config.hidden_units, 2))
+
+    def load_data(self, path: Path, config: Config) -> tuple[Dataset[Any], Dataset[Any]]:
+        """A CSV file with a 0/1 `target` column and numeric features: replace with your own loader."""
+        file = path if path.is_file() else next(iter(sorted(path.glob("*.csv"))), None)
+        if file is None:
+            raise DataError(f"{{path}}: no CSV file")
+        with file.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows or "target" not in rows[0]:
+            raise DataError(f"{{file}}: needs a header with a 'target' column")
+        x = torch.tensor([[float(v) for k, v in r.items() if k != "target"] for r in rows])
+        y = torch.tensor([int(float(r["target"])) for r in rows])
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed))
+        cut = max(1, int(len(y) * config.validation_fraction))
+        val, train = order[:cut], order[cut:]
+        return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+    def train(self, model: nn.Module, data: Dataset[Any], config: Config) -> dict[str, float]:
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(config.seed))
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        model.train()
+        total, count = 0.0, 0
+        for _ in range(config.local_epochs):
+            total, count = 0.0, 0
+            for xb, yb in loader:
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                total, count = total + loss.item() * len(yb), count + len(yb)
+        return {{"loss": total / max(count, 1)}}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Dataset[Any], config: Config) -> dict[str, float]:
+        model.eval()
+        x, y = next(iter(DataLoader(data, batch_size=len(data))))  # type: ignore[arg-type]
+        logits = model(x)
+        score = logits.softmax(1)[:, 1]
+        predicted = logits.argmax(1)
+        tp = float(((predicted == 1) & (y == 1)).sum())
+        tn = float(((predicted == 0) & (y == 0)).sum())
+        pos, neg = score[y == 1], score[y == 0]
+        auroc = float((pos[:, None] > neg[None, :]).float().mean()) if len(pos) and len(neg) else float("nan")
+        return {{
+            "loss": float(nn.functional.cross_entropy(logits, y)),
+            "accuracy": (tp + tn) / max(len(y), 1),
+            "auroc": auroc,
+            "sensitivity": tp / max(float((y == 1).sum()), 1.0),
+            "specificity": tn / max(float((y == 0).sum()), 1.0),
+        }}
+
+    @staticmethod
+    def example_data(folder: Path) -> Path:
+        """Synthetic data in the format load_data reads (for `flowerbed task check` and the test)."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(120, 30, generator=generator)
+        y = (x[:, 0] + 0.5 * x[:, 1] > 0).int()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "example.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([*(f"f{{i}}" for i in range(30)), "target"])
+            writer.writerows([*map(float, row), int(label)] for row, label in zip(x.tolist(), y.tolist()))
+        return path
+
+
+task = Task()
+'''
+
+TEST = '''"""One local round of the {name} task on synthetic data, as `flowerbed task check` runs it."""
+
+from pathlib import Path
+
+from flowerbed.task import local_round, task_config
+from {module}.task import task
+
+
+def test_one_local_round(tmp_path: Path) -> None:
+    config = task_config(task, {{}})
+    result = local_round(task, task.example_data(tmp_path), config)
+    assert result.after["loss"] < result.before["loss"]
+'''
+
+README = """# flowerbed task: {name}
+
+What to fill in, in `{module}/task.py`:
+- `Config`: your task's own settings (they become keys of federation.toml's `[run]` table);
+- `model(config)`: your architecture;
+- `load_data(path, config)`: your file formats and preprocessing, returning (train, validation);
+- `train(model, data, config)`: your training loop (optimizer, augmentation, class weights);
+- `evaluate(model, data, config)`: the metrics that matter (AUROC, sensitivity, specificity, ...).
+
+Then:
+
+    flowerbed task check .        # the interface, and one local round on example data (no Flower)
+    flowerbed task build .        # the wheel and its sha256, for each site's data steward to approve
+"""
+
+
+def new_task(folder: Path, name: str) -> Path:
+    """Write the package of a new task called ``name`` into ``folder/NAME``; its path."""
+    if not NAME.fullmatch(name):
+        raise FlowerbedError(f"task name {name!r}: use 2-41 lower-case letters, digits and hyphens, e.g. ct-triage")
+    root = folder / name
+    if root.exists():
+        raise FlowerbedError(f"{root} already exists: choose another name or folder")
+    module = module_name(name)
+    values = {"name": name, "module": module, "group": ENTRY_POINTS}
+    for rel, text in (("pyproject.toml", PYPROJECT), (f"{module}/__init__.py", '"""The {name} task."""\n'),
+                      (f"{module}/task.py", TASK), ("tests/test_task.py", TEST), ("README.md", README)):  # fmt: skip
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.format(**values), encoding="utf-8")
+    return root
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    name: str
+    module: str
+    version: str
+    root: Path
+
+
+def read_source(path: Path) -> TaskSource:
+    """The task package in folder ``path`` (its pyproject names the task's entry point)."""
+    pyproject = path / "pyproject.toml"
+    if not pyproject.is_file():
+        raise FlowerbedError(f"{path} is not a task package (no pyproject.toml): make one with `flowerbed task new`")
+    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    points = data.get("project", {}).get("entry-points", {}).get(ENTRY_POINTS, {})
+    if len(points) != 1:
+        raise FlowerbedError(f'{pyproject} must name exactly one task under [project.entry-points."{ENTRY_POINTS}"]')
+    ((name, target),) = points.items()
+    return TaskSource(name, target, str(data["project"].get("version", "?")), path.resolve())
+
+
+def import_source(source: TaskSource) -> Task:
+    """Import the task from its source folder (not an installed copy)."""
+    sys.path.insert(0, str(source.root))
+    try:
+        module_name_, _, attr = source.module.partition(":")
+        top = module_name_.split(".")[0]
+        for loaded in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[loaded]  # a copy imported before (or installed) must not stand in for the source
+        task = getattr(importlib.import_module(module_name_), attr)
+    except Exception as exc:  # noqa: BLE001 - the task's own code: say what failed, in one line
+        raise FlowerbedError(
+            f"importing {source.module} from {source.root} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    finally:
+        sys.path.remove(str(source.root))
+    check_interface(task, source.name)
+    return task  # type: ignore[no-any-return]
+
+
+def check_source(path: Path, data: Path | None = None, values: dict[str, Any] | None = None) -> LocalRound:
+    """The interface checks and one local round, on ``data`` or the task's own ``example_data``."""
+    source = read_source(path)
+    task = import_source(source)
+    config = task_config(task, values or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            example = getattr(task, "example_data", None)
+            if example is None:
+                raise FlowerbedError(f"task {source.name} has no example_data(folder): pass --data PATH")
+            data = Path(example(Path(tmp)))
+        try:
+            return local_round(task, data, config)
+        except FlowerbedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the task's own code
+            raise FlowerbedError(f"task {source.name}: a local round failed: {type(exc).__name__}: {exc}") from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_source(path: Path, out: Path, report: Report) -> tuple[Path, str]:
+    """Build the task's wheel into ``out`` (offline: no build isolation); the wheel and its sha256."""
+    source = read_source(path)
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.glob("*.whl"))
+    run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(source.root)], report,
+            f"building the wheel of task {source.name}")  # fmt: skip
+    built = sorted(set(out.glob("*.whl")) - before) or sorted(out.glob(f"{module_name(source.name)}-*.whl"))
+    if not built:
+        raise FlowerbedError(f"pip built no wheel for {source.root}")
+    return built[-1], sha256(built[-1])
