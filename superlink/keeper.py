@@ -77,6 +77,7 @@ class RunKeeper:
     _next: float = 0.0
     _next_unknown: float = 0.0
     _named: set[str] = field(default_factory=set)
+    _attempts: dict[str, tuple[int, int]] = field(default_factory=dict)  # per run: (from round, resumes)
 
     def tick(self, *, why: str = "; its ServerApp had died", startup: bool = False) -> list[str]:
         """Check now if ``check_s`` has passed; the names of the runs resumed."""
@@ -114,7 +115,9 @@ class RunKeeper:
                 self._named.add(name)
                 self.report(f"run {name} was interrupted after round {rounds}: go on with {hint}")
             return False
-        if resumes_without_progress(out_dir) >= MAX_RESUMES_WITHOUT_PROGRESS:
+        since, count = self._attempts.get(name, (rounds, 0))
+        attempts = count if since == rounds else 0  # a round ended since the last resume: progress
+        if max(resumes_without_progress(out_dir), attempts) >= MAX_RESUMES_WITHOUT_PROGRESS:
             reason = (
                 f"interrupted {MAX_RESUMES_WITHOUT_PROGRESS + 1} times without finishing a round; "
                 f"see {self.layout.logs}; go on with {hint} once mended"
@@ -127,5 +130,6 @@ class RunKeeper:
         except FlowerbedError as exc:
             self.report(f"run {name} was interrupted after round {rounds}; resuming it failed, retrying: {exc.message}")
             return False
+        self._attempts[name] = (rounds, attempts + 1)  # counts a ServerApp that dies before writing anything too
         self.report(f"run {name} was interrupted after round {rounds}; resumed as Flower run {handle.run_id}")
         return True

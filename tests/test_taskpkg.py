@@ -65,15 +65,15 @@ def test_a_federated_run_of_an_own_task_is_driven_by_its_own_metric(
     """The built wheel installed where coordinator and sites import it; `task = "ct-triage"`, target AUROC."""
     target = build_and_install(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(target))  # every process the kit starts inherits it: "installed"
-    config = make_config("own-task", SITES[:2], min_nodes=2, task="ct-triage", target_metric="auroc",
-                         target_value=0.99, max_rounds=3, patience=10)  # fmt: skip
+    config = make_config("own-task", SITES[:2], min_nodes=2, max_rounds=3, patience=10)
     layout = make_federation(tmp_path / "fed", config)
     data = make_demo_data(tmp_path / "data", SITES)
     stack = start_stack(layout, config)
     try:
         with supervised_sites(layout, f"localhost:{config.superlink.port}",
                               {s: data.site_files[s] for s in SITES[:2]}, tmp_path):  # fmt: skip
-            result = run_cli("run", "-d", str(layout.root), "--name", "own", timeout=600)
+            result = run_cli("run", "-d", str(layout.root), "--name", "own", "--task", "ct-triage",
+                             "--target-metric", "auroc", "--target-value", "0.99", timeout=600)  # fmt: skip
     finally:
         stack.stop()
     text = " ".join((result.stdout + result.stderr).split())
@@ -82,6 +82,8 @@ def test_a_federated_run_of_an_own_task_is_driven_by_its_own_metric(
     trained = [r for r in rows if r["kind"] == "train"]
     assert trained and all({"eval-auroc", "eval-sensitivity", "train-loss"} <= set(r["metrics"]) for r in trained)
     assert "auroc" in text and "sensitivity" in text  # columns of the run table
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "nope"), ExitCode.ERROR,
+                       "no task 'nope' in this environment")  # refused before anything is submitted  # fmt: skip
     summary = json.loads((layout.runs / "own" / "summary.json").read_text())
     best_auroc = max(r["metrics"]["eval-auroc"] for r in rows if "eval-auroc" in r["metrics"])
     assert summary["stop_reason"] == ("target-reached" if best_auroc >= 0.99 else "max-rounds"), (summary, best_auroc)

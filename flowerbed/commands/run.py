@@ -128,9 +128,13 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
 
 def run(
     fed_dir: FedDir = Path(),
+    task: Annotated[str | None, typer.Option(help="The task by name (default: run.task, or the built-in one).")] = None,
     strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam or fedmedian.")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds.")] = None,
     min_nodes: Annotated[int | None, typer.Option(help="Fail a round with fewer valid replies.")] = None,
+    target_metric: Annotated[
+        str | None, typer.Option(help="The metric the target is for: accuracy, loss or any the task reports.")
+    ] = None,
     target_value: Annotated[float | None, typer.Option(help="Stop when the eval metric reaches it.")] = None,
     patience: Annotated[int | None, typer.Option(help="Rounds without eval-loss improvement.")] = None,
     time_budget_s: Annotated[float | None, typer.Option(help="Wall-time budget in seconds.")] = None,
@@ -156,14 +160,15 @@ def run(
     run_settings = resolve(
         base,
         {
+            "task": task, "target_metric": target_metric,
             "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes,
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
             "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu,
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
-    task = load_task(task_name(settings))  # an unknown task is refused here, not later at every site
-    task_config(task, settings.to_run_config())
+    chosen = load_task(task_name(settings))  # an unknown task is refused here, not later at every site
+    task_config(chosen, settings.to_run_config())
     port = config.superlink.internal_port
     if resume_name is not None:
         handle = resume(layout, resume_name, settings, control_port=port, why="; resumed by hand")
