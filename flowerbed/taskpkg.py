@@ -65,7 +65,12 @@ from flowerbed.clientapp.data import DataError
 
 
 class Config(BaseModel):
-    """This task's own run settings (set them in federation.toml's [run] table)."""
+    """This task's own settings, with defaults.
+
+    Keys that flowerbed's run settings also have (num_features, hidden_units, local_epochs,
+    batch_size, learning_rate, validation_fraction, seed) take their values from federation.toml's
+    [run] table and `flowerbed run` options; any other key keeps the default written here.
+    """
 
     num_features: int = Field(30, ge=1)
     hidden_units: int = Field(32, ge=1)
@@ -171,7 +176,8 @@ def test_one_local_round(tmp_path: Path) -> None:
 README = """# flowerbed task: {name}
 
 What to fill in, in `{module}/task.py`:
-- `Config`: your task's own settings (they become keys of federation.toml's `[run]` table);
+- `Config`: your task's own settings with their defaults (keys that flowerbed's `[run]` table also
+  has, such as `local_epochs` or `learning_rate`, take their values from `federation.toml`);
 - `model(config)`: your architecture;
 - `load_data(path, config)`: your file formats and preprocessing, returning (train, validation);
 - `train(model, data, config)`: your training loop (optimizer, augmentation, class weights);
