@@ -10,7 +10,7 @@ import pytest
 
 from flowerbed.errors import FlowerbedError
 from flowerbed.superlink import flwrcli, gateway
-from tests.conftest import RunningFederation
+from tests.conftest import RunningFederation, wait_for
 
 BLOCKED = [
     ("POST", "/v1/control/list-runs"),
@@ -64,7 +64,8 @@ def test_runtime_api_exists_on_loopback_only(running: RunningFederation) -> None
 def test_gateway_logs_are_where_the_docs_say(running: RunningFederation) -> None:
     request(running.config.superlink.port, running.layout.ca_cert, "GET", "/nothing-here")
     access = running.layout.logs / "gateway-access.log"
-    assert access.is_file() and "/nothing-here" in access.read_text()
+    # nginx logs a request when it finalizes it, which can be just after the client has the answer
+    assert wait_for(lambda: access.is_file() and "/nothing-here" in access.read_text(), 10)
     assert (running.layout.logs / "gateway-error.log").is_file()
     assert "superlink/logs/" in (Path(__file__).parent.parent / "docs" / "quickstart-coordinator.md").read_text()
 
