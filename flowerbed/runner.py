@@ -231,7 +231,7 @@ def follow(
             run_id, interrupted_at = latest, None
             on_note(f"the run was resumed and goes on as Flower run {run_id}")
         decided = ended(handle.out_dir)
-        if decided is not None and decided.get("status") != "completed" and run_id_of(handle.out_dir) == run_id:
+        if decided is not None and decided.get("status") != "completed" and latest == run_id:
             status = f"{FINISHED}:{decided.get('status')}"  # the ServerApp decided: no need to wait for Flower
             break
         try:
@@ -302,9 +302,7 @@ class RunInfo:
 def run_overview(layout: FederationLayout) -> list[RunInfo]:
     """Every run folder of the federation, oldest first."""
     infos = []
-    folders = sorted(
-        (p.parent.parent for p in layout.runs.glob("*/app/pyproject.toml")), key=lambda p: p.stat().st_mtime
-    )
+    folders = sorted(_run_folders(layout), key=lambda p: p.stat().st_mtime)
     for out_dir in folders:
         rows = read_rows(out_dir)
         summary = ended(out_dir)
