@@ -7,7 +7,6 @@ round gives the ServerApp both (every exchange costs seconds in Flower, whatever
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from flwr.clientapp import ClientApp
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.clientapp.data import DataError
 from flowerbed.config import RunSettings
-from flowerbed.supernode.events import TASK_EVENT
+from flowerbed.supernode.events import site_event
 from flowerbed.task import Task, check_metrics, load_task, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
@@ -40,7 +39,8 @@ def _site_record(context: Context) -> ConfigRecord:
 
 def _task(context: Context) -> tuple[Task, Any]:
     """The run's task and its own settings (validated)."""
-    task = load_task(task_name(_settings(context)))
+    settings = _settings(context)
+    task = load_task(task_name(settings), settings.task_sha256)
     return task, task_config(task, dict(context.run_config))
 
 
@@ -67,11 +67,6 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> MetricValues:
 
 def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "loss") or "no metric"
-
-
-def site_event(text: str) -> None:
-    """A line for the site's own console: the SuperNode supervisor shows every ``flowerbed-task:`` line."""
-    print(f"{TASK_EVENT} {text}", file=sys.stderr, flush=True)  # noqa: T201 - read by the supervisor
 
 
 def _round(msg: Message) -> str:

@@ -114,6 +114,10 @@ class RunSettings(_Model):
     task: str = Field(
         "", description="The task (model, data, training, metrics) by name; empty: the built-in task of `model`"
     )
+    task_sha256: str = Field("", description="sha256 of the own task's wheel (`flowerbed run --task WHEEL` sets it)")
+    task_settings: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="The own task's settings, by the names of its Config ([run.task_settings])"
+    )
     strategy: Strategy = "fedavg"
     max_rounds: int = Field(20, ge=1, le=10000)
     min_nodes: int = Field(2, ge=1)
@@ -158,6 +162,20 @@ class RunSettings(_Model):
             raise ValueError("target_value for accuracy must be in (0, 1]")
         return self
 
+    @field_validator("task_sha256")
+    @classmethod
+    def _sha(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError(f"{value!r} is not a sha256 (64 hex digits, as `flowerbed task build` prints)")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[a-z][a-z0-9-]{1,40}", value):
+            raise ValueError(f"{value!r} is not a task name (lower-case letters, digits and hyphens)")
+        return value
+
     @field_validator("target_metric")
     @classmethod
     def _metric_name(cls, value: str) -> str:
@@ -177,19 +195,46 @@ class RunSettings(_Model):
         return names or None
 
     def to_run_config(self) -> dict[str, Any]:
-        """Flower run-config (kebab-case keys; ``None`` values are left out)."""
+        """Flower run-config (kebab-case keys; ``None`` values and empty task settings are left out).
+
+        ``task_settings`` is a table, which Flower flattens to ``task-settings.KEY`` keys.
+        """
         out: dict[str, Any] = {}
         for key, value in self.model_dump().items():
-            if value is not None:
+            if value is not None and value != {}:
                 out[key.replace("_", "-")] = value
         return out
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
-        """Inverse of :meth:`to_run_config`; unknown keys are ignored."""
-        known = set(cls.model_fields)
-        data = {k.replace("-", "_"): v for k, v in config.items()}
-        return cls.model_validate({k: v for k, v in data.items() if k in known})
+        """Inverse of :meth:`to_run_config` (flattened by Flower or not); unknown keys are ignored."""
+        known = set(cls.model_fields) - {"task_settings"}
+        data = {k.replace("-", "_"): v for k, v in config.items() if "." not in k}
+        return cls.model_validate(
+            {k: v for k, v in data.items() if k in known} | {"task_settings": task_settings_of(config)}
+        )
+
+
+def task_settings_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The own task's settings in a run config: a ``task-settings`` table, or Flower's flattened keys."""
+    own = dict(config.get("task-settings") or config.get("task_settings") or {})
+    for key, value in config.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in ("task-settings", "task_settings"):
+            own[rest] = value
+    return own
+
+
+class Approval(_Model):
+    """One task wheel or Flower App that a site's data steward approved (``[[approved]]`` in site.toml)."""
+
+    kind: Literal["task", "app"]
+    name: str = Field(description="The task's name, or the app's project name")
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    file: str = Field("", description="The approved wheel, relative to the kit (tasks are imported from it)")
+    requires: list[str] = Field(default_factory=list, description="Its dependencies, as shown when approved")
+    approved_at: str = ""
 
 
 class SiteKitConfig(_Model):
@@ -202,6 +247,10 @@ class SiteKitConfig(_Model):
     data_path: str = Field(DATA_PLACEHOLDER, description="CSV file or folder of class folders")
     workdir: str = Field("supernode-work", description="Logs and Flower state, relative to the kit")
     supernode_port: Port = Field(9094, description="Loopback port of the SuperNode's local API")
+    allow_builtin_tasks: bool = Field(True, description="Runs of flowerbed's built-in tasks need no approval")
+    approved: list[Approval] = Field(
+        default_factory=list, description="Task wheels and apps this site runs (`flowerbed supernode approve`)"
+    )
 
     @field_validator("site")
     @classmethod

@@ -79,5 +79,10 @@ class FederationLayout:
         return self.root / "runs"
 
     @property
+    def tasks(self) -> Path:
+        """The own tasks' wheels that runs of this federation use (``flowerbed run --task WHEEL`` adds one)."""
+        return self.root / "tasks"
+
+    @property
     def pidfile(self) -> Path:
         return self.state / "supervisor.json"

@@ -30,6 +30,7 @@ from flowerbed.serverapp.resume import (
     serverapp_alive,
 )
 from flowerbed.superlink import flwrcli
+from flowerbed.task import RUN_TASK_WHEEL
 
 APP_NAME = "flowerbed-app"
 FINISHED = "finished"
@@ -92,12 +93,18 @@ def _submit(layout: FederationLayout, out_dir: Path, run_config: dict[str, Any])
 
 
 def submit(
-    layout: FederationLayout, settings: RunSettings, name: str | None = None, *, control_port: int | None = None
+    layout: FederationLayout,
+    settings: RunSettings,
+    name: str | None = None,
+    *,
+    control_port: int | None = None,
+    task_wheel: Path | None = None,
 ) -> RunHandle:
     """Write the manifest with the validated settings and submit it to the local SuperLink.
 
     ``control_port``: the SuperLink's loopback port, checked first so that a stopped coordinator is
-    named as such. A run that could not be submitted leaves no run folder behind.
+    named as such. ``task_wheel``: the own task's wheel, kept in the run folder for the ServerApp
+    (and for a resume). A run that could not be submitted leaves no run folder behind.
     """
     _check_superlink(layout, control_port)
     stamp = name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
@@ -105,6 +112,9 @@ def submit(
     if out_dir.exists():
         raise FlowerbedError(f"{out_dir} already exists: choose another --name, or `--resume {stamp}` to go on")
     try:
+        if task_wheel is not None:
+            out_dir.mkdir(parents=True)
+            shutil.copyfile(task_wheel, out_dir / RUN_TASK_WHEEL)
         run_id = _submit(layout, out_dir, settings.to_run_config() | {"output-dir": str(out_dir)})
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)

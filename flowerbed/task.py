@@ -6,22 +6,27 @@ folders of class sub-folders) and a research group's own task take the same path
 named floats; every metric a task reports reaches the history, the table and the plot, and any
 of them can drive the run (``target_metric``, ``target_mode``).
 
-Tasks are found by name: the built-ins, then the ``flowerbed.tasks`` entry points of the installed
-packages (``[project.entry-points."flowerbed.tasks"] NAME = "module:object"``).
+A run names a built-in task, or an own task by name and the sha256 of its wheel. An own task is
+imported from that wheel only (the wheel names it under ``[project.entry-points."flowerbed.tasks"]``),
+never from whatever else is installed: at a site, only a wheel its data steward approved.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from flowerbed.config import ConfigError, format_validation_error
+from flowerbed.artifacts import TASK_GROUP, read_task_wheel, sha256_bytes
+from flowerbed.config import ConfigError, format_validation_error, task_settings_of
 from flowerbed.errors import FlowerbedError
 
 if TYPE_CHECKING:
@@ -29,7 +34,8 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
 Metrics = dict[str, float]
-ENTRY_POINTS = "flowerbed.tasks"
+ENTRY_POINTS = TASK_GROUP
+RUN_TASK_WHEEL = "task.whl"  # an own task's wheel in a run folder, which the ServerApp imports it from
 BUILTIN = {"tabular": "flowerbed.clientapp.builtin:tabular", "images": "flowerbed.clientapp.builtin:images"}
 
 
@@ -68,24 +74,64 @@ def _load_object(target: str) -> Any:
 
 
 def available() -> dict[str, str]:
-    """Task name -> ``module:object`` of every task this environment can run."""
-    found = dict(BUILTIN)
-    for ep in entry_points(group=ENTRY_POINTS):
-        found.setdefault(ep.name, ep.value)
-    return found
+    """The built-in tasks: name -> ``module:object``."""
+    return dict(BUILTIN)
 
 
-def load_task(name: str) -> Task:
-    """The task called ``name``, checked against the interface."""
-    tasks = available()
-    if name not in tasks:
-        raise FlowerbedError(
-            f"no task {name!r} in this environment (tasks: {', '.join(sorted(tasks))}); "
-            "install its wheel (`pip install TASK.whl`) on the coordinator and at every site"
-        )
-    task = _load_object(tasks[name])
+_APPROVED: dict[str, Path] = {}  # sha256 -> wheel, filled by a site's gate after its approval check
+
+
+def allow_wheel(sha256: str, wheel: Path) -> None:
+    """Let :func:`load_task` import the task of ``wheel`` (a site's gate calls it for an approved wheel)."""
+    _APPROVED[sha256] = wheel
+
+
+def load_task(name: str, sha256: str = "", wheel: Path | None = None) -> Task:
+    """The task a run names: a built-in one, or own task ``name`` from the wheel with ``sha256``.
+
+    ``wheel``: where that wheel is (the coordinator's copy in the run folder); at a site the gate
+    says which wheel was approved (:func:`allow_wheel`), and nothing else is imported.
+    """
+    if not sha256:
+        if name not in BUILTIN:
+            raise FlowerbedError(
+                f"{name!r} is not a built-in task ({', '.join(sorted(BUILTIN))}); an own task runs from its "
+                "wheel: `flowerbed run --task TASK.whl` (build it with `flowerbed task build`)"
+            )
+        task = _load_object(BUILTIN[name])
+    else:
+        path = wheel or _APPROVED.get(sha256)
+        if path is None:
+            raise FlowerbedError(
+                f"task {name} (sha256 {sha256[:12]}) is not approved here: the SuperNode must run under "
+                "`flowerbed supernode start`, which checks the site's approvals"
+            )
+        task = load_wheel_task(path, name, sha256)
     check_interface(task, name)
     return task  # type: ignore[no-any-return]
+
+
+def load_wheel_task(path: Path, name: str, sha256: str) -> Any:
+    """Import task ``name`` from the wheel at ``path``, which must have ``sha256``.
+
+    The bytes are read once, hashed, and the import runs from a private copy of exactly those
+    bytes: a file swapped after the check is never imported.
+    """
+    data = path.read_bytes()
+    if sha256_bytes(data) != sha256:
+        raise FlowerbedError(
+            f"{path.name} was modified: its sha256 is {sha256_bytes(data)[:12]}, the run names {sha256[:12]}"
+        )
+    fd, copy = tempfile.mkstemp(prefix=f"task-{sha256[:12]}-", suffix=".whl")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    atexit.register(lambda: Path(copy).unlink(missing_ok=True))
+    target = read_task_wheel(Path(copy)).task_target(name)
+    sys.path.insert(0, copy)
+    try:
+        return _load_object(target)
+    except Exception as exc:  # noqa: BLE001 - the task's own code: said in one line
+        raise FlowerbedError(f"task {name}: importing {target} failed: {type(exc).__name__}: {exc}") from None
 
 
 def check_interface(task: Any, name: str) -> None:
@@ -99,9 +145,21 @@ def check_interface(task: Any, name: str) -> None:
 
 
 def task_config(task: Task, values: dict[str, Any]) -> BaseModel:
-    """The task's own settings from run-config ``values`` (kebab- or snake-case keys; others ignored)."""
+    """The task's own settings from run-config ``values``.
+
+    Keys the task's ``Config`` shares with the run settings (``local_epochs`` ...) come from there;
+    ``task_settings`` (``[run.task_settings]`` in federation.toml, ``--task-setting KEY=VALUE``) set
+    the task's own keys, and one the task does not have is refused by name.
+    """
     fields = set(task.Config.model_fields)
-    data = {k.replace("-", "_"): v for k, v in values.items()}
+    own = task_settings_of(values)
+    unknown = sorted(k for k in own if k.replace("-", "_") not in fields)
+    if unknown:
+        raise ConfigError(
+            f"task {task.name} has no setting {', '.join(unknown)} (its settings: {', '.join(sorted(fields))})"
+        )
+    data = {k.replace("-", "_"): v for k, v in values.items() if "." not in k}
+    data |= {k.replace("-", "_"): v for k, v in own.items()}
     try:
         return task.Config.model_validate({k: v for k, v in data.items() if k in fields})
     except ValidationError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import re
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowerbed.artifacts import sha256_file
 from flowerbed.deploy.bundle import run_pip
 from flowerbed.errors import FlowerbedError
 from flowerbed.task import ENTRY_POINTS, LocalRound, Task, check_interface, local_round, task_config
@@ -69,7 +69,8 @@ class Config(BaseModel):
 
     Keys that flowerbed's run settings also have (num_features, hidden_units, local_epochs,
     batch_size, learning_rate, validation_fraction, seed) take their values from federation.toml's
-    [run] table and `flowerbed run` options; any other key keeps the default written here.
+    [run] table and `flowerbed run` options; any key is set by [run.task_settings] in
+    federation.toml or `flowerbed run --task-setting KEY=VALUE`.
     """
 
     num_features: int = Field(30, ge=1)
@@ -177,7 +178,8 @@ README = """# flowerbed task: {name}
 
 What to fill in, in `{module}/task.py`:
 - `Config`: your task's own settings with their defaults (keys that flowerbed's `[run]` table also
-  has, such as `local_epochs` or `learning_rate`, take their values from `federation.toml`);
+  has, such as `local_epochs` or `learning_rate`, take their values from `federation.toml`; any key
+  is set by `[run.task_settings]` there, or `flowerbed run --task-setting KEY=VALUE`);
 - `model(config)`: your architecture;
 - `load_data(path, config)`: your file formats and preprocessing, returning (train, validation);
 - `train(model, data, config)`: your training loop (optimizer, augmentation, class weights);
@@ -187,6 +189,10 @@ Then:
 
     flowerbed task check .        # the interface, and one local round on example data (no Flower)
     flowerbed task build .        # the wheel and its sha256, for each site's data steward to approve
+
+Each site's data steward approves the wheel (`flowerbed supernode approve WHEEL` in the site's kit);
+the coordinator runs it with `flowerbed run --task dist/WHEEL`. Keep the task pure Python: it is
+imported from the wheel itself; compiled code belongs in a dependency.
 """
 
 
@@ -266,14 +272,6 @@ def check_source(path: Path, data: Path | None = None, values: dict[str, Any] | 
             raise FlowerbedError(f"task {source.name}: a local round failed: {type(exc).__name__}: {exc}") from None
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_source(path: Path, out: Path, report: Report) -> tuple[Path, str]:
     """Build the task's wheel into ``out`` (offline: no build isolation); the wheel and its sha256."""
     source = read_source(path)
@@ -284,4 +282,4 @@ def build_source(path: Path, out: Path, report: Report) -> tuple[Path, str]:
     built = sorted(set(out.glob("*.whl")) - before) or sorted(out.glob(f"{module_name(source.name)}-*.whl"))
     if not built:
         raise FlowerbedError(f"pip built no wheel for {source.root}")
-    return built[-1], sha256(built[-1])
+    return built[-1], sha256_file(built[-1])

@@ -15,7 +15,7 @@ from flowerbed.serverapp.history import SUMMARY, History
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row
 from flowerbed.serverapp.strategies import make_strategy
-from flowerbed.task import load_task, task_config
+from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
 app = ServerApp()
 
@@ -32,7 +32,8 @@ def main(grid: Grid, context: Context) -> None:
         (out_dir / SUMMARY).unlink(missing_ok=True)  # the run goes on: it has not ended any more
         history.append(resume_row(resume, context.run_id, str(context.run_config.get("resume-why", ""))))
     torch.manual_seed(settings.seed)
-    task = load_task(task_name(settings))  # the same task, hence the same model, as at every site
+    # The same task, hence the same model, as at every site; an own task from the run folder's wheel.
+    task = load_task(task_name(settings), settings.task_sha256, out_dir / RUN_TASK_WHEEL)
     model = task.model(task_config(task, dict(context.run_config)))
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}

@@ -140,6 +140,7 @@ def site_spec(
             data=kit.data,
             workdir=kit.workdir,
             port=config.supernode_port,
+            site_file=kit.root / SITE_FILE,
         )
     missing = [n for n, v in (("--superlink", superlink), ("--ca", ca), ("--key", key), ("--data", data)) if v is None]
     if missing or superlink is None or ca is None or key is None or data is None:

@@ -9,6 +9,7 @@ and when the link to the gateway is down (naming the hop: DNS, TCP, the proxy, T
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import shutil
 import threading
@@ -22,6 +23,7 @@ from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
 from flowerbed.supernode.events import TASK_EVENT
+from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
 from flowerbed.supernode.signoff import sign_off
 
 CONNECTED = "SuperNode ID:"
@@ -66,11 +68,22 @@ class SupernodeSpec:
     port: int = 9094
     extra_node_config: dict[str, str] = field(default_factory=dict)
     nice: int = 0  # a lower CPU priority for the SuperNode and its ClientApps (POSIX), e.g. on a shared host
+    site_file: Path | None = None  # the kit's site.toml with the site's approvals (None: built-in tasks only)
 
     def __post_init__(self) -> None:
         # The SuperNode runs in its work folder: relative paths from the user's folder would break.
         for name in ("ca", "key", "data", "workdir"):
             object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+        if self.site_file is not None:
+            object.__setattr__(self, "site_file", Path(self.site_file).expanduser().resolve())
+
+    def env(self) -> dict[str, str]:
+        """The SuperNode's environment: its ClientApps start through the approval gate."""
+        env = child_env(self.workdir / "flwr-home")
+        shim = write_shim(self.workdir / "bin")
+        env["PATH"] = os.pathsep.join([str(shim.parent), env["PATH"]])
+        env[SITE_FILE_ENV] = str(self.site_file or "")
+        return env
 
     def node_config(self) -> str:
         items = {"data-path": str(self.data), "site-name": self.site, **self.extra_node_config}
@@ -211,7 +224,7 @@ class Supervisor:
             name=f"flower-supernode ({self.spec.site})",
             argv=self.spec.argv(),
             log_path=self.log_path,
-            env=child_env(self.spec.workdir / "flwr-home"),
+            env=self.spec.env(),
             cwd=self.spec.workdir,
             pipe=True,
         )

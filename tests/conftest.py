@@ -143,14 +143,19 @@ def supervised_sites(
     *,
     nice: int = 0,
     max_backoff_s: float = 30.0,
+    site_files: dict[str, Path] | None = None,
 ) -> Iterator[dict[str, Supervisor]]:
-    """One real SuperNode per site, each under its supervisor in a thread; all stopped on exit."""
+    """One real SuperNode per site, each under its supervisor in a thread; all stopped on exit.
+
+    ``site_files``: a site's site.toml with its approvals (as a kit holds it).
+    """
     stop = threading.Event()
     threads, supervisors = [], {}
     try:
         for site, path in data.items():
             spec = SupernodeSpec(site=site, superlink=gateway, ca=layout.ca_cert, key=layout.node_key(site),
-                                 data=path, workdir=work / site, port=free_port(), nice=nice)  # fmt: skip
+                                 data=path, workdir=work / site, port=free_port(), nice=nice,
+                                 site_file=(site_files or {}).get(site))  # fmt: skip
             supervisors[site] = Supervisor(spec, max_backoff_s=max_backoff_s)
             threads.append(threading.Thread(target=supervisors[site].run, args=(stop.is_set,), daemon=True))
             threads[-1].start()

@@ -86,8 +86,10 @@ def test_the_task_a_run_uses() -> None:
     assert task_name(RunSettings()) == "tabular"
     assert task_name(RunSettings(model="cnn")) == "images"
     assert task_name(RunSettings(task="auroc-study")) == "auroc-study"
-    with pytest.raises(FlowerbedError, match=r"no task 'nope' in this environment .*tabular.*pip install"):
+    with pytest.raises(FlowerbedError, match=r"'nope' is not a built-in task \(images, tabular\); .*--task TASK.whl"):
         load_task("nope")
+    with pytest.raises(FlowerbedError, match=r"task nope \(sha256 000000000000\) is not approved here"):
+        load_task("nope", "0" * 64)  # an own task is imported from an approved wheel only
 
 
 def test_an_own_task_with_its_own_metric_drives_the_run(tmp_path: Path) -> None:
@@ -101,6 +103,12 @@ def test_an_own_task_with_its_own_metric_drives_the_run(tmp_path: Path) -> None:
     assert tracker.observe(2, result.after["loss"], None, result.after) == TARGET
     with pytest.raises(ConfigError, match="task auroc-study: invalid run settings"):
         task_config(task, {"epochs": "many"})
+    # The task's own settings: [run.task_settings] / --task-setting, flattened by Flower as task-settings.KEY.
+    own = RunSettings(task_settings={"epochs": 7}).to_run_config()
+    assert own["task-settings"] == {"epochs": 7} and task_config(task, own).epochs == 7  # type: ignore[attr-defined]
+    assert task_config(task, {"task-settings.epochs": 9}).epochs == 9  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"task auroc-study has no setting dropout \(its settings: .*epochs"):
+        task_config(task, {"task-settings.dropout": 0.2})
 
 
 def test_a_lower_is_better_metric_and_plateau() -> None:

@@ -1,7 +1,7 @@
 """`flowerbed task new / check / build`: a study's task package from scaffold to an installable wheel.
 
-Real commands, real files, a real pip build (offline), the scaffold's own test run by pytest, and the
-built wheel installed where flowerbed finds the task by its entry point.
+Real commands, real files, a real pip build (offline), the scaffold's own test run by pytest; then
+the wheel approved at one site and not at another, in a real federation.
 """
 
 from __future__ import annotations
@@ -15,22 +15,33 @@ from pathlib import Path
 
 import pytest
 
+from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig, save_toml_model
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
 from flowerbed.superlink.stack import start_stack
 from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
 
+MARKER = """
+import os as _os
+if _os.environ.get("TASK_MARKER"):  # proof for the tests: this module was imported, in this folder
+    from pathlib import Path as _Path
+    (_Path.cwd() / f"task-imported-{_os.getpid()}").write_text("imported")
+"""
 
-def test_a_new_task_is_checked_built_and_found_by_name(tmp_path: Path) -> None:
-    build_and_install(tmp_path)
+
+def test_a_new_task_is_checked_and_built_into_a_wheel(tmp_path: Path) -> None:
+    build_wheel(tmp_path)
 
 
-def build_and_install(tmp_path: Path) -> Path:
-    """`task new`, `task check`, the scaffold's own test, `task build`, then the wheel installed in a folder."""
+def build_wheel(tmp_path: Path, marker: bool = False) -> Path:
+    """`task new`, `task check`, the scaffold's own test, `task build`: the wheel and its printed sha256."""
     made = run_cli("task", "new", "ct-triage", "--dir", str(tmp_path))
     assert made.returncode == 0, made.stderr
     pkg = tmp_path / "ct-triage"
     assert {p.name for p in pkg.iterdir()} >= {"pyproject.toml", "README.md", "tests", "flowerbed_task_ct_triage"}
+    if marker:
+        module = pkg / "flowerbed_task_ct_triage" / "task.py"
+        module.write_text(module.read_text() + MARKER)
 
     checked = run_cli("task", "check", str(pkg))
     text = " ".join(checked.stdout.split())
@@ -47,46 +58,85 @@ def build_and_install(tmp_path: Path) -> Path:
     wheel = Path(next(line for line in built.stdout.splitlines() if line.endswith(".whl")).strip())
     digest = next(line.split()[1] for line in built.stdout.splitlines() if line.startswith("sha256 "))
     assert digest == hashlib.sha256(wheel.read_bytes()).hexdigest()
-
-    target = tmp_path / "site-packages"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
-                    str(wheel)], check=True, capture_output=True, timeout=300)  # fmt: skip
-    found = subprocess.run(
-        [sys.executable, "-c", "from flowerbed.task import load_task; print(load_task('ct-triage').name)"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)}, timeout=120, check=False,
-    )  # fmt: skip
-    assert found.stdout.strip() == "ct-triage", found.stderr
-    return target
+    return wheel
 
 
-def test_a_federated_run_of_an_own_task_is_driven_by_its_own_metric(
+def site_toml(folder: Path, site: str, config: FederationConfig) -> Path:
+    """A site's site.toml as its kit holds it (no approvals yet)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SITE_FILE
+    save_toml_model(path, SiteKitConfig(federation=config.name, site=site, superlink_address="localhost"))
+    return path
+
+
+def markers(folder: Path) -> list[Path]:
+    return sorted(folder.glob("task-imported-*"))
+
+
+def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The built wheel installed where coordinator and sites import it; `task = "ct-triage"`, target AUROC."""
-    target = build_and_install(tmp_path)
-    monkeypatch.setenv("PYTHONPATH", str(target))  # every process the kit starts inherits it: "installed"
-    config = make_config("own-task", SITES[:2], min_nodes=2, max_rounds=3, patience=10)
+    """Site A approved the wheel, site B did not: A trains (AUROC drives the run), B refuses before import.
+
+    Then A's approved copy is tampered with: A refuses too, and no code of the task runs anywhere.
+    """
+    wheel = build_wheel(tmp_path, marker=True)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setenv("TASK_MARKER", "1")
+    a, b = SITES[:2]
+    config = make_config("own-task", [a, b], min_nodes=1, max_rounds=3, patience=10)
     layout = make_federation(tmp_path / "fed", config)
     data = make_demo_data(tmp_path / "data", SITES)
+    kits = {site: site_toml(tmp_path / "kits" / site, site, config) for site in (a, b)}
+
+    approved = run_cli("supernode", "approve", str(wheel), "--yes", cwd=kits[a].parent)  # the default --kit .
+    text = " ".join(approved.stdout.split())
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert all(s in text for s in ("ct-triage", "0.1.0", digest, "none beyond flowerbed", "approved task ct-triage"))
+    again = run_cli("supernode", "approve", str(wheel), "--yes", "--kit", str(kits[a].parent))
+    assert "was approved already" in " ".join(again.stdout.split())
+    listed = run_cli("supernode", "approvals", "--kit", str(kits[a].parent))
+    assert digest in listed.stdout and "built-in tasks: allowed" in listed.stdout
+    assert_clean_error(run_cli("supernode", "approve", str(wheel), "--kit", str(kits[b].parent)), ExitCode.ERROR,
+                       "approval needs a yes")  # no terminal, no --yes: nothing approved  # fmt: skip
+
+    work = tmp_path / "work"
     stack = start_stack(layout, config)
     try:
-        with supervised_sites(layout, f"localhost:{config.superlink.port}",
-                              {s: data.site_files[s] for s in SITES[:2]}, tmp_path):  # fmt: skip
-            result = run_cli("run", "-d", str(layout.root), "--name", "own", "--task", "ct-triage",
+        with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
+                              work, site_files=kits):  # fmt: skip
+            result = run_cli("run", "-d", str(layout.root), "--name", "own", "--task", str(wheel),
                              "--target-metric", "auroc", "--target-value", "0.99", timeout=600)  # fmt: skip
+            assert markers(work / a) and not markers(work / b)
+            before = markers(work / a)
+            stored = kits[a].parent / "approved" / f"{digest[:12]}-{wheel.name}"
+            stored.write_bytes(stored.read_bytes() + b"tampered")  # the approved copy, modified after approval
+            tampered = run_cli("run", "-d", str(layout.root), "--name", "tampered", "--task", "ct-triage",
+                               "--max-rounds", "1", timeout=600)  # fmt: skip
     finally:
         stack.stop()
     text = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 0, text
+    refusal = f"site {b} refused task ct-triage (sha256 {digest}): not approved here"
+    assert refusal in text and "flowerbed supernode approve" in text, text  # shown per site by `flowerbed run`
     rows = [json.loads(line) for line in (layout.runs / "own" / "history.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["kind"] == "train"]
-    assert trained and all({"eval-auroc", "eval-sensitivity", "train-loss"} <= set(r["metrics"]) for r in trained)
+    assert trained and all(r["sites"] == [a] for r in trained)
+    assert all({"eval-auroc", "eval-sensitivity", "train-loss"} <= set(r["metrics"]) for r in trained)
+    assert all(any(refusal in e for e in r["errors"]) for r in trained)
     assert "auroc" in text and "sensitivity" in text  # columns of the run table
-    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "nope"), ExitCode.ERROR,
-                       "no task 'nope' in this environment")  # refused before anything is submitted  # fmt: skip
     summary = json.loads((layout.runs / "own" / "summary.json").read_text())
     best_auroc = max(r["metrics"]["eval-auroc"] for r in rows if "eval-auroc" in r["metrics"])
     assert summary["stop_reason"] == ("target-reached" if best_auroc >= 0.99 else "max-rounds"), (summary, best_auroc)
+    assert "REFUSED" in (work / b / "logs" / "supernode.log").read_text()  # logged at the site
+
+    tampered_text = " ".join((tampered.stdout + tampered.stderr).split())
+    assert tampered.returncode == ExitCode.RUN_FAILED, tampered_text
+    assert f"site {a} refused task ct-triage (sha256 {digest}): the approved wheel" in tampered_text
+    assert "was modified since" in tampered_text and f"site {b} refused task ct-triage" in tampered_text
+    assert markers(work / a) == before and not markers(work / b)  # no code of the refused task ran
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "nope"), ExitCode.ERROR,
+                       "no wheel of task 'nope'")  # refused before anything is submitted  # fmt: skip
 
 
 def test_task_mistakes_are_one_line(tmp_path: Path) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.live import Live
 
+from flowerbed import taskstore
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation, resolve
@@ -84,13 +86,28 @@ def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> s
     return f"run {run_id}: round {done[-1]['round']} done, {elapsed:.0f} s elapsed"
 
 
+def site_errors(rows: list[dict[str, Any]]) -> list[str]:
+    """Every distinct error line of the run's rows (each names its site), in order."""
+    lines: list[str] = []
+    for row in rows:
+        for line in row.get("errors", []):
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
 def follow_live(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
     """Follow a run with a live table (round, nodes, losses, accuracy, elapsed)."""
     started = time.monotonic()
     run_id = [handle.run_id]
     with Live(console=err, refresh_per_second=2, transient=False) as live:
+        said: set[str] = set()
 
         def update(rows: list[dict[str, Any]]) -> None:
+            for line in site_errors(rows):  # a site's error or refusal, once, above the table
+                if line not in said:
+                    said.add(line)
+                    live.console.print(f"  {line}", markup=False, soft_wrap=True)
             live.update(history_table(rows, progress_title(run_id[0], rows, time.monotonic() - started)))
 
         def note(message: str) -> None:
@@ -126,9 +143,33 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
     return line + f"; {score} ({where})"
 
 
+def parse_settings(items: list[str]) -> dict[str, str | int | float | bool]:
+    """``KEY=VALUE`` options as typed values (TOML's reading of VALUE; else the text)."""
+    out: dict[str, str | int | float | bool] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise FlowerbedError(f"--task-setting {item!r}: write KEY=VALUE, e.g. --task-setting dropout=0.2")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out[key.strip()] = value if isinstance(value, str | int | float | bool) else text.strip()
+    return out
+
+
 def run(
     fed_dir: FedDir = Path(),
-    task: Annotated[str | None, typer.Option(help="The task by name (default: run.task, or the built-in one).")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="A built-in task, an own task's wheel (TASK.whl), or its name once used (default: run.task)."
+        ),
+    ] = None,
+    task_setting: Annotated[
+        list[str] | None,
+        typer.Option(help="The own task's setting KEY=VALUE (repeat it); adds to [run.task_settings]."),
+    ] = None,
     strategy: Annotated[str | None, typer.Option(help="fedavg, fedprox, fedadam or fedmedian.")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="Stop after this many rounds.")] = None,
     min_nodes: Annotated[int | None, typer.Option(help="Fail a round with fewer valid replies.")] = None,
@@ -156,25 +197,31 @@ def run(
     config = load_federation(fed_dir)
     if resume_name is not None and name is not None:
         raise FlowerbedError("--resume NAME goes on in runs/NAME: leave out --name")
+    if resume_name is not None and (task is not None or task_setting):
+        raise FlowerbedError("a resumed run keeps its task and task settings: leave out --task and --task-setting")
     base = stored_settings(run_folder(layout, resume_name)) if resume_name is not None else config.run
+    chosen = taskstore.choose(layout, task or task_name(base), "" if task else base.task_sha256)
+    own = base.task_settings | parse_settings(task_setting or [])
     run_settings = resolve(
         base,
         {
-            "task": task, "target_metric": target_metric,
+            "task": chosen.name, "task_sha256": chosen.sha256, "task_settings": own, "target_metric": target_metric,
             "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes,
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
             "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu,
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
-    chosen = load_task(task_name(settings))  # an unknown task is refused here, not later at every site
-    task_config(chosen, settings.to_run_config())
+    if resume_name is None:  # a task that cannot load, or a setting it has not, is refused here, not at every site
+        task_config(load_task(chosen.name, chosen.sha256, chosen.wheel), settings.to_run_config())
+        if chosen.sha256:
+            out.print(f"task {chosen.name} from {chosen.wheel} (sha256 {chosen.sha256})")
     port = config.superlink.internal_port
     if resume_name is not None:
         handle = resume(layout, resume_name, settings, control_port=port, why="; resumed by hand")
         out.print(f"resumed run {resume_name} as Flower run {handle.run_id}; output in {handle.out_dir}")
     else:
-        handle = submit(layout, settings, name, control_port=port)
+        handle = submit(layout, settings, name, control_port=port, task_wheel=chosen.wheel)
         out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
     if follow_run:
         follow_and_report(layout, handle, settings.time_budget_s + settings.round_timeout_s + 300)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flowerbed.commands.common import stop_on_signals
-from flowerbed.console import info, out, table
+from flowerbed.config import SITE_FILE
+from flowerbed.console import info, out, table, warn
+from flowerbed.errors import FlowerbedError
+from flowerbed.supernode.approval import approve, candidate, load_site, revoke
 from flowerbed.supernode.preflight import clock_probe, link_probe, require, run_preflight
 from flowerbed.supernode.sitekit import site_spec
 from flowerbed.supernode.supervisor import Supervisor
@@ -49,3 +53,66 @@ def start(
         clock_probe=clock_probe(spec),
     ).run(stop.is_set)
     info("SuperNode stopped")
+
+
+KitDir = Annotated[Path, typer.Option("--kit", help="The unpacked site kit folder (holds site.toml).")]
+
+
+def _missing_dependencies(requires: list[str]) -> list[str]:
+    """The dependencies not installed in this environment (by distribution name)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    missing = []
+    for text in requires:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            if not req.specifier.contains(version(req.name), prereleases=True):
+                missing.append(text)
+        except PackageNotFoundError:
+            missing.append(text)
+    return missing
+
+
+@app.command("approve", help="Allow a task wheel or Flower App to run on this site's data, after showing what it is.")
+def approve_cmd(
+    path: Annotated[Path, typer.Argument(help="The task's wheel (.whl), or a Flower App (.fab file or folder).")],
+    kit: KitDir = Path(),
+    yes: Annotated[bool, typer.Option("--yes", help="Approve without asking (for scripts).")] = False,
+) -> None:
+    chosen = candidate(path)
+    out.print(table("To approve", ["", ""], chosen.lines()))
+    missing = _missing_dependencies(chosen.requires)
+    if missing:
+        warn(f"not installed here: {', '.join(missing)}; install them from the kit's wheels before a run")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise FlowerbedError("approval needs a yes: run it in a terminal, or pass --yes")
+        if not typer.confirm(f"Approve {chosen.name} {chosen.version} for this site's data?", default=False):
+            raise FlowerbedError("not approved: nothing changed")
+    entry, new = approve(kit, chosen)
+    what = f"{entry.kind} {entry.name} {entry.version} (sha256 {entry.sha256})"
+    out.print(f"approved {what} in {kit / SITE_FILE}" if new else f"{what} was approved already")
+
+
+@app.command("approvals", help="List the tasks and apps this site has approved.")
+def approvals_cmd(kit: KitDir = Path()) -> None:
+    config = load_site(kit)
+    rows = ([a.kind, a.name, a.version, a.sha256, a.approved_at] for a in config.approved)
+    out.print(table(f"Approved at {config.site}", ["kind", "name", "version", "sha256", "approved"], rows))
+    builtin = "allowed" if config.allow_builtin_tasks else "not allowed (allow_builtin_tasks = false)"
+    out.print(f"built-in tasks: {builtin}")
+
+
+@app.command("revoke", help="Withdraw an approval (by name, or by the first 8+ digits of its sha256).")
+def revoke_cmd(
+    what: Annotated[str, typer.Argument(help="Task or app name, or sha256 prefix.")], kit: KitDir = Path()
+) -> None:
+    for entry in revoke(kit, what):
+        out.print(f"revoked {entry.kind} {entry.name} {entry.version} (sha256 {entry.sha256})")

@@ -1,0 +1,171 @@
+"""A site's approvals: which task wheels and Flower Apps may touch its data, by sha256.
+
+The data steward approves with ``flowerbed supernode approve WHEEL_OR_APP`` after seeing the name,
+version, hash and dependencies; the entry goes to ``[[approved]]`` in the kit's site.toml and an
+approved wheel is kept in the kit's ``approved/`` folder. :func:`decide` is asked for every task
+the SuperNode runs, before any code of the run is imported (see :mod:`flowerbed.supernode.gate`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from flowerbed.artifacts import FabInfo, WheelInfo, read_app, read_task_wheel, sha256_file
+from flowerbed.clientapp.builtin import task_name
+from flowerbed.config import SITE_FILE, Approval, RunSettings, SiteKitConfig, load_toml_model, save_toml_model
+from flowerbed.errors import FlowerbedError
+from flowerbed.task import BUILTIN
+
+APPROVED_DIR = "approved"
+REFUSED_CODE = 4003  # an application error code: the site refused the run's code
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the data steward is asked to approve."""
+
+    kind: str  # task or app
+    name: str
+    version: str
+    sha256: str
+    requires: list[str]
+    source: Path
+    wheel: WheelInfo | None = None
+
+    def lines(self) -> list[tuple[str, str]]:
+        return [
+            ("kind", "task wheel" if self.kind == "task" else "Flower App"),
+            ("name", self.name),
+            ("version", self.version),
+            ("sha256", self.sha256),
+            ("dependencies", ", ".join(self.requires) or "none beyond flowerbed"),
+            ("file", str(self.source)),
+        ]
+
+
+def candidate(path: Path) -> Candidate:
+    """Read a task wheel (.whl) or a Flower App (.fab or folder) without importing any of it."""
+    if path.suffix == ".whl":
+        info = read_task_wheel(path)
+        (name,) = info.tasks
+        return Candidate("task", name, info.version, info.sha256, info.requires, path, info)
+    fab = read_app(path)
+    if fab.is_kit_app:
+        raise FlowerbedError(f"{path} is flowerbed's own app: it needs no approval (its tasks do)")
+    return Candidate("app", fab.name, fab.version, fab.sha256, fab.requires, path)
+
+
+def load_site(kit_root: Path) -> SiteKitConfig:
+    return load_toml_model(kit_root / SITE_FILE, SiteKitConfig, missing="pass the unpacked site kit with --kit")
+
+
+def approve(kit_root: Path, chosen: Candidate) -> tuple[Approval, bool]:
+    """Add ``chosen`` to the kit's site.toml (a wheel is kept under approved/); False if it was there."""
+    config = load_site(kit_root)
+    for entry in config.approved:
+        if entry.sha256 == chosen.sha256:
+            return entry, False
+    file = ""
+    if chosen.wheel is not None:
+        folder = kit_root / APPROVED_DIR
+        folder.mkdir(exist_ok=True)
+        kept = folder / f"{chosen.sha256[:12]}-{chosen.source.name}"
+        tmp = kept.with_suffix(".tmp")
+        shutil.copyfile(chosen.source, tmp)
+        if sha256_file(tmp) != chosen.sha256:
+            tmp.unlink()
+            raise FlowerbedError(f"{chosen.source} changed while it was copied: approve it again")
+        tmp.replace(kept)
+        file = kept.relative_to(kit_root).as_posix()
+    entry = Approval(
+        kind=chosen.kind,
+        name=chosen.name,
+        version=chosen.version,
+        sha256=chosen.sha256,
+        file=file,
+        requires=chosen.requires,
+        approved_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    config.approved.append(entry)
+    save_toml_model(kit_root / SITE_FILE, config)
+    return entry, True
+
+
+def revoke(kit_root: Path, what: str) -> list[Approval]:
+    """Remove the approvals whose sha256 starts with ``what`` or whose name is ``what``."""
+    config = load_site(kit_root)
+    gone = [a for a in config.approved if a.name == what or (len(what) >= 8 and a.sha256.startswith(what))]
+    if not gone:
+        known = ", ".join(f"{a.name} {a.sha256[:12]}" for a in config.approved) or "none"
+        raise FlowerbedError(f"nothing approved here matches {what!r} (approved: {known})")
+    config.approved = [a for a in config.approved if a not in gone]
+    save_toml_model(kit_root / SITE_FILE, config)
+    for entry in gone:
+        if entry.file:
+            (kit_root / entry.file).unlink(missing_ok=True)
+    return gone
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a run's code may run at this site; ``reason`` is the refusal or what runs."""
+
+    allowed: bool
+    reason: str
+    sha256: str = ""
+    wheel: Path | None = None
+
+
+def _approve_hint(kind: str, name: str) -> str:
+    what = f"{name}'s wheel (.whl)" if kind == "task" else f"the {name} app (.fab or folder)"
+    return f"to approve it, the data steward runs `flowerbed supernode approve` on {what}"
+
+
+def decide(site_file: Path | None, site: str, fab: FabInfo, run_config: dict[str, Any]) -> Decision:
+    """May this run's code run here? Asked before any of it is imported.
+
+    ``site_file``: the kit's site.toml (None: no kit, so only the built-in tasks run).
+    """
+    config = load_toml_model(site_file, SiteKitConfig) if site_file is not None else None
+    approved = config.approved if config is not None else []
+    kit_root = site_file.parent if site_file is not None else Path()
+    if not fab.is_kit_app:
+        if any(a.kind == "app" and a.sha256 == fab.sha256 for a in approved):
+            return Decision(True, f"approved app {fab.name} {fab.version} (sha256 {fab.sha256})", fab.sha256)
+        return Decision(
+            False,
+            f"site {site} refused app {fab.name} {fab.version} (sha256 {fab.sha256}): not approved here; "
+            + _approve_hint("app", fab.name),
+            fab.sha256,
+        )
+    try:
+        settings = RunSettings.from_run_config(run_config)
+    except ValidationError as exc:
+        return Decision(False, f"site {site} refused the run: its settings are invalid ({exc.error_count()} problems)")
+    name, sha = task_name(settings), settings.task_sha256
+    if not sha:
+        if name in BUILTIN and (config is None or config.allow_builtin_tasks):
+            return Decision(True, f"built-in task {name}")
+        why = "built-in tasks are not allowed here (allow_builtin_tasks)" if name in BUILTIN else "no such task"
+        return Decision(False, f"site {site} refused task {name}: {why}")
+    entry = next((a for a in approved if a.kind == "task" and a.sha256 == sha), None)
+    if entry is None or entry.name != name:
+        other = [a.sha256 for a in approved if a.kind == "task" and a.name == name]
+        why = f"another build of {name} is approved here (sha256 {other[0]})" if other else "not approved here"
+        hint = _approve_hint("task", name)
+        return Decision(False, f"site {site} refused task {name} (sha256 {sha}): {why}; {hint}", sha)
+    wheel = kit_root / entry.file
+    if not wheel.is_file():
+        return Decision(False, f"site {site} refused task {name} (sha256 {sha}): its approved wheel {wheel} is gone; "
+                        + _approve_hint("task", name), sha)  # fmt: skip
+    now = sha256_file(wheel)
+    if now != sha:
+        return Decision(False, f"site {site} refused task {name} (sha256 {sha}): the approved wheel {entry.file} was "
+                        f"modified since (sha256 now {now}); {_approve_hint('task', name)}", sha)  # fmt: skip
+    return Decision(True, f"approved task {name} {entry.version} (sha256 {sha})", sha, wheel)
