@@ -1,6 +1,6 @@
 """Benchmark: the demo federation's wall time, time per round and peak memory.
 
-Runs `flowerbed.demo.run_demo` (three TLS SuperNodes through the nginx gateway on loopback) REPEAT
+Runs `flowerbed.demo.run_demo` (the default demo: five TLS SuperNodes through the nginx gateway) REPEAT
 times, prints a table and writes docs/benchmarks.md. Usage: python benchmarks/demo_rounds.py [REPEAT]
 """
 
@@ -77,8 +77,8 @@ def main() -> int:
     OUT.write_text(
         "# Benchmarks\n\n"
         "## Demo federation (`python benchmarks/demo_rounds.py`)\n\n"
-        f"Machine: {machine()}. Three TLS SuperNodes with node auth through the nginx gateway on "
-        "loopback, SQLite SuperLink state, torch CPU; the 5-minute bound of the demo is the target.\n\n"
+        f"Machine: {machine()}. The default demo: five TLS SuperNodes (digits images) with node auth through "
+        "the nginx gateway on loopback, SQLite SuperLink state, torch CPU, 10 rounds.\n\n"
         f"{table}\n\nPeak RSS of the largest child process: {peak_child_mb:.0f} MB.\n\n"
         "Rounds move in steps of about 3 s set by Flower's own poll intervals, and every message "
         "starts a fresh `flwr-clientapp` process that imports torch, so a round of this tiny model "

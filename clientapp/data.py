@@ -98,9 +98,10 @@ def image_classes(root: Path, num_classes: int, class_names: list[str] | None) -
 
 
 def read_image_folders(
-    root: Path, image_size: int, *, num_classes: int, class_names: list[str] | None = None
+    root: Path, image_size: int, *, num_classes: int, class_names: list[str] | None = None, channels: int = 3
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images from ``root/CLASS/*.png`` resized to a square RGB array; labels by :func:`image_classes`."""
+    """Images from ``root/CLASS/*.png`` resized to a square array, ``channels`` x side x side in [0, 1]
+    (1: grayscale, 3: RGB); labels by :func:`image_classes`."""
     from PIL import Image, UnidentifiedImageError
 
     classes = image_classes(root, num_classes, class_names)
@@ -113,10 +114,11 @@ def read_image_folders(
                 continue
             try:
                 with Image.open(file) as img:
-                    rgb = img.convert("RGB").resize((image_size, image_size))
+                    pixels = img.convert("L" if channels == 1 else "RGB").resize((image_size, image_size))
             except (OSError, UnidentifiedImageError):
                 raise DataError(f"{file}: not a readable image") from None
-            images.append(np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+            array = np.asarray(pixels, dtype=np.float32) / 255.0
+            images.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
             labels.append(label)
     if not images:
         raise DataError(f"{root}: no images found in class sub-folders ({', '.join(classes) or 'none'})")
@@ -142,6 +144,7 @@ def load_site_data(
     class_names: list[str] | None = None,
     validation_fraction: float,
     seed: int,
+    channels: int = 3,
 ) -> SiteData:
     """Load and split the data at ``data_path``; every problem raises :class:`DataError`."""
     if not data_path:
@@ -154,7 +157,9 @@ def load_site_data(
         x, y = read_csv(csv_file, num_features)
         kind = "csv"
     elif path.is_dir():
-        x, y, _ = read_image_folders(path, image_size, num_classes=num_classes, class_names=class_names)
+        x, y, _ = read_image_folders(
+            path, image_size, num_classes=num_classes, class_names=class_names, channels=channels
+        )
         kind = "images"
     else:
         raise DataError(f"{path}: not a CSV file nor a folder of class sub-folders")

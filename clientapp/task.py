@@ -11,10 +11,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from flowerbed.config import RunSettings
 
 
-def make_model(kind: str, *, num_features: int, num_classes: int, hidden_units: int, image_size: int) -> nn.Module:
-    """``mlp`` for tabular CSV data, ``cnn`` for images (3 x image_size x image_size)."""
+def make_model(
+    kind: str, *, num_features: int, num_classes: int, hidden_units: int, image_size: int, channels: int = 3
+) -> nn.Module:
+    """``mlp`` for tabular CSV data or small images (flattened to ``num_features`` values), ``cnn`` for
+    images (``channels`` x image_size x image_size)."""
     if kind == "mlp":
         return nn.Sequential(
+            nn.Flatten(),
             nn.Linear(num_features, hidden_units),
             nn.ReLU(),
             nn.Linear(hidden_units, num_classes),
@@ -22,7 +26,7 @@ def make_model(kind: str, *, num_features: int, num_classes: int, hidden_units: 
     if kind == "cnn":
         side = image_size // 4
         return nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(channels, 16, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1),
@@ -44,6 +48,7 @@ def model_for(settings: RunSettings) -> nn.Module:
         num_classes=settings.num_classes,
         hidden_units=settings.hidden_units,
         image_size=settings.image_size,
+        channels=settings.image_channels,
     )
 
 
@@ -68,8 +73,10 @@ def train(
     learning_rate: float,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
 ) -> float:
-    """Train in place with Adam; returns the mean training loss of the last epoch.
+    """Train in place with Adam (or SGD with ``momentum``); returns the mean training loss of the last epoch.
 
     With ``proximal_mu > 0`` the FedProx term mu/2 * ||w - w_global||^2 keeps the local model
     near the global one it started from.
@@ -79,7 +86,11 @@ def train(
     model.train()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    step: torch.optim.Optimizer = (
+        torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+        if optimizer == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=learning_rate)
+    )
     criterion = nn.CrossEntropyLoss()
     global_params = [p.detach().clone() for p in model.parameters()]
     last = 0.0
@@ -87,13 +98,13 @@ def train(
         total, count = 0.0, 0
         for xb, yb in loader:
             xb, yb = xb.to(dev), yb.to(dev)
-            optimizer.zero_grad()
+            step.zero_grad()
             loss = criterion(model(xb), yb)
             if proximal_mu > 0:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
                 loss = loss + (proximal_mu / 2) * prox
             loss.backward()
-            optimizer.step()
+            step.step()
             total += float(loss.item()) * len(yb)
             count += len(yb)
         last = total / max(count, 1)

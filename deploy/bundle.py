@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowerbed.artifacts import read_task_wheel, task_requirements
 from flowerbed.deploy import install
 from flowerbed.deploy.condaenv import CPU_INDEX, TORCH, Role, pip_part
 from flowerbed.errors import FlowerbedError
@@ -22,6 +24,7 @@ MANYLINUX_X86_64 = [
     "manylinux_2_5_x86_64", "manylinux1_x86_64",
 ]  # fmt: skip
 NO_WHEEL = re.compile(r"(?:No matching distribution found for|Cannot install) (\S+?)(?: because|$)")
+TASKS_DIR = "tasks"  # own tasks' wheels in a bundle and in a kit (imported from there once approved)
 PLATFORMS = {"linux": MANYLINUX_X86_64, "windows": ["win_amd64"]}
 
 
@@ -98,11 +101,16 @@ def bundle_wheels(
     python_version: str = "3.11",
     torch_index: str | None = CPU_INDEX,
     source: Path | None = None,
+    tasks: Sequence[Path] = (),
     report: Report = lambda _m: None,
 ) -> Bundle:
-    """Download the wheels of ``role``'s pip part (plus the kit's own wheel) into ``out``."""
+    """Download the wheels of ``role``'s pip part (plus the kit's own wheel) into ``out``.
+
+    ``tasks``: own tasks' wheels; their dependencies are downloaded too, and the wheels kept in ``tasks/``.
+    """
+    infos = [read_task_wheel(path) for path in tasks]
     out.mkdir(parents=True, exist_ok=True)
-    requirements = [line for line in pip_part(role) if not line.startswith("--")]
+    requirements = [line for line in pip_part(role, task_requirements(infos)) if not line.startswith("--")]
     req_file = out / "requirements.txt"
     req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
     args = ["download", "--dest", str(out), "-r", str(req_file)]
@@ -131,6 +139,9 @@ def bundle_wheels(
         ),
         encoding="utf-8",
     )
+    for info in infos:
+        (out / TASKS_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(info.path, out / TASKS_DIR / info.path.name)
     wheels = sorted(out.glob("*.whl"))
     if not wheels:
         raise FlowerbedError(f"no wheels ended up in {out}")

@@ -6,17 +6,19 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 import tomli_w
 
+from flowerbed.artifacts import WheelInfo, read_task_wheel, task_requirements
 from flowerbed.certs import service
 from flowerbed.certs.files import PRIVATE_MODE
 from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig
 from flowerbed.deploy import install
-from flowerbed.deploy.bundle import Report, project_root, run_pip
+from flowerbed.deploy.bundle import TASKS_DIR, Report, project_root, run_pip
 from flowerbed.deploy.condaenv import Role, render
 from flowerbed.deploy.render import fill, template
 from flowerbed.errors import FlowerbedError
@@ -47,7 +49,27 @@ class BuiltKit:
     zipfile: Path
 
 
-def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig, site: str, wheel_name: str) -> None:
+def _tasks_text(tasks: Sequence[WheelInfo]) -> str:
+    if not tasks:
+        return ""
+    lines = ["", "This kit carries own tasks in `tasks/` (what they need is in the environment files, and in",
+             "`wheels/` when the kit has it). To let one run on your data, approve it:", ""]  # fmt: skip
+    for info in tasks:
+        (name,) = info.tasks
+        lines.append(f"- `{name}` {info.version}, sha256 `{info.sha256}`:")
+        lines.append(f"  `flowerbed supernode approve {TASKS_DIR}/{info.path.name} --kit .`")
+    return "\n".join(lines) + "\n"
+
+
+def _write_site(
+    stage: Path,
+    layout: FederationLayout,
+    config: FederationConfig,
+    site: str,
+    wheel_name: str,
+    *,
+    tasks: Sequence[WheelInfo] = (),
+) -> None:
     for path in (layout.node_key(site), layout.node_pub(site)):
         if not path.is_file():
             raise FlowerbedError(f"{path} is missing: run `flowerbed certs node {site} --force` to make a new pair")
@@ -69,8 +91,13 @@ def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig,
         + tomli_w.dumps(kit_config.model_dump()),
         encoding="utf-8",
     )
-    (stage / "environment.yml").write_text(render(Role.supernode_cpu), encoding="utf-8")
-    (stage / "environment-cuda.yml").write_text(render(Role.supernode_cuda), encoding="utf-8")
+    names, extra = [t.path.name for t in tasks], task_requirements(list(tasks))
+    (stage / "environment.yml").write_text(render(Role.supernode_cpu, names, extra), encoding="utf-8")
+    (stage / "environment-cuda.yml").write_text(render(Role.supernode_cuda, names, extra), encoding="utf-8")
+    if tasks:
+        (stage / TASKS_DIR).mkdir()
+        for info in tasks:
+            shutil.copyfile(info.path, stage / TASKS_DIR / info.path.name)
     deploy = files("flowerbed.deploy")
     (stage / "firewall_checklist.py").write_text(deploy.joinpath("firewall_checklist.py").read_text("utf-8"))
     (stage / "allowlist.json").write_text(deploy.joinpath("allowlist.json").read_text("utf-8"))
@@ -90,6 +117,7 @@ def _write_site(stage: Path, layout: FederationLayout, config: FederationConfig,
         "INSTALL_OFFLINE": install.OFFLINE,
         "INSTALL_OFFLINE_WINDOWS": install.OFFLINE_WINDOWS,
         "WHEEL": wheel_name,
+        "TASKS": _tasks_text(tasks),
     }
     (stage / "README.md").write_text(fill("kit-README.md", values), encoding="utf-8")
 
@@ -129,10 +157,18 @@ def _kit_wheel(stage_root: Path, wheel: Path | None, report: Report) -> Path:
     return next(out.glob("flowerbed-*.whl"))
 
 
-def _check_bundle(bundle: Path) -> list[Path]:
+def _check_bundle(bundle: Path, tasks: Sequence[WheelInfo] = ()) -> list[Path]:
     if not (bundle / "requirements.txt").is_file():
         raise FlowerbedError(
             f"{bundle} is not an offline bundle (no requirements.txt): make it with `flowerbed bundle wheels`"
+        )
+    held = (bundle / "requirements.txt").read_text(encoding="utf-8").split()
+    lacking = [r for r in task_requirements(list(tasks)) if r.replace(" ", "") not in held]
+    if lacking:
+        options = " ".join(f"--task {t.path}" for t in tasks)
+        raise FlowerbedError(
+            f"{bundle} lacks what the tasks need ({', '.join(lacking)}): "
+            f"make it with `flowerbed bundle wheels {options}`"
         )
     wheels = [w for w in sorted(bundle.glob("*.whl")) if not w.name.startswith("flowerbed-")]
     if not wheels:
@@ -147,18 +183,22 @@ def build_kits(
     *,
     wheel: Path | None = None,
     bundle: Path | None = None,
+    tasks: Sequence[Path] = (),
     report: Report = lambda _m: None,
 ) -> list[BuiltKit]:
     """Build kits into FED/kits/; keys are created only when missing, the CA is never touched.
 
     Each kit carries the flowerbed wheel; with ``bundle`` (a ``flowerbed bundle wheels`` folder) it
-    also carries every other wheel in ``wheels/``, for a VM without package access.
+    also carries every other wheel in ``wheels/``, for a VM without package access. ``tasks``: own
+    tasks' wheels, carried in ``tasks/`` for the sites to approve, their dependencies in the
+    environment files (and required in the bundle).
     """
     if not layout.ca_cert.is_file():
         raise FlowerbedError(f"{layout.ca_cert} is missing: run `flowerbed certs init` first")
     if not layout.server_cert.is_file():
         raise FlowerbedError(f"{layout.server_cert} is missing: run `flowerbed certs server` first")
-    bundle_wheels = _check_bundle(bundle) if bundle is not None else []
+    task_infos = [read_task_wheel(path) for path in tasks]
+    bundle_wheels = _check_bundle(bundle, task_infos) if bundle is not None else []
     names = sites or [s.name for s in config.sites]
     for name in names:
         config.site(name)
@@ -172,7 +212,7 @@ def build_kits(
         kit_wheel = _kit_wheel(stage_root, wheel, report)
         for name in names:
             folder = stage_root / name
-            _write_site(folder, layout, config, name, kit_wheel.name)
+            _write_site(folder, layout, config, name, kit_wheel.name, tasks=task_infos)
             shutil.copyfile(kit_wheel, folder / kit_wheel.name)
             if bundle is not None:
                 (folder / "wheels").mkdir()

@@ -49,6 +49,10 @@ class WheelInfo:
     requires: list[str] = field(default_factory=list)
     pure: bool = True
 
+    def runtime_requires(self) -> list[str]:
+        """The dependencies pip installs with it (no extras)."""
+        return [r for r in self.requires if "extra ==" not in r]
+
     def task_target(self, name: str) -> str:
         if name not in self.tasks:
             raise FlowerbedError(f"{self.path.name} has no task {name!r} (it has {', '.join(self.tasks) or 'none'})")
@@ -164,3 +168,11 @@ def read_app(path: Path) -> FabInfo:
     if not path.is_file():
         raise FlowerbedError(f"{path} does not exist: pass a Flower App folder or a .fab file (`flwr build`)")
     return read_fab_bytes(path.read_bytes(), path.name)
+
+
+def task_requirements(wheels: list[WheelInfo]) -> list[str]:
+    """The dependencies of task wheels, each once, in order (what a site installs next to flowerbed)."""
+    out: list[str] = []
+    for wheel in wheels:
+        out.extend(r for r in wheel.runtime_requires() if r not in out)
+    return out

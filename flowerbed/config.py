@@ -137,12 +137,15 @@ class RunSettings(_Model):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.01, gt=0)
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Local optimizer of the built-in tasks")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer = sgd)")
     proximal_mu: float = Field(0.0, ge=0)
     server_learning_rate: float = Field(0.1, gt=0, description="FedAdam eta")
     model: Literal["mlp", "cnn"] = "mlp"
     num_features: int = Field(30, ge=1, description="CSV feature columns (mlp)")
     num_classes: int = Field(2, ge=2)
-    image_size: int = Field(32, ge=8, le=512, description="Side of resized images (cnn)")
+    image_size: int = Field(32, ge=8, le=512, description="Side of resized images")
+    image_channels: Literal[1, 3] = Field(3, description="1: images are read as grayscale, 3: as RGB")
     class_names: str = Field(
         "", description="Image classes in label order, comma-separated (default: sorted folder names)"
     )

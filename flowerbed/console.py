@@ -12,8 +12,10 @@ from rich.text import Text
 # markup=False: messages quote outside text (Flower's errors, paths, TOML tables such as
 # ``[tool.flwr.app]``) that rich would otherwise read as style tags and swallow; emoji=False: a
 # fingerprint such as ``ab:cd:ef`` holds ``:cd:``, which rich would turn into an emoji.
-out = Console(highlight=False, markup=False, emoji=False)
-err = Console(stderr=True, highlight=False, markup=False, emoji=False)
+# soft_wrap=True: a line is never folded by rich, so a long path or command stays one piece to copy
+# (a narrow or unknown terminal width folded `logs: /long/path` in the middle of the path).
+out = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -1,7 +1,12 @@
-"""``flowerbed demo``: a whole TLS federation on this machine, then local vs federated vs central."""
+"""``flowerbed demo``: a whole TLS federation on this machine, then local vs federated vs central.
+
+The default data set is scikit-learn's digits as label-skewed PNG folders at 5 sites (where
+federation pays); ``--data breast-cancer`` is the tabular demo that is too easy to need it.
+"""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 from collections.abc import Callable
@@ -13,10 +18,10 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from flowerbed.certs import service
-from flowerbed.clientapp.data import load_site_data, read_csv
-from flowerbed.clientapp.task import evaluate, model_for, train
+from flowerbed.clientapp.builtin import task_name
+from flowerbed.clientapp.data import read_csv, read_image_folders
 from flowerbed.config import FederationConfig, RunSettings, save_toml_model
-from flowerbed.demodata import make_demo_data
+from flowerbed.demodata import make_demo_data, make_digits_data
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
@@ -24,37 +29,37 @@ from flowerbed.runner import RunResult, check_result, follow, submit
 from flowerbed.serverapp.history import FINAL_MODEL
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
+from flowerbed.task import load_task
 
-SITES = ["inst-a", "inst-b", "univ-hospital"]
 Report = Callable[[str], None]
+DATASETS = ("digits", "breast-cancer")
+SITES = {
+    "digits": ["inst-a", "inst-b", "inst-c", "inst-d", "univ-hospital"],
+    "breast-cancer": ["inst-a", "inst-b", "univ-hospital"],
+}
+COMPARISON = "comparison.json"
 
 
-def demo_settings() -> RunSettings:
-    """Run settings that converge on the demo data in a handful of rounds."""
-    return RunSettings.model_validate(
-        {
-            "strategy": "fedavg",
-            "max_rounds": 12,
-            "min_nodes": 3,
-            "target_metric": "accuracy",
-            "target_value": 0.97,
-            "patience": 3,
-            "min_delta": 0.005,
-            "time_budget_s": 200,
-            "round_timeout_s": 120,
-            "node_wait_s": 120,
-            "local_epochs": 5,
-            "batch_size": 32,
-            "learning_rate": 0.01,
-            "model": "mlp",
-            "num_features": 30,
-            "num_classes": 2,
-            "hidden_units": 16,
-        }
-    )
+def demo_settings(data: str = "digits") -> RunSettings:
+    """The demo's recipe for ``data``: see docs/demo.md."""
+    common = {"strategy": "fedavg", "round_timeout_s": 120, "node_wait_s": 120, "target_metric": "accuracy"}
+    if data == "breast-cancer":  # converges on the (too easy) tabular demo in a handful of rounds
+        recipe = {
+            "max_rounds": 12, "min_nodes": 3, "target_value": 0.97, "patience": 3, "min_delta": 0.005,
+            "time_budget_s": 200, "local_epochs": 5, "batch_size": 32, "learning_rate": 0.01, "model": "mlp",
+            "num_features": 30, "num_classes": 2, "hidden_units": 16,
+        }  # fmt: skip
+    else:  # digits: MLP 64-64-10, SGD with momentum 0.9, lr 0.1, batch 16, 3 local epochs, up to 10 rounds
+        recipe = {
+            "task": "images", "model": "mlp", "image_size": 8, "image_channels": 1, "num_features": 64,
+            "hidden_units": 64, "num_classes": 10, "class_names": ",".join(str(d) for d in range(10)),
+            "optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.9, "batch_size": 16, "local_epochs": 3,
+            "max_rounds": 10, "min_nodes": 5, "patience": 10, "time_budget_s": 400,
+        }  # fmt: skip
+    return RunSettings.model_validate(common | recipe)
 
 
-def demo_config(gateway_port: int) -> FederationConfig:
+def demo_config(gateway_port: int, data: str = "digits") -> FederationConfig:
     """A federation on loopback with free ports (nothing fixed that could collide)."""
     return FederationConfig.model_validate(
         {
@@ -68,8 +73,8 @@ def demo_config(gateway_port: int) -> FederationConfig:
                 "health_port": free_port(),
                 "executor_health_port": free_port(),
             },
-            "sites": [{"name": s} for s in SITES],
-            "run": demo_settings().model_dump(exclude_none=True),
+            "sites": [{"name": s} for s in SITES[data]],
+            "run": demo_settings(data).model_dump(exclude_none=True),
         }
     )
 
@@ -78,10 +83,17 @@ def demo_config(gateway_port: int) -> FederationConfig:
 class Comparison:
     """One row of the final table: a model evaluated on the held-out test set."""
 
-    model: str
+    model: str  # "local only: SITE", "federated" or "centralized"
     train_examples: int
     accuracy: float
     loss: float
+
+    def gap_points(self, federated: float) -> float | None:
+        """How many accuracy points the federated model is ahead of this one (None for itself)."""
+        return None if self.model == FEDERATED else round((federated - self.accuracy) * 100, 1)
+
+
+FEDERATED, CENTRALIZED = "federated", "centralized"
 
 
 @dataclass
@@ -98,7 +110,7 @@ def _prefixed(report: Report, prefix: str) -> Report:
 
 @dataclass
 class SiteThreads:
-    """The three supervised SuperNodes, each in a thread of this process."""
+    """The demo's supervised SuperNodes, each in a thread of this process."""
 
     supervisors: list[Supervisor] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -125,46 +137,61 @@ class SiteThreads:
             thread.join(timeout=30)
 
 
+def test_set(settings: RunSettings, path: Path) -> TensorDataset:
+    """The held-out test set, whole (a CSV file or a folder of class folders)."""
+    if path.is_dir():
+        names = settings.class_name_list()
+        x, y, _ = read_image_folders(path, settings.image_size, num_classes=settings.num_classes, class_names=names,
+                                     channels=settings.image_channels)  # fmt: skip
+    else:
+        x, y = read_csv(path, settings.num_features)
+    return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+
 def compare_models(
-    settings: RunSettings, site_files: dict[str, Path], test_file: Path, federated: Path, epochs: int
+    settings: RunSettings, site_files: dict[str, Path], test_path: Path, federated: Path, epochs: int
 ) -> list[Comparison]:
-    """Local-only models, the federated model and a centralized model on the same test set."""
-    x_test, y_test = read_csv(test_file, settings.num_features)
-    test = TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test))
+    """Local-only models, the federated model and a centralized model on the same test set.
+
+    Every model is the run's task, trained as the sites train it; local-only and centralized get
+    as many epochs as the federated model's whole run.
+    """
+    task = load_task(task_name(settings))
+    test = test_set(settings, test_path)
+    longer = settings.model_copy(update={"local_epochs": epochs})
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(settings.seed)
-        return model_for(settings)
+        return task.model(settings)
+
+    def scored(name: str, model: torch.nn.Module, examples: int) -> Comparison:
+        metrics = task.evaluate(model, test, settings)
+        return Comparison(name, examples, metrics["accuracy"], metrics["loss"])
 
     rows: list[Comparison] = []
-    train_sets = []
+    train_sets: list[TensorDataset] = []
     for site, path in site_files.items():
-        data = load_site_data(
-            str(path),
-            num_features=settings.num_features,
-            num_classes=settings.num_classes,
-            image_size=settings.image_size,
-            validation_fraction=settings.validation_fraction,
-            seed=settings.seed,
-        )
-        train_sets.append(data.train)
+        train_data, _ = task.load_data(path, settings)
+        train_sets.append(train_data)  # type: ignore[arg-type]
         model = fresh()
-        train(model, data.train, epochs=epochs, batch_size=settings.batch_size,
-              learning_rate=settings.learning_rate, seed=settings.seed)  # fmt: skip
-        res = evaluate(model, test)
-        rows.append(Comparison(f"local only: {site}", data.num_train, res.accuracy, res.loss))
+        task.train(model, train_data, longer)
+        rows.append(scored(f"local only: {site}", model, len(train_sets[-1])))
+    total = sum(len(t) for t in train_sets)
     model = fresh()
     model.load_state_dict(torch.load(federated, weights_only=True))
-    res = evaluate(model, test)
-    total = sum(len(t) for t in train_sets)
-    rows.append(Comparison("federated (flowerbed)", total, res.accuracy, res.loss))
-    pooled: ConcatDataset[tuple[torch.Tensor, ...]] = ConcatDataset(train_sets)
+    rows.append(scored(FEDERATED, model, total))
     model = fresh()
-    train(model, pooled, epochs=epochs, batch_size=settings.batch_size,  # type: ignore[arg-type]
-          learning_rate=settings.learning_rate, seed=settings.seed)  # fmt: skip
-    res = evaluate(model, test)
-    rows.append(Comparison("centralized (pooled data)", total, res.accuracy, res.loss))
+    task.train(model, ConcatDataset(train_sets), longer)
+    rows.append(scored(CENTRALIZED, model, total))
     return rows
+
+
+def write_comparison(rows: list[Comparison], path: Path) -> None:
+    """``comparison.json``: the final table as a list of rows (model, accuracy, train examples, gap)."""
+    federated = next(r.accuracy for r in rows if r.model == FEDERATED)
+    data = [{"model": r.model, "accuracy": r.accuracy, "loss": r.loss, "train_examples": r.train_examples,
+             "gap_to_federated_points": r.gap_points(federated)} for r in rows]  # fmt: skip
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def run_demo(
@@ -173,19 +200,27 @@ def run_demo(
     report: Report = lambda _m: None,
     on_rows: Callable[[list[dict[str, Any]]], None] = lambda _r: None,
     gateway_port: int | None = None,
+    data_set: str = "digits",
 ) -> DemoResult:
     """Set up, run to convergence, compare, and stop every process (also on failure)."""
+    if data_set not in DATASETS:
+        raise FlowerbedError(f"no demo data set {data_set!r}: use {' or '.join(DATASETS)}")
+    sites_of = SITES[data_set]
     root = Path(work_dir or tempfile.mkdtemp(prefix="flowerbed-demo-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     layout = FederationLayout(root / "federation")
     layout.root.mkdir(parents=True, exist_ok=True)
-    config = demo_config(gateway_port or free_port())
+    config = demo_config(gateway_port or free_port(), data_set)
     save_toml_model(layout.config, config)
     report(f"federation folder: {layout.root}")
     service.ensure_all(layout, config)
-    report("made the CA, the gateway certificate and three node keys")
-    data = make_demo_data(root / "site-data", SITES)
-    report("made non-IID demo data from scikit-learn's breast cancer set (offline)")
+    report(f"made the CA, the gateway certificate and {len(sites_of)} node keys")
+    if data_set == "digits":
+        data = make_digits_data(root / "site-data", sites_of)
+        report("made label-skewed PNG image folders for 5 sites from scikit-learn's digits (offline)")
+    else:
+        data = make_demo_data(root / "site-data", sites_of)
+        report("made non-IID demo data from scikit-learn's breast cancer set (offline)")
     stack: CoordinatorStack | None = None
     sites = SiteThreads()
     try:
@@ -196,7 +231,7 @@ def run_demo(
                 site=s, superlink=address, ca=layout.ca_cert, key=layout.node_key(s),
                 data=data.site_files[s], workdir=root / "sites" / s, port=free_port(),
             )
-            for s in SITES
+            for s in sites_of
         ]  # fmt: skip
         sites.start(specs, report)
         handle = submit(layout, config.run, name="demo")
@@ -215,4 +250,5 @@ def run_demo(
             stack.stop()
     epochs = len(result.rows) * config.run.local_epochs
     comparisons = compare_models(config.run, data.site_files, data.test_file, handle.out_dir / FINAL_MODEL, epochs)
+    write_comparison(comparisons, handle.out_dir / COMPARISON)
     return DemoResult(work_dir=root, run=result, out_dir=handle.out_dir, comparisons=comparisons)

@@ -75,7 +75,7 @@ class RunHandle:
     out_dir: Path
 
 
-def _check_superlink(layout: FederationLayout, control_port: int | None) -> None:
+def check_superlink(layout: FederationLayout, control_port: int | None) -> None:
     start_hint = f"`flowerbed superlink start -d {layout.root}` (another terminal, or the service)"
     if not (layout.flwr_home / "config.toml").is_file():
         raise FlowerbedError(f"the SuperLink of {layout.root} was never started: start it with {start_hint}")
@@ -106,7 +106,7 @@ def submit(
     named as such. ``task_wheel``: the own task's wheel, kept in the run folder for the ServerApp
     (and for a resume). A run that could not be submitted leaves no run folder behind.
     """
-    _check_superlink(layout, control_port)
+    check_superlink(layout, control_port)
     stamp = name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     out_dir = layout.runs / stamp
     if out_dir.exists():
@@ -155,7 +155,7 @@ def resume(
 
     ``settings``: replaces the stored ones (e.g. more rounds); refused while its ServerApp still runs.
     """
-    _check_superlink(layout, control_port)
+    check_superlink(layout, control_port)
     out_dir = run_folder(layout, name)
     with resume_lock(out_dir):
         if serverapp_alive(out_dir):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 1: set up, then run the three-site demo federation on this machine.
+# README command 1: set up, then run the five-site demo federation on this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --demo

@@ -29,20 +29,14 @@ def write_connection(flwr_home: Path, control_address: str, ca_cert: Path) -> Pa
     return path
 
 
-def flwr(flwr_home: Path, *args: str, timeout_s: float = 120) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json`` against the local connection and return its JSON.
-
-    ``flwr`` reads a connection name that is also a folder in its working folder as an app path
-    (``flwr ls flowerbed`` inside a home holding a ``flowerbed/`` clone fails), so it always runs
-    in a folder of its own that holds nothing else.
-    """
+def _invoke(flwr_home: Path, args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run ``flwr ARGS`` in a folder of its own (see :func:`flwr`)."""
     cwd = flwr_home / "cwd"
     cwd.mkdir(parents=True, exist_ok=True)
     exe = executable("flwr", "reinstall flowerbed in this environment (it brings Flower)")
-    argv = [exe, *args, "--format", "json"]
     try:
-        result = subprocess.run(
-            argv,
+        return subprocess.run(
+            [exe, *args],
             capture_output=True,
             text=True,
             env=child_env(flwr_home),
@@ -52,6 +46,16 @@ def flwr(flwr_home: Path, *args: str, timeout_s: float = 120) -> dict[str, Any]:
         )
     except subprocess.TimeoutExpired:
         raise FlowerbedError(f"`flwr {args[0]}` did not answer within {timeout_s:.0f} s") from None
+
+
+def flwr(flwr_home: Path, *args: str, timeout_s: float = 120) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against the local connection and return its JSON.
+
+    ``flwr`` reads a connection name that is also a folder in its working folder as an app path
+    (``flwr ls flowerbed`` inside a home holding a ``flowerbed/`` clone fails), so it always runs
+    in a folder of its own that holds nothing else.
+    """
+    result = _invoke(flwr_home, [*args, "--format", "json"], timeout_s)
     out = result.stdout.strip()
     try:
         data: dict[str, Any] = json.loads(out[out.index("{") :]) if "{" in out else {}
@@ -116,3 +120,11 @@ def stop_run(flwr_home: Path, run_id: int) -> bool:
             return False
         raise
     return True
+
+
+def run_log(flwr_home: Path, run_id: int) -> str:
+    """The ServerApp's log of a run, as Flower keeps it (``flwr log RUN_ID --show``)."""
+    result = _invoke(flwr_home, ["log", str(run_id), CONNECTION, "--show"], 120)
+    if result.returncode != 0:
+        raise FlowerbedError(f"`flwr log {run_id}` failed: {' '.join((result.stderr or result.stdout).split())[-300:]}")
+    return result.stdout

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from flowerbed.artifacts import FabInfo, WheelInfo, read_app, read_task_wheel, sha256_file
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import SITE_FILE, Approval, RunSettings, SiteKitConfig, load_toml_model, save_toml_model
+from flowerbed.deploy.bundle import TASKS_DIR
 from flowerbed.errors import FlowerbedError
 from flowerbed.task import BUILTIN
 
@@ -122,7 +123,12 @@ class Decision:
     wheel: Path | None = None
 
 
-def _approve_hint(kind: str, name: str) -> str:
+def _approve_hint(kind: str, name: str, kit_root: Path | None = None, sha256: str = "") -> str:
+    """The command that approves it: with the file's path when the kit carries it (``tasks/``)."""
+    shipped = sorted((kit_root / TASKS_DIR).glob("*.whl")) if kit_root is not None and sha256 else []
+    for wheel in shipped:
+        if sha256_file(wheel) == sha256:
+            return f"to approve it: `flowerbed supernode approve {TASKS_DIR}/{wheel.name}` in the kit folder"
     what = f"{name}'s wheel (.whl)" if kind == "task" else f"the {name} app (.fab or folder)"
     return f"to approve it, the data steward runs `flowerbed supernode approve` on {what}"
 
@@ -158,7 +164,7 @@ def decide(site_file: Path | None, site: str, fab: FabInfo, run_config: dict[str
     if entry is None or entry.name != name:
         other = [a.sha256 for a in approved if a.kind == "task" and a.name == name]
         why = f"another build of {name} is approved here (sha256 {other[0]})" if other else "not approved here"
-        hint = _approve_hint("task", name)
+        hint = _approve_hint("task", name, kit_root if site_file is not None else None, sha)
         return Decision(False, f"site {site} refused task {name} (sha256 {sha}): {why}; {hint}", sha)
     wheel = kit_root / entry.file
     if not wheel.is_file():

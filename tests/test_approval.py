@@ -7,7 +7,6 @@ coordinator pushes a Flower App of its own, approved at one site only.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ from flowerbed.config import SITE_FILE, RunSettings, SiteKitConfig, load_toml_mo
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.runner import write_app_manifest
-from flowerbed.superlink import flwrcli
 from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.approval import approve, candidate, decide, revoke
 from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
@@ -167,6 +165,18 @@ def test_the_sites_decisions_on_real_wheels_fabs_and_site_files(tmp_path: Path) 
                        ExitCode.ERROR, "broken.whl is damaged")  # fmt: skip
 
 
+def test_run_app_refuses_flowerbeds_own_options(tmp_path: Path) -> None:
+    layout = make_federation(tmp_path / "fed", make_config("app-options", SITES[:2]))
+    app_dir = rogue_app(tmp_path / "rogue", tmp_path / "out.json")
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--app", str(app_dir), "--task", "tabular",
+                               "--max-rounds", "3"), ExitCode.ERROR,
+                       "--app runs the app's own ServerApp: leave out --task, --max-rounds (use --app-config)")  # fmt: skip
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--app-config", "x=1"), ExitCode.ERROR,
+                       "--app-config goes with --app")  # fmt: skip
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--app", str(tmp_path)), ExitCode.ERROR,
+                       "is not a Flower App (no pyproject.toml)")  # fmt: skip
+
+
 def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASK_MARKER", "1")
     a, b = SITES[:2]
@@ -184,12 +194,16 @@ def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeyp
     try:
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
                               work, site_files=kits):  # fmt: skip
-            flwrcli.submit_run(layout.flwr_home, app_dir)
-            deadline = time.monotonic() + 240
-            while not out.exists() and time.monotonic() < deadline:
-                time.sleep(1)
+            ran = run_cli("run", "-d", str(layout.root), "--app", str(app_dir), "--name", "rogue",
+                          "--timeout-s", "300", timeout=400)  # fmt: skip
     finally:
         stack.stop()
+    text = " ".join((ran.stdout + ran.stderr).split())
+    assert ran.returncode == 0, text
+    assert f"submitted app rogue-app 1.0.0 (sha256 {digest})" in text and "finished:completed" in text
+    record = json.loads((layout.runs / "rogue" / "app-run.json").read_text())
+    assert record["sha256"] == digest and record["kind"] == "app"
+    assert (layout.runs / "rogue" / "serverapp.log").is_file()
     replies = json.loads(out.read_text())
     assert sorted(error for error, _ in replies) == [False, True], replies
     reason = next(r for error, r in replies if error)

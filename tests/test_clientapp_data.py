@@ -144,3 +144,29 @@ def test_fedprox_term_keeps_weights_close(tmp_path: Path) -> None:
         return float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start, strict=True)))
 
     assert drift(10.0) < drift(0.0)
+
+
+def test_small_grayscale_images_train_an_mlp_with_sgd(tmp_path: Path) -> None:
+    """The digits demo's path: 8x8 grayscale PNG class folders, an MLP on the flattened pixels, SGD."""
+    from flowerbed.clientapp.builtin import images
+    from flowerbed.config import RunSettings
+
+    rng = np.random.default_rng(0)
+    for label in ("0", "1"):
+        (tmp_path / label).mkdir()
+        for n in range(20):
+            pixels = rng.integers(0, 60, (8, 8), dtype=np.uint8) + (180 if label == "1" else 0)
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / label / f"{n}.png")
+    settings = RunSettings(task="images", model="mlp", image_size=8, image_channels=1, num_features=64,
+                           hidden_units=16, num_classes=2, optimizer="sgd", learning_rate=0.1, batch_size=8,
+                           local_epochs=5)  # fmt: skip
+    train_data, validation = images.load_data(tmp_path, settings)
+    assert train_data.tensors[0].shape[1:] == (1, 8, 8)  # type: ignore[attr-defined]
+    model = images.model(settings)
+    assert isinstance(model[1], torch.nn.Linear) and model[1].in_features == 64  # type: ignore[index]
+    images.train(model, train_data, settings)
+    assert images.evaluate(model, validation, settings)["accuracy"] == 1.0
+    with pytest.raises(DataError, match=r"its images are 1 x 8 x 8 = 64 values, the run's MLP takes num_features = 30"):
+        images.load_data(tmp_path, settings.model_copy(update={"num_features": 30}))
+    rgb = images.load_data(tmp_path, settings.model_copy(update={"image_channels": 3, "num_features": 192}))[0]
+    assert rgb.tensors[0].shape[1:] == (3, 8, 8)  # type: ignore[attr-defined]

@@ -62,23 +62,51 @@ def packages(role: str) -> list[str]:
     return [p for p in pip if not p.startswith("--")]
 
 
+def task_with_a_dependency(tmp_path: Path) -> Path:
+    """An own task whose module imports tabulate (not a flowerbed dependency): its wheel."""
+    assert run_cli("task", "new", "tab-task", "--dir", str(tmp_path)).returncode == 0
+    pkg = tmp_path / "tab-task"
+    pyproject = pkg / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace("dependencies = []", 'dependencies = ["tabulate>=0.9"]'))
+    module = pkg / "flowerbed_task_tab_task" / "task.py"
+    module.write_text(module.read_text().replace("import csv\n", "import csv\n\nimport tabulate  # noqa: F401\n", 1))
+    built = run_cli("task", "build", str(pkg), timeout=300)
+    assert built.returncode == 0, built.stderr
+    return next((pkg / "dist").glob("*.whl"))
+
+
 def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) -> None:
     """The pip part of supernode-cpu.yml (= superlink.yml's) from the bundle, with no index at all.
 
     The CPU index line of the env file is a pip option, not a package: the bundle is made without
-    it because this machine reaches only PyPI, where the local CPU torch wheel is found.
+    it because this machine reaches only PyPI, where the local CPU torch wheel is found. An own task
+    with a dependency rides along: its wheel in the kit's tasks/, its dependency in the bundle.
     """
     assert packages("superlink") == packages("supernode-cpu")
+    task = task_with_a_dependency(tmp_path)
     # --platform linux: pip resolves for the target's tags, not this host's (what a coordinator does
     # for a VM of another Linux); every manylinux tag the target accepts is passed.
-    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11", torch_index=None)
-    assert bundle.requirements.read_text().split() == packages("supernode-cpu")
+    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11", torch_index=None, tasks=[task])
+    assert bundle.requirements.read_text().split() == [*packages("supernode-cpu"), "tabulate>=0.9"]
     names = {w.name.split("-")[0].lower() for w in bundle.wheels}
-    assert {"flwr", "torch", "flowerbed", "typer", "pydantic"} <= names
+    assert {"flwr", "torch", "flowerbed", "typer", "pydantic", "tabulate"} <= names
+    assert (bundle.folder / "tasks" / task.name).read_bytes() == task.read_bytes()
+    conda = run_cli("env", "conda", "--role", "supernode-cpu", "--task", str(task))
+    assert '- "tabulate>=0.9"' in conda.stdout and task.name in conda.stdout
     # The coordinator's path: the bundle goes into every kit; the site installs from the kit folder
     # with the one documented command, no index at all.
     layout = make_federation(tmp_path / "fed", make_config("offline", ["site-x"], min_nodes=1))
-    built = run_cli("kit", "build", "-d", str(layout.root), "--bundle", str(bundle.folder), timeout=600)
+    lean = tmp_path / "lean-bundle"  # a bundle made without --task: it lacks the task's dependency
+    lean.mkdir()
+    (lean / "requirements.txt").write_text("\n".join(packages("supernode-cpu")) + "\n")
+    shutil.copyfile(next(w for w in bundle.wheels if w.name.startswith("typer")), lean / "typer-0-py3-none-any.whl")
+    assert_clean_error(run_cli("kit", "build", "-d", str(layout.root), "--bundle", str(lean), "--task", str(task)),
+                       ExitCode.ERROR, "lacks what the tasks need (tabulate>=0.9)",
+                       f"flowerbed bundle wheels --task {task}")  # fmt: skip
+    assert_clean_error(run_cli("kit", "build", "-d", str(layout.root), "--task", str(tmp_path / "nope.whl")),
+                       ExitCode.ERROR, "nope.whl does not exist")  # fmt: skip
+    built = run_cli("kit", "build", "-d", str(layout.root), "--bundle", str(bundle.folder), "--task", str(task),
+                    timeout=600)  # fmt: skip
     assert built.returncode == 0, built.stderr
     vm = tmp_path / "vm"
     with tarfile.open(layout.root / "kits" / "site-x.tar.gz") as tar:
@@ -101,6 +129,22 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     version = subprocess.run([str(kit / ".venv" / "bin" / "flowerbed"), "--version"], capture_output=True,
                              text=True, timeout=60, env=env, check=False, cwd=kit)  # fmt: skip
     assert version.stdout.strip() == "flowerbed 0.1.0"
+    # The task in the kit: its dependency is installed (no warning), the steward approves it, and it
+    # imports from the approved wheel in the kit's own environment.
+    assert '- "tabulate>=0.9"' in (kit / "environment.yml").read_text()
+    assert f"flowerbed supernode approve tasks/{task.name} --kit ." in (kit / "README.md").read_text()
+    approved = subprocess.run([str(kit / ".venv" / "bin" / "flowerbed"), "supernode", "approve", f"tasks/{task.name}",
+                               "--yes"], capture_output=True, text=True, timeout=120, env={**env, "COLUMNS": "200"},
+                              check=False, cwd=kit)  # fmt: skip
+    assert approved.returncode == 0 and "tabulate>=0.9" in approved.stdout, approved.stdout + approved.stderr
+    assert "not installed here" not in approved.stderr
+    load = (
+        "from pathlib import Path; from flowerbed.supernode.approval import load_site; from flowerbed.task import "
+        "load_task; a = load_site(Path('.')).approved[0]; print(load_task(a.name, a.sha256, Path(a.file)).name)"
+    )
+    loaded = subprocess.run([str(py), "-c", load], capture_output=True, text=True, timeout=120, env=env,
+                            check=False, cwd=kit)  # fmt: skip
+    assert loaded.stdout.strip() == "tab-task", loaded.stderr
     assert install.OFFLINE in (bundle.folder / "INSTALL.txt").read_text()
 
 

@@ -26,10 +26,13 @@ def wheels(
     ] = None,
     python_version: Annotated[str, typer.Option(help="Target Python version (with --platform).")] = "3.11",
     torch_index: Annotated[str, typer.Option(help="Extra index for CPU torch builds ('' for none).")] = CPU_INDEX,
+    task: Annotated[
+        list[Path] | None, typer.Option("--task", help="An own task's wheel: its dependencies too (repeat it).")
+    ] = None,
 ) -> None:
     bundle = bundle_wheels(
         out_dir, role=role, platform=platform, python_version=python_version,
-        torch_index=torch_index or None, report=info,
+        torch_index=torch_index or None, tasks=task or [], report=info,
     )  # fmt: skip
     size = sum(w.stat().st_size for w in bundle.wheels) / 1e6
     out.print(f"{len(bundle.wheels)} wheels ({size:.0f} MB) in {out_dir}; see {out_dir / 'INSTALL.txt'}")

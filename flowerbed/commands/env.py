@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from flowerbed.artifacts import read_task_wheel, task_requirements
 from flowerbed.console import out
 from flowerbed.deploy.condaenv import Role, render
 
@@ -17,8 +18,12 @@ app = typer.Typer(help="Generate environment files for workspace VMs.", no_args_
 def conda(
     role: Annotated[Role, typer.Option(help="Which machine the environment is for.")],
     write: Annotated[Path | None, typer.Option(help="Write ROLE.yml into this folder instead of printing.")] = None,
+    task: Annotated[
+        list[Path] | None, typer.Option("--task", help="An own task's wheel: add its dependencies (repeat it).")
+    ] = None,
 ) -> None:
-    text = render(role)
+    infos = [read_task_wheel(path) for path in task or []]
+    text = render(role, [i.path.name for i in infos], task_requirements(infos))
     if write is None:
         typer.echo(text, nl=False)
         return

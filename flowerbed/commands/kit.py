@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from flowerbed import taskstore
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation
 from flowerbed.console import info, out, table
@@ -28,9 +29,15 @@ def build(
     wheel: Annotated[
         Path | None, typer.Option(help="The flowerbed wheel to ship (default: built from this installation).")
     ] = None,
+    task: Annotated[
+        list[Path] | None, typer.Option("--task", help="An own task's wheel to ship for approval (repeat it).")
+    ] = None,
 ) -> None:
     config = load_federation(fed_dir)
-    kits = build_kits(FederationLayout(fed_dir), config, site or None, wheel=wheel, bundle=bundle, report=info)
+    layout = FederationLayout(fed_dir)
+    kits = build_kits(layout, config, site or None, wheel=wheel, bundle=bundle, tasks=task or [], report=info)
+    for path in task or []:  # the federation's runs name it: `flowerbed run --task NAME`
+        taskstore.add(layout, path)
     out.print(
         table("Site kits", ["site", "folder", "archives"],
               ([k.site, k.folder, f"{k.tarball.name}, {k.zipfile.name}"] for k in kits))

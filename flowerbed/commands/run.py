@@ -11,11 +11,12 @@ import typer
 from rich.live import Live
 
 from flowerbed import taskstore
+from flowerbed.apprun import APP_LOG, follow_app, submit_app
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation, resolve
 from flowerbed.console import err, out, table
-from flowerbed.errors import FlowerbedError
+from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
 from flowerbed.serverapp.history import FAILED, FINAL_EVAL, PLOT, RESUMED, TRAIN, WAITING
@@ -143,6 +144,29 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
     return line + f"; {score} ({where})"
 
 
+def run_app(
+    layout: FederationLayout, app: Path, name: str | None, config: dict[str, Any], port: int, timeout_s: float | None
+) -> None:
+    """Submit a Flower App of one's own; follow it to its end unless ``timeout_s`` is None."""
+    started = submit_app(layout, app, name, config, control_port=port)
+    out.print(f"submitted app {started.app.name} {started.app.version} (sha256 {started.app.sha256}) as run "
+              f"{started.run_id}; output in {started.out_dir}")  # fmt: skip
+    out.print("each site runs it only if it approved this sha256 (`flowerbed supernode approve APP_FOLDER`)")
+    if timeout_s is None:
+        return
+    with err.status(f"run {started.run_id}: submitted") as status:
+        final = follow_app(
+            layout, started, timeout_s=timeout_s,
+            on_status=lambda s, t: status.update(f"run {started.run_id}: {s}, {t:.0f} s elapsed"),
+        )  # fmt: skip
+    log = started.out_dir / APP_LOG
+    out.print(f"run {started.run_id} {final}; the ServerApp's log: {log}")
+    if not final.endswith("completed"):
+        raise FlowerbedError(
+            f"run {started.run_id} {final}: see the ServerApp's log {log}", exit_code=ExitCode.RUN_FAILED
+        )
+
+
 def parse_settings(items: list[str]) -> dict[str, str | int | float | bool]:
     """``KEY=VALUE`` options as typed values (TOML's reading of VALUE; else the text)."""
     out: dict[str, str | int | float | bool] = {}
@@ -192,9 +216,29 @@ def run(
         ),
     ] = None,
     follow_run: Annotated[bool, typer.Option("--follow/--no-follow", help="Show progress until it stops.")] = True,
+    app: Annotated[
+        Path | None, typer.Option(help="Run a Flower App of your own (its folder) instead of flowerbed's loop.")
+    ] = None,
+    app_config: Annotated[
+        list[str] | None, typer.Option(help="With --app: a run-config override KEY=VALUE (repeat it).")
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(help="With --app: stop following after this long.")] = 24 * 3600,
 ) -> None:
     layout = FederationLayout(fed_dir)
     config = load_federation(fed_dir)
+    if app is not None:
+        given = {"--task": task, "--task-setting": task_setting, "--strategy": strategy, "--max-rounds": max_rounds,
+                 "--min-nodes": min_nodes, "--target-metric": target_metric, "--target-value": target_value,
+                 "--patience": patience, "--time-budget-s": time_budget_s, "--local-epochs": local_epochs,
+                 "--learning-rate": learning_rate, "--proximal-mu": proximal_mu, "--resume": resume_name}  # fmt: skip
+        clash = [option for option, value in given.items() if value]
+        if clash:
+            raise FlowerbedError(f"--app runs the app's own ServerApp: leave out {', '.join(clash)} (use --app-config)")
+        run_app(layout, app, name, parse_settings(app_config or []), config.superlink.internal_port,
+                timeout_s if follow_run else None)  # fmt: skip
+        return
+    if app_config:
+        raise FlowerbedError("--app-config goes with --app; an own task's settings are --task-setting KEY=VALUE")
     if resume_name is not None and name is not None:
         raise FlowerbedError("--resume NAME goes on in runs/NAME: leave out --name")
     if resume_name is not None and (task is not None or task_setting):
