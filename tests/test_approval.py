@@ -7,6 +7,9 @@ coordinator pushes a Flower App of its own, approved at one site only.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,12 @@ def train(msg, context):
 
 ROGUE_SERVER = """
 import json
+import os
+import subprocess
+import sys
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -143,7 +152,14 @@ def test_the_sites_decisions_on_real_wheels_fabs_and_site_files(tmp_path: Path) 
     app = read_app(rogue_app(tmp_path / "rogue", tmp_path / "out.json"))
     assert not app.is_kit_app and app.sha256 == read_app(tmp_path / "rogue").sha256  # a folder hashes the same
     assert "refused app rogue-app 1.0.0" in decide(site_file, "site-a", app, {}).reason
-    approve(site_file.parent, candidate(tmp_path / "rogue"))
+    built = subprocess.run([str(Path(sys.executable).with_name("flwr")), "build"], cwd=tmp_path / "rogue",
+                           capture_output=True, text=True, timeout=120, check=False,
+                           env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    fab = next((tmp_path / "rogue").glob("*.fab"))  # what `flwr build` writes: the same hash as the folder
+    assert read_app(fab).sha256 == app.sha256 and candidate(fab).kind == "app"
+    fab.unlink()
+    approve(site_file.parent, candidate(fab.parent))
     assert decide(site_file, "site-a", app, {}).allowed
     with pytest.raises(FlowerbedError, match="needs no approval"):
         candidate(tmp_path / "manifest")
