@@ -105,14 +105,16 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
     try:
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
                               work, site_files=kits):  # fmt: skip
+            # In a folder of its own: the coordinator imports the task too, and its marker lands there.
             result = run_cli("run", "-d", str(layout.root), "--name", "own", "--task", str(wheel),
-                             "--target-metric", "auroc", "--target-value", "0.99", timeout=600)  # fmt: skip
+                             "--target-metric", "auroc", "--target-value", "0.99", timeout=600,
+                             cwd=tmp_path)  # fmt: skip
             assert markers(work / a) and not markers(work / b)
             before = markers(work / a)
             stored = kits[a].parent / "approved" / f"{digest[:12]}-{wheel.name}"
             stored.write_bytes(stored.read_bytes() + b"tampered")  # the approved copy, modified after approval
             tampered = run_cli("run", "-d", str(layout.root), "--name", "tampered", "--task", "ct-triage",
-                               "--max-rounds", "1", timeout=600)  # fmt: skip
+                               "--max-rounds", "1", timeout=600, cwd=tmp_path)  # fmt: skip
     finally:
         stack.stop()
     text = " ".join((result.stdout + result.stderr).split())
@@ -135,7 +137,7 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
     assert f"site {a} refused task ct-triage (sha256 {digest}): the approved wheel" in tampered_text
     assert "was modified since" in tampered_text and f"site {b} refused task ct-triage" in tampered_text
     assert markers(work / a) == before and not markers(work / b)  # no code of the refused task ran
-    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "nope"), ExitCode.ERROR,
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "nope", cwd=tmp_path), ExitCode.ERROR,
                        "no wheel of task 'nope'")  # refused before anything is submitted  # fmt: skip
 
 
