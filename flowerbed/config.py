@@ -17,6 +17,7 @@ FEDERATION_FILE = "federation.toml"
 SITE_FILE = "site.toml"
 DATA_PLACEHOLDER = "CHANGE-ME: /path/to/your/data.csv or image folder"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TASK_NAME = re.compile(r"[a-z][a-z0-9-]{1,40}")  # a task's name (`flowerbed task new`, run.task)
 HOST_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
@@ -175,7 +176,7 @@ class RunSettings(_Model):
     @field_validator("task")
     @classmethod
     def _task_name(cls, value: str) -> str:
-        if value and not re.fullmatch(r"[a-z][a-z0-9-]{1,40}", value):
+        if value and not TASK_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a task name (lower-case letters, digits and hyphens)")
         return value
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import tomli_w
 
+from flowerbed.artifacts import KIT_CLIENTAPP, KIT_SERVERAPP
 from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
@@ -56,8 +57,8 @@ def write_app_manifest(app_dir: Path, run_config: dict[str, Any]) -> Path:
                 "app": {
                     "publisher": "flowerbed",
                     "components": {
-                        "serverapp": "flowerbed.serverapp.app:app",
-                        "clientapp": "flowerbed.clientapp.app:app",
+                        "serverapp": KIT_SERVERAPP,
+                        "clientapp": KIT_CLIENTAPP,
                     },
                     "config": run_config,
                 }

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from flowerbed.artifacts import TASK_GROUP, read_task_wheel, sha256_bytes
+from flowerbed.artifacts import read_task_wheel, sha256_bytes
 from flowerbed.config import ConfigError, format_validation_error, task_settings_of
 from flowerbed.errors import FlowerbedError
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
 Metrics = dict[str, float]
-ENTRY_POINTS = TASK_GROUP
 RUN_TASK_WHEEL = "task.whl"  # an own task's wheel in a run folder, which the ServerApp imports it from
 BUILTIN = {"tabular": "flowerbed.clientapp.builtin:tabular", "images": "flowerbed.clientapp.builtin:images"}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 import tempfile
 import tomllib
@@ -11,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowerbed.artifacts import sha256_file
+from flowerbed.artifacts import TASK_GROUP, sha256_file
+from flowerbed.config import TASK_NAME
 from flowerbed.deploy.bundle import run_pip
 from flowerbed.errors import FlowerbedError
-from flowerbed.task import ENTRY_POINTS, LocalRound, Task, check_interface, local_round, task_config
+from flowerbed.task import LocalRound, Task, check_interface, local_round, task_config
 
-NAME = re.compile(r"[a-z][a-z0-9-]{1,40}")
 Report = Any
 
 
@@ -198,13 +197,13 @@ imported from the wheel itself; compiled code belongs in a dependency.
 
 def new_task(folder: Path, name: str) -> Path:
     """Write the package of a new task called ``name`` into ``folder/NAME``; its path."""
-    if not NAME.fullmatch(name):
+    if not TASK_NAME.fullmatch(name):
         raise FlowerbedError(f"task name {name!r}: use 2-41 lower-case letters, digits and hyphens, e.g. ct-triage")
     root = folder / name
     if root.exists():
         raise FlowerbedError(f"{root} already exists: choose another name or folder")
     module = module_name(name)
-    values = {"name": name, "module": module, "group": ENTRY_POINTS}
+    values = {"name": name, "module": module, "group": TASK_GROUP}
     for rel, text in (("pyproject.toml", PYPROJECT), (f"{module}/__init__.py", '"""The {name} task."""\n'),
                       (f"{module}/task.py", TASK), ("tests/test_task.py", TEST), ("README.md", README)):  # fmt: skip
         path = root / rel
@@ -227,9 +226,9 @@ def read_source(path: Path) -> TaskSource:
     if not pyproject.is_file():
         raise FlowerbedError(f"{path} is not a task package (no pyproject.toml): make one with `flowerbed task new`")
     data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    points = data.get("project", {}).get("entry-points", {}).get(ENTRY_POINTS, {})
+    points = data.get("project", {}).get("entry-points", {}).get(TASK_GROUP, {})
     if len(points) != 1:
-        raise FlowerbedError(f'{pyproject} must name exactly one task under [project.entry-points."{ENTRY_POINTS}"]')
+        raise FlowerbedError(f'{pyproject} must name exactly one task under [project.entry-points."{TASK_GROUP}"]')
     ((name, target),) = points.items()
     return TaskSource(name, target, str(data["project"].get("version", "?")), path.resolve())
 
