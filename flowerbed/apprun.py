@@ -22,7 +22,7 @@ from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import FINISHED, check_superlink
 from flowerbed.serverapp.resume import RUN_ID_FILE
-from flowerbed.superlink import flwrcli
+from flowerbed.superlink import control, flwrcli
 
 APP_RUN_FILE = "app-run.json"
 APP_LOG = "serverapp.log"
@@ -79,7 +79,7 @@ def follow_app(
     started = time.monotonic()
     status = "unknown"
     while time.monotonic() - started < timeout_s:
-        status = flwrcli.run_status(layout.flwr_home, run.run_id)
+        status = control.run_status(layout.flwr_home, run.run_id)
         on_status(status, time.monotonic() - started)
         if status.startswith(FINISHED):
             break

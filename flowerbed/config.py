@@ -252,6 +252,13 @@ class SiteKitConfig(_Model):
     workdir: str = Field("supernode-work", description="Logs and Flower state, relative to the kit")
     supernode_port: Port = Field(9094, description="Loopback port of the SuperNode's local API")
     allow_builtin_tasks: bool = Field(True, description="Runs of flowerbed's built-in tasks need no approval")
+    executor: Literal["warm", "subprocess"] = Field(
+        "warm", description="warm: each task is a fork of a process that imported torch once; subprocess: Flower's"
+    )
+    torch_threads: int = Field(0, ge=0, description="torch threads per task; 0: all of this VM's cores")
+    pull_s: float = Field(
+        0.25, ge=0.05, le=3, description="After a reply, ask for the next task this often (3: Flower's own 3 s)"
+    )
     approved: list[Approval] = Field(
         default_factory=list, description="Task wheels and apps this site runs (`flowerbed supernode approve`)"
     )

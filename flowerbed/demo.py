@@ -130,6 +130,8 @@ class SiteThreads:
             sup.run(self.stop_event.is_set)
         except FlowerbedError as exc:
             self.errors.append(f"{sup.spec.site}: {exc.message}")
+        except Exception as exc:  # noqa: BLE001 - a thread that dies silently would leave the run waiting
+            self.errors.append(f"{sup.spec.site}: the supervisor failed: {type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -230,6 +232,7 @@ def run_demo(
             SupernodeSpec(
                 site=s, superlink=address, ca=layout.ca_cert, key=layout.node_key(s),
                 data=data.site_files[s], workdir=root / "sites" / s, port=free_port(),
+                threads=1,  # the sites share this host
             )
             for s in sites_of
         ]  # fmt: skip

@@ -30,7 +30,7 @@ from flowerbed.serverapp.resume import (
     run_id_of,
     serverapp_alive,
 )
-from flowerbed.superlink import flwrcli
+from flowerbed.superlink import control, flwrcli
 from flowerbed.task import RUN_TASK_WHEEL
 
 APP_NAME = "flowerbed-app"
@@ -220,7 +220,7 @@ def follow(
     on_rows: Callable[[list[dict[str, Any]]], None] = lambda _rows: None,
     on_note: Callable[[str], None] = lambda _msg: None,
     timeout_s: float = 24 * 3600,
-    poll_s: float = 2.0,
+    poll_s: float = 1.0,
     resume_grace_s: float = 45.0,
     unreachable_s: float = 180.0,
 ) -> RunResult:
@@ -246,7 +246,7 @@ def follow(
             status = f"{FINISHED}:{decided.get('status')}"  # the ServerApp decided: no need to wait for Flower
             break
         try:
-            status = flwrcli.run_status(layout.flwr_home, run_id)
+            status = control.run_status(layout.flwr_home, run_id)
         except FlowerbedError as exc:
             unreachable_at = unreachable_at or time.monotonic()
             if time.monotonic() - unreachable_at > unreachable_s:

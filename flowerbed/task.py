@@ -78,6 +78,8 @@ def available() -> dict[str, str]:
 
 
 _APPROVED: dict[str, Path] = {}  # sha256 -> wheel, filled by a site's gate after its approval check
+_WARM: dict[tuple[str, str], Any] = {}  # (sha256, name) -> task imported up front by a site's warm executor
+_COPIES: list[tuple[int, str]] = []  # (pid, path) of the private wheel copies this process imports from
 
 
 def allow_wheel(sha256: str, wheel: Path) -> None:
@@ -105,9 +107,27 @@ def load_task(name: str, sha256: str = "", wheel: Path | None = None) -> Task:
                 f"task {name} (sha256 {sha256[:12]}) is not approved here: the SuperNode must run under "
                 "`flowerbed supernode start`, which checks the site's approvals"
             )
-        task = load_wheel_task(path, name, sha256)
+        # The warm executor imported the approved wheel of this hash already; the gate said yes again.
+        warm = _WARM.get((sha256, name)) if wheel is None else None
+        task = warm if warm is not None else load_wheel_task(path, name, sha256)
     check_interface(task, name)
     return task  # type: ignore[no-any-return]
+
+
+def preload_wheel_task(path: Path, name: str, sha256: str) -> None:
+    """Import an approved task before any run asks for it (the site's warm executor, at its start)."""
+    _WARM[(sha256, name)] = load_wheel_task(path, name, sha256)
+
+
+def remove_wheel_copies() -> None:
+    """Delete the private wheel copies this process made (a forked task runs no atexit handlers)."""
+    for pid, copy in list(_COPIES):
+        if pid == os.getpid():
+            Path(copy).unlink(missing_ok=True)
+            _COPIES.remove((pid, copy))
+
+
+atexit.register(remove_wheel_copies)
 
 
 def load_wheel_task(path: Path, name: str, sha256: str) -> Any:
@@ -124,7 +144,7 @@ def load_wheel_task(path: Path, name: str, sha256: str) -> Any:
     fd, copy = tempfile.mkstemp(prefix=f"task-{sha256[:12]}-", suffix=".whl")
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-    atexit.register(lambda: Path(copy).unlink(missing_ok=True))
+    _COPIES.append((os.getpid(), copy))
     target = read_task_wheel(Path(copy)).task_target(name)
     sys.path.insert(0, copy)
     try:

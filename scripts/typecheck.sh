@@ -9,4 +9,5 @@ cp -as "$PWD/flowerbed" "$tree/flowerbed"
 for pkg in certs superlink supernode serverapp clientapp deploy; do
   ln -s "$PWD/$pkg" "$tree/flowerbed/$pkg"
 done
-cd "$tree" && python -m mypy --config-file ../../pyproject.toml -p flowerbed
+ln -s "$PWD/benchmarks" "$tree/benchmarks"
+cd "$tree" && python -m mypy --config-file ../../pyproject.toml -p flowerbed -p benchmarks

@@ -102,15 +102,6 @@ def submit_run(flwr_home: Path, app_dir: Path, run_config: dict[str, Any] | None
         raise FlowerbedError(f"`flwr run` did not return a run id: {data}") from None
 
 
-def run_status(flwr_home: Path, run_id: int) -> str:
-    """Flower's status of a run, e.g. ``running``, ``finished:completed``, ``finished:failed``."""
-    data = flwr(flwr_home, "ls", CONNECTION, "--run-id", str(run_id))
-    runs = data.get("runs", [])
-    if not runs:
-        raise FlowerbedError(f"the SuperLink does not know run {run_id}")
-    return str(runs[0].get("status", "unknown"))
-
-
 def stop_run(flwr_home: Path, run_id: int) -> bool:
     """Ask the SuperLink to stop a run; False when it had already finished."""
     try:

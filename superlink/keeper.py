@@ -20,7 +20,7 @@ from flowerbed.layout import FederationLayout
 from flowerbed.runner import resume
 from flowerbed.serverapp.history import HISTORY_JSONL, RESUMED, SUMMARY, TRAIN, read_rows
 from flowerbed.serverapp.resume import RESUMING_FILE, ended, plan_resume, run_id_of, serverapp_alive
-from flowerbed.superlink import flwrcli
+from flowerbed.superlink import control
 
 Report = Callable[[str], None]
 MAX_RESUMES_WITHOUT_PROGRESS = 2
@@ -93,7 +93,7 @@ class RunKeeper:
         name = out_dir.name
         run_id = run_id_of(out_dir)
         try:
-            status = flwrcli.run_status(self.layout.flwr_home, run_id) if run_id is not None else "unknown"
+            status = control.run_status(self.layout.flwr_home, run_id) if run_id is not None else "unknown"
         except FlowerbedError:
             return False  # the SuperLink is restarting: the next check asks again
         if serverapp_alive(out_dir) is None and not status.startswith("finished"):

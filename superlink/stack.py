@@ -21,10 +21,18 @@ from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, stop_all, tail
 from flowerbed.superlink import flwrcli, gateway, sites
 from flowerbed.superlink.keeper import RunKeeper
+from flowerbed.warmexec import can_fork
 
-EXECUTOR = "flower-superexec (ServerApp executor)"
+EXECUTOR = "ServerApp executor"
 FLOWER_HINT = "reinstall flowerbed in this environment (`pip install flowerbed`), it brings Flower"
 Report = Callable[[str], None]
+
+
+def executor_command() -> list[str]:
+    """The warm ServerApp executor (:mod:`flowerbed.superlink.warm`); Flower's own where fork is missing."""
+    if can_fork():
+        return [sys.executable, "-m", "flowerbed.superlink.warm"]
+    return [executable("flower-superexec", FLOWER_HINT)]
 
 
 @dataclass
@@ -132,7 +140,7 @@ def start_stack(
         executor = ManagedProcess(
             name=EXECUTOR,
             argv=[
-                executable("flower-superexec", FLOWER_HINT),
+                *executor_command(),
                 "--runtime-api-address", stack.control_address,
                 "--root-certificates", str(layout.ca_cert),
                 "--superexec-auth-secret-file", str(layout.superexec_secret),

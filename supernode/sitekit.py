@@ -13,7 +13,7 @@ from flowerbed.certs.service import cert_sans, read_cert
 from flowerbed.config import DATA_PLACEHOLDER, SITE_FILE, SiteKitConfig, load_toml_model, resolve
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.supernode.preflight import parse_address
-from flowerbed.supernode.supervisor import SupernodeSpec
+from flowerbed.supernode.supervisor import WARM, SupernodeSpec
 
 INCOMPLETE = "the kit is incomplete: unpack the whole SITE.tar.gz (or .zip) from your coordinator again"
 
@@ -111,6 +111,8 @@ def site_spec(
     site: str | None = None,
     workdir: Path | None = None,
     port: int | None = None,
+    executor: str | None = None,
+    threads: int | None = None,
 ) -> SupernodeSpec:
     """What one SuperNode runs with: the kit's site.toml merged with options (options win).
 
@@ -129,6 +131,8 @@ def site_spec(
                 "data_path": str(data.resolve()) if data else None,
                 "workdir": str(workdir.resolve()) if workdir else None,
                 "supernode_port": port,
+                "executor": executor,
+                "torch_threads": threads,
             },
         )
         kit = SiteKit(root=kit.root, config=config)
@@ -141,6 +145,9 @@ def site_spec(
             workdir=kit.workdir,
             port=config.supernode_port,
             site_file=kit.root / SITE_FILE,
+            executor=config.executor,
+            threads=config.torch_threads,
+            pull_s=config.pull_s,
         )
     missing = [n for n, v in (("--superlink", superlink), ("--ca", ca), ("--key", key), ("--data", data)) if v is None]
     if missing or superlink is None or ca is None or key is None or data is None:
@@ -153,4 +160,6 @@ def site_spec(
         data=data,
         workdir=workdir or Path("supernode-work"),
         port=port or 9094,
+        executor=executor or WARM,
+        threads=threads or 0,
     )

@@ -12,19 +12,24 @@ import datetime as dt
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from flowerbed.certs.files import write_private
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
 from flowerbed.supernode.events import TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
+from flowerbed.supernode.node import FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import sign_off
+from flowerbed.supernode.warm import THREAD_VARS, THREADS_ENV
+from flowerbed.warmexec import can_fork
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"
@@ -39,6 +44,11 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines even into a
 Report = Callable[[str], None]
 LinkProbe = Callable[[], tuple[bool, str]]
 ClockProbe = Callable[[], float | None]  # seconds this VM is ahead of the SuperLink's gateway
+WARM, SUBPROCESS = "warm", "subprocess"  # how ClientApps start: forks of a warm executor, or Flower's way
+NO_FORK = (
+    "this system cannot fork (Windows): each task starts a new flwr-clientapp process, as in plain Flower, "
+    "which adds seconds to every round"
+)
 
 
 def _no_probe() -> tuple[bool, str]:
@@ -69,6 +79,9 @@ class SupernodeSpec:
     extra_node_config: dict[str, str] = field(default_factory=dict)
     nice: int = 0  # a lower CPU priority for the SuperNode and its ClientApps (POSIX), e.g. on a shared host
     site_file: Path | None = None  # the kit's site.toml with the site's approvals (None: built-in tasks only)
+    executor: str = WARM  # warm: tasks are forks of a process that imported torch once; subprocess: Flower's
+    threads: int = 0  # torch threads per task; 0: this machine's cores (give 1 when sites share a host)
+    pull_s: float = 0.25  # after a reply, ask for the next task this often (3: Flower's own 3 s)
 
     def __post_init__(self) -> None:
         # The SuperNode runs in its work folder: relative paths from the user's folder would break.
@@ -77,28 +90,63 @@ class SupernodeSpec:
         if self.site_file is not None:
             object.__setattr__(self, "site_file", Path(self.site_file).expanduser().resolve())
 
+    @property
+    def warm(self) -> bool:
+        """Whether the warm executor runs the ClientApps (the supervisor falls back where fork is missing)."""
+        return self.executor == WARM
+
+    @property
+    def secret_path(self) -> Path:
+        """The key the warm executor signs its task requests with (Flower's SuperExec auth), made once."""
+        path = self.workdir / "superexec.secret"
+        if not path.exists():
+            write_private(path, os.urandom(32).hex().encode())
+        return path
+
     def env(self) -> dict[str, str]:
-        """The SuperNode's environment: its ClientApps start through the approval gate."""
+        """The environment of the SuperNode and its executor: ClientApps start through the approval gate."""
         env = child_env(self.workdir / "flwr-home")
         shim = write_shim(self.workdir / "bin")
         env["PATH"] = os.pathsep.join([str(shim.parent), env["PATH"]])
         env[SITE_FILE_ENV] = str(self.site_file or "")
+        count = str(self.threads if self.threads > 0 else os.cpu_count() or 1)
+        env[THREADS_ENV] = count
+        env[PULL_ENV] = str(self.pull_s)
+        for name in THREAD_VARS:
+            env[name] = count
         return env
+
+    def executor_argv(self) -> list[str]:
+        """The warm executor: Flower's flower-superexec flags, tasks forked (:mod:`flowerbed.supernode.warm`)."""
+        return [
+            sys.executable, "-m", "flowerbed.supernode.warm",
+            "--insecure",  # the Runtime API on 127.0.0.1, requests signed with the secret below
+            "--runtime-api-address", f"127.0.0.1:{self.port}",
+            "--superexec-auth-secret-file", str(self.secret_path),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
 
     def node_config(self) -> str:
         items = {"data-path": str(self.data), "site-name": self.site, **self.extra_node_config}
         return " ".join(f'{k}="{v}"' for k, v in items.items())
 
+    def supernode_command(self) -> list[str]:
+        """Flower's flower-supernode, or its own main with the quick pull after each reply (``pull_s`` < 3)."""
+        if self.pull_s < FLOWER_IDLE_S:
+            return [sys.executable, "-m", "flowerbed.supernode.node"]
+        return [executable("flower-supernode", "reinstall flowerbed in this environment")]
+
     def argv(self) -> list[str]:
         lower = ["nice", "-n", str(self.nice)] if self.nice > 0 and shutil.which("nice") else []
         return [
             *lower,
-            executable("flower-supernode", "reinstall flowerbed in this environment"),
+            *self.supernode_command(),
             "--superlink", self.superlink,
             "--root-certificates", str(self.ca),
             "--auth-supernode-private-key", str(self.key),
             "--port", str(self.port),
             "--node-config", self.node_config(),
+            *(["--isolation", "process", "--superexec-auth-secret-file", str(self.secret_path)] if self.warm else []),
         ]  # fmt: skip
 
 
@@ -197,9 +245,11 @@ class Supervisor:
     clock_recheck_s: float = 5.0  # while the clock is off, how often it is measured again
     ended_grace_s: float = 10.0  # a SuperNode that logged its own end is ended after this
     sign_off_crashed: bool = True  # deactivate a killed node's session so that its restart is accepted
+    fork_available: bool = field(default_factory=can_fork)  # False: ClientApps start as Flower starts them
     link_probe_every_s: float = 5.0  # while the link is down or Flower reports failed attempts
     link_check_every_s: float = 30.0  # while all seems well: Flower says nothing of some failures
     process: ManagedProcess | None = None
+    executor: ManagedProcess | None = None  # the warm ClientApp executor beside the SuperNode
     connected: bool = False
     restarts: int = 0
     node_id: int | None = None  # the last node id Flower gave this site's key
@@ -220,19 +270,29 @@ class Supervisor:
                     exit_code=ExitCode.PREFLIGHT_FAILED,
                 )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        proc = ManagedProcess(
-            name=f"flower-supernode ({self.spec.site})",
-            argv=self.spec.argv(),
-            log_path=self.log_path,
-            env=self.spec.env(),
-            cwd=self.spec.workdir,
-            pipe=True,
-        )
-        self.process = proc.start()
+        env = self.spec.env()
         self.attempt = Attempt()
+        proc, follower = self._launch(f"flower-supernode ({self.spec.site})", self.spec.argv(), env)
+        self.process = proc
+        self.executor = None
+        if self.spec.warm:  # its task lines go to the same log and console
+            self.executor, _ = self._launch(
+                f"warm ClientApp executor ({self.spec.site})", self.spec.executor_argv(), env
+            )
+        return proc, follower
+
+    def _launch(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[ManagedProcess, LogFollower]:
+        """Start one process of this site; its output is read line by line into the site's log."""
+        proc = ManagedProcess(name=name, argv=argv, log_path=self.log_path, env=env, cwd=self.spec.workdir, pipe=True)
+        proc.start()
         assert proc.popen is not None and proc.popen.stdout is not None  # noqa: S101 - pipe=True
         follower = LogFollower(proc.popen.stdout, self.log_path, self.attempt, self.report, self.spec.superlink)
         return proc, follower.start()
+
+    def _stop_executor(self) -> None:
+        if self.executor is not None:
+            self.executor.stop(grace_s=5)
+            self.executor = None
 
     def _check_link(self, now: float) -> None:
         """Probe the path to the gateway; report when it goes down (naming the hop) and when it is back.
@@ -273,7 +333,12 @@ class Supervisor:
             self.connected = self.attempt.connected
             self._remember_node(self.attempt.node_id)
             code = proc.poll()
+            if self.executor is not None and code is None and (gone := self.executor.poll()) is not None:
+                self.report(f"the warm ClientApp executor ended with status {gone}: restarting it with the SuperNode")
+                proc.stop()
+                code = proc.poll()
             if code is not None or should_stop():
+                self._stop_executor()
                 proc.stop()  # its group too: a leftover child (flower-superexec) holds the output pipe open
                 follower.thread.join(timeout=5)
                 self.attempt.exit_code = code
@@ -376,6 +441,9 @@ class Supervisor:
         first_refusal: float | None = None
         busy = 0
         self._sign_off_previous()
+        if self.spec.warm and not self.fork_available:
+            self.report(NO_FORK)
+            self.spec = replace(self.spec, executor=SUBPROCESS)
         try:
             while not should_stop():
                 proc, follower = self._start()
@@ -438,5 +506,6 @@ class Supervisor:
                     time.sleep(0.2)
                 backoff = min(backoff * 2, self.max_backoff_s)
         finally:
+            self._stop_executor()
             if self.process is not None:
                 self.process.stop()

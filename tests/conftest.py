@@ -20,7 +20,7 @@ from flowerbed.demodata import DemoData, make_demo_data
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port, free_ports, tcp_open
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
-from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
+from flowerbed.supernode.supervisor import WARM, SupernodeSpec, Supervisor
 from tests import faults
 
 SITES = ["inst-a", "inst-b", "univ-hospital"]
@@ -144,10 +144,12 @@ def supervised_sites(
     nice: int = 0,
     max_backoff_s: float = 30.0,
     site_files: dict[str, Path] | None = None,
+    executor: str = WARM,
 ) -> Iterator[dict[str, Supervisor]]:
     """One real SuperNode per site, each under its supervisor in a thread; all stopped on exit.
 
-    ``site_files``: a site's site.toml with its approvals (as a kit holds it).
+    ``site_files``: a site's site.toml with its approvals (as a kit holds it). The sites share this
+    machine, so each task gets one torch thread.
     """
     stop = threading.Event()
     threads, supervisors = [], {}
@@ -155,7 +157,8 @@ def supervised_sites(
         for site, path in data.items():
             spec = SupernodeSpec(site=site, superlink=gateway, ca=layout.ca_cert, key=layout.node_key(site),
                                  data=path, workdir=work / site, port=free_port(), nice=nice,
-                                 site_file=(site_files or {}).get(site))  # fmt: skip
+                                 site_file=(site_files or {}).get(site), executor=executor,
+                                 threads=1)  # fmt: skip
             supervisors[site] = Supervisor(spec, max_backoff_s=max_backoff_s)
             threads.append(threading.Thread(target=supervisors[site].run, args=(stop.is_set,), daemon=True))
             threads[-1].start()

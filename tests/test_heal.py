@@ -26,7 +26,7 @@ from flowerbed.serverapp.history import read_rows
 from tests.conftest import SITES, make_config, make_federation, supervised_sites, wait_for
 from tests.faults import record
 
-GATEWAY, SUPERLINK, EXECUTOR = "gateway (nginx)", "flower-superlink", "flower-superexec (ServerApp executor)"
+GATEWAY, SUPERLINK, EXECUTOR = "gateway (nginx)", "flower-superlink", "ServerApp executor"
 
 
 def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import rss_mb
 from flowerbed.config import RunSettings
 from flowerbed.demodata import make_demo_data
 from flowerbed.runner import check_result, follow, submit
@@ -23,31 +24,6 @@ from tests.conftest import SITES, make_config, make_federation, supervised_sites
 from tests.faults import record
 
 COUNT = 16
-
-
-def rss_mb(pids: list[int]) -> float:
-    """Resident memory of processes and all their descendants, in MB (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    seen, todo, total = set(), list(pids), 0
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
 
 
 def established(port: int) -> int:
@@ -107,7 +83,7 @@ def test_sixteen_sites_on_one_coordinator(tmp_path: Path) -> None:
             record(f"{COUNT} SuperNodes on one 2-core coordinator, 3 rounds", "all rounds with every site's reply",
                    injected=f"{COUNT} sites on loopback (sites at nice 10)", noticed_s=None,
                    recovered_s=None, rounds_lost=0, replies_lost=0, seconds_total=round(time.monotonic() - started),
-                   round_s="/".join(f"{r['seconds']:.0f}" for r in rows), coordinator_peak_rss_mb=round(peak_rss),
+                   round_s="/".join(f"{r['seconds']:.0f}" for r in rows), coordinator_peak_pss_mb=round(peak_rss),
                    gateway_connections_peak=peak_conns)  # fmt: skip
     finally:
         stack.stop()

@@ -131,6 +131,8 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
     best_auroc = max(r["metrics"]["eval-auroc"] for r in rows if "eval-auroc" in r["metrics"])
     assert summary["stop_reason"] == ("target-reached" if best_auroc >= 0.99 else "max-rounds"), (summary, best_auroc)
     assert "REFUSED" in (work / b / "logs" / "supernode.log").read_text()  # logged at the site
+    # A's warm executor imported the approved wheel once, up front; each task still passed the gate.
+    assert "1 approved task(s) imported once" in (work / a / "logs" / "supernode.log").read_text()
 
     tampered_text = " ".join((tampered.stdout + tampered.stderr).split())
     assert tampered.returncode == ExitCode.RUN_FAILED, tampered_text

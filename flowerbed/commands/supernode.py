@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from flowerbed.commands.common import stop_on_signals
@@ -32,12 +33,27 @@ def start(
     site: Annotated[str | None, typer.Option(help="Site name (default: from the kit or the key's file name).")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Folder for logs and Flower state.")] = None,
     port: Annotated[int | None, typer.Option(help="Loopback port of the SuperNode's local API (9094).")] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="warm (default): each task is a fork of one process that imported torch once; "
+            "subprocess: a new process per task, as plain Flower does.",
+            click_type=click.Choice(["warm", "subprocess"]),
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=0, help="torch threads per task (default: all cores; give 1 when sites share a machine)."),
+    ] = None,
     rejected_window_s: Annotated[
         float, typer.Option(help="How long a refused node key is retried before giving up.")
     ] = 150,
     preflight_only: Annotated[bool, typer.Option("--preflight-only", help="Only run the checks.")] = False,
 ) -> None:
-    spec = site_spec(kit, superlink=superlink, ca=ca, key=key, data=data, site=site, workdir=workdir, port=port)
+    spec = site_spec(
+        kit, superlink=superlink, ca=ca, key=key, data=data, site=site, workdir=workdir, port=port,
+        executor=executor, threads=threads,
+    )  # fmt: skip
     checks = run_preflight(spec.superlink, spec.ca, spec.key, spec.data)
     out.print(table("Preflight", ["check", "ok", "detail"],
                     ([c.name, "yes" if c.ok else "NO", c.detail] for c in checks)))  # fmt: skip

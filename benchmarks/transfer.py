@@ -1,0 +1,128 @@
+"""Benchmark 3, model transfer: 10, 50 and 200 MB models, 2 sites, through the gateway.
+
+For each size, in one sitting: the kit (TLS through nginx, node auth), plain Flower 1.42 without a
+gateway (``--insecure``), and the raw TLS throughput of this machine's loopback (Python's ssl, the
+kit's own certificates, one connection). A round moves the model to each site and back (4 x size for
+2 sites); transfer seconds = steady round seconds - the same round for a tiny model (the fixed cost)
+- the compute floor of that size; throughput = bytes moved / transfer seconds. Goal: >= 0.25x raw
+TLS. Writes docs/benchmarks/transfer.json and .png.
+
+    python -m benchmarks.transfer [--sizes 10,50,200] [--rounds 3] [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import federations as fed
+from benchmarks.common import OUT, median, show, write
+
+PARAMS_PER_HIDDEN = 33  # the tabular MLP: 30 features -> H hidden -> 2 classes
+
+
+def hidden_for(mb: float) -> int:
+    return max(8, int(mb * 2**20 / 4 / PARAMS_PER_HIDDEN))
+
+
+SINK = """
+import socket, ssl, sys
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+expected, total = int(sys.argv[3]), 0
+with ctx.wrap_socket(conn, server_side=True) as tls:
+    while total < expected and (chunk := tls.recv(1 << 20)):
+        total += len(chunk)
+    tls.sendall(str(total).encode())
+"""
+
+
+def raw_tls_mb_s(cert: Path, key: Path, ca: Path, mb: int = 200) -> float:
+    """One TLS connection on 127.0.0.1 to a sink in another process: ``mb`` MiB in 1 MiB writes, all read."""
+    argv = [sys.executable, "-c", SINK, str(cert), str(key), str(mb << 20)]
+    sink = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.check_hostname = False
+        block = b"\x00" * (1 << 20)
+        with socket.create_connection(("127.0.0.1", port)) as raw, ctx.wrap_socket(raw) as tls:
+            start = time.monotonic()
+            for _ in range(mb):
+                tls.sendall(block)
+            received = int(tls.recv(64))
+            seconds = time.monotonic() - start
+    finally:
+        sink.kill()
+        sink.wait(timeout=10)
+    return received / 2**20 / seconds
+
+
+def steady(values: list[float]) -> float:
+    return median(values[1:] or values)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,50,200")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a 2 MB model, 2 rounds (CI)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    sizes, rounds = ([2.0], 2) if args.smoke else ([float(s) for s in args.sizes.split(",")], args.rounds)
+    sites = fed.SITES[:2]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fb-bench-transfer-") as tmp:
+        root = Path(tmp)
+        demo = fed.data(root / "data")
+        with fed.kit(root / "kit", demo, sites=sites) as kit, fed.plain(root / "plain", demo, sites=2) as plain:
+            layout = kit.layout
+            raw = raw_tls_mb_s(layout.server_cert, layout.server_key, layout.ca_cert)
+            tiny = fed.settings(rounds, min_nodes=2, local_epochs=1, hidden_units=8)
+            base = {"kit": steady(kit.run(tiny, "tiny")), "plain": steady(plain.run(tiny, "tiny"))}
+            for mb in sizes:
+                settings = fed.settings(rounds, min_nodes=2, local_epochs=1, hidden_units=hidden_for(mb),
+                                        round_timeout_s=1200)  # fmt: skip
+                floor = min(fed.compute_floor(demo, settings, 2, sites=2))
+                row: dict[str, Any] = {"model_mb": mb, "raw_tls_mb_s": raw, "compute_floor_s": floor}
+                for name, target in (("kit", kit), ("plain", plain)):
+                    seconds = steady(target.run(settings, f"{name}-{mb:g}"))
+                    moving = max(seconds - base[name] - floor, 1e-3)
+                    row[f"{name}_round_s"] = seconds
+                    row[f"{name}_mb_s"] = 4 * mb / moving
+                    row[f"{name}_vs_raw"] = row[f"{name}_mb_s"] / raw
+                rows.append(row)
+    show(f"Model transfer, 2 sites (raw TLS on loopback: {rows[0]['raw_tls_mb_s']:.0f} MB/s)",
+         ["model MB", "kit s/round", "kit MB/s", "kit / raw TLS", "plain Flower s/round", "plain MB/s",
+          "plain / raw TLS"],
+         [[r["model_mb"], r["kit_round_s"], r["kit_mb_s"], r["kit_vs_raw"], r["plain_round_s"], r["plain_mb_s"],
+           r["plain_vs_raw"]] for r in rows])  # fmt: skip
+
+    def plot(ax: Any) -> None:
+        xs = [r["model_mb"] for r in rows]
+        ax.plot(xs, [r["kit_mb_s"] for r in rows], marker="o", label="kit, through the gateway")
+        ax.plot(xs, [r["plain_mb_s"] for r in rows], marker="s", label="plain Flower, no gateway, no TLS")
+        ax.axhline(rows[0]["raw_tls_mb_s"] * 0.25, color="red", linestyle="--", linewidth=1, label="0.25 x raw TLS")
+        ax.set_xlabel("model MB")
+        ax.set_ylabel("effective MB/s")
+        ax.set_title("Model transfer (2 sites, each way)")
+        ax.legend(fontsize=8)
+
+    result = {"smoke": args.smoke, "rounds": rounds, "sites": 2, "tiny_round_s": base, "rows": rows}
+    write("transfer", args.out, result, plot)
+    return result
+
+
+if __name__ == "__main__":
+    main()

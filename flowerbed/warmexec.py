@@ -1,0 +1,184 @@
+"""A warm executor for Flower's SuperExec: each task runs in a fork of one process that imported once.
+
+Flower's ``flower-superexec`` starts a new ``flwr-clientapp`` (or ``flwr-serverapp``) process for
+every task: a fresh interpreter that imports torch and flwr again, seconds of every round. This
+module runs Flower's own ``flower-superexec`` main loop (its flags, its Runtime API client, its
+SuperExec authentication) with one change: the executor that launches a task forks this process,
+which imported torch, flwr's runtime and the kit's apps (and a site's approved tasks) up front, and
+the child runs the very command the subprocess executor would have started, with the same
+arguments (``flwr-clientapp --runtime-api-address ... --token ...``). A task that crashes takes
+only its child down.
+
+It relies on flwr 1.42 internals (``run_superexec.get_executor`` and the ``Executor`` protocol of
+``flwr.supercore.superexec.executor``), which the pin ``flwr>=1.42,<1.43`` holds still; the tests
+run real tasks through it. Without ``os.fork`` (Windows) :func:`can_fork` is False and the kit
+starts Flower's own ``flower-superexec`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowerbed.supernode.events import TASK_EVENT
+
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting (seconds, default 1.0)
+POLL_S = "0.1"  # how often the executor asks the Runtime API for a task
+Runner = Callable[[], None]  # a command's main function; it reads sys.argv
+
+
+def can_fork() -> bool:
+    return hasattr(os, "fork")
+
+
+def task_argv(spec: Any) -> list[str]:
+    """The command line Flower's SubprocessExecutor would start for ``spec`` (flwr 1.42)."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
+
+    args = [
+        TASK_TYPE_TO_COMMAND[spec.task_type],
+        TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address,
+        "--token", spec.token,
+    ]  # fmt: skip
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        args += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        args.append("--allow-runtime-dependency-installation")
+    return args
+
+
+def _child(runner: Runner, argv: list[str]) -> None:
+    """In the forked child: run the command, then leave without returning into the executor's loop."""
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # the executor's handlers are not this task's
+        sys.argv = argv
+        runner()
+        code = 0
+    except SystemExit as exc:  # Flower ends every task with flwr_exit (sys.exit)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - whatever it was, this child ends here
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+@dataclass
+class ForkExecutor:
+    """Flower's ``Executor`` protocol (flwr 1.42): launches a task as a fork of this process."""
+
+    runners: dict[str, Runner]  # task type (Flower's TaskType value) -> the command's main function
+    children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task id, start
+    started: int = 0
+    crashed: int = 0
+
+    def get_eligible_capacity(
+        self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None
+    ) -> tuple[set[Any], set[str]]:
+        del insecure, root_certificates_path
+        return {t for t in supported_task_types if str(t) in self.runners}, set()
+
+    def wait_for_capacity(self, task_type: Any = None, **_kwargs: Any) -> None:
+        del task_type
+
+    def launch(self, spec: Any) -> Any:
+        from flwr.supercore.superexec.executor import LaunchResult
+
+        runner = self.runners.get(str(spec.task_type))
+        if runner is None:
+            return LaunchResult.failed(f"the warm executor does not run {spec.task_type} tasks")
+        argv = task_argv(spec)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(runner, argv)  # never returns
+        self.children[pid] = (int(spec.task_id), time.monotonic())
+        self.started += 1
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap ended tasks; a task that died of a signal is reported, and the executor goes on."""
+        for pid in list(self.children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            task_id, started = self.children.pop(pid)
+            sys.stdout.write(f"warm executor: task {task_id} ended after {time.monotonic() - started:.2f} s\n")
+            if os.WIFSIGNALED(status):
+                self.crashed += 1
+                name = signal.Signals(os.WTERMSIG(status)).name
+                said = (
+                    f"{TASK_EVENT} task {task_id} FAILED: its process died of {name} (pid {pid}); the executor goes on"
+                )
+                sys.stdout.write(said + "\n")  # read by the site's supervisor
+                sys.stdout.flush()
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop the tasks still running (each pushes its failure to Flower on SIGTERM)."""
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        while self.children and time.monotonic() < end:
+            self.reconcile()
+            time.sleep(0.05)
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def warm_up_torch() -> None:
+    """Pay torch's one-time costs once: the first optimizer imports about 800 modules (over a second).
+
+    One thread, and tensors far below torch's parallel grain: no OpenMP pool exists to break at fork.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    optimizers = (torch.optim.Adam(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for optimizer in optimizers:
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,)))
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+
+
+def serve(runners: dict[str, Runner], preload: Callable[[], None]) -> None:
+    """Flower's ``flower-superexec`` (same flags) with the fork executor, after ``preload``.
+
+    ``preload`` imports what every task needs; it must not start threads (fork keeps only the
+    calling thread) nor run parallel torch operations (an OpenMP pool does not survive a fork):
+    :func:`warm_up_torch` is safe.
+    """
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.superexec import run_superexec as superexec_loop
+
+    os.environ.setdefault(POLL_ENV, POLL_S)
+    preload()
+    executor = ForkExecutor(runners)
+
+    def get_executor(*_args: Any, **_kwargs: Any) -> ForkExecutor:
+        return executor
+
+    superexec_loop.get_executor = get_executor  # type: ignore[attr-defined]
+    flower_superexec()

@@ -1,0 +1,101 @@
+"""The site's warm ClientApp executor: ``flower-superexec`` whose tasks are forks of one warm process.
+
+Started by the supervisor next to ``flower-supernode --isolation process`` (see
+:mod:`flowerbed.warmexec`). Up front it imports torch, flwr's ClientApp runtime, the kit's ClientApp
+and every task wheel the site has approved; each task is a fork that runs the approval gate
+(:mod:`flowerbed.supernode.gate`) exactly as a separate ``flwr-clientapp`` process would: the run's
+code is checked before any of it is used, and an unapproved or changed wheel is refused.
+
+``FLOWERBED_TORCH_THREADS``: torch's thread count in each task (the supervisor sets it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flowerbed.supernode.events import site_event
+
+THREADS_ENV = "FLOWERBED_TORCH_THREADS"
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def threads() -> int:
+    """torch threads per task: FLOWERBED_TORCH_THREADS, else this machine's cores."""
+    try:
+        return max(1, int(os.environ.get(THREADS_ENV, "0")) or os.cpu_count() or 1)
+    except ValueError:
+        return 1
+
+
+def preload() -> None:
+    """Import what every task imports, and warm torch up; no thread (it would not survive a fork)."""
+    count = os.environ.get(THREADS_ENV, "")
+    if count:
+        for name in THREAD_VARS:
+            os.environ[name] = count  # read when torch loads its OpenMP runtime
+    import flwr.supernode.cli.flwr_clientapp
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+    import torch  # noqa: F401
+
+    import flowerbed.clientapp.app  # the kit's ClientApp and its built-in tasks
+    import flowerbed.supernode.gate  # noqa: F401
+    from flowerbed.warmexec import warm_up_torch
+
+    warm_up_torch()
+    tasks = _preload_approved()
+    site_event(
+        f"warm ClientApp executor ready (pid {os.getpid()}): torch, flwr and {tasks} approved task(s) imported once, "
+        f"{os.environ.get(THREADS_ENV) or 'default'} torch thread(s) per task"
+    )
+
+
+def _preload_approved() -> int:
+    """Import each task wheel in the site's approvals (a task of another hash is still imported per run)."""
+    from flowerbed.errors import FlowerbedError
+    from flowerbed.supernode.approval import load_site
+    from flowerbed.supernode.gate import SITE_FILE_ENV
+    from flowerbed.task import preload_wheel_task
+
+    site_file = os.environ.get(SITE_FILE_ENV, "")
+    if not site_file:
+        return 0
+    root = Path(site_file).parent
+    try:
+        approved = load_site(root).approved
+    except FlowerbedError:
+        return 0  # each task's gate reports an unreadable site.toml
+    loaded = 0
+    for entry in approved:
+        if entry.kind != "task" or not entry.file:
+            continue
+        try:
+            preload_wheel_task(root / entry.file, entry.name, entry.sha256)
+            loaded += 1
+        except FlowerbedError as exc:  # changed or broken: the gate refuses it when a run asks for it
+            site_event(f"warm executor: approved task {entry.name} not preloaded: {exc.message}")
+    return loaded
+
+
+def run_task() -> None:
+    """One task, in a fork of the warm executor: Flower's flwr-clientapp behind the approval gate."""
+    import torch
+
+    from flowerbed.supernode.gate import main
+    from flowerbed.task import remove_wheel_copies
+
+    torch.set_num_threads(threads())  # the warm-up ran on one
+    try:
+        main()
+    finally:
+        remove_wheel_copies()
+
+
+def main() -> None:
+    from flowerbed.warmexec import serve
+
+    serve({"flwr-clientapp": run_task}, preload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Every benchmark runs at its smoke size, as a user reruns it: a table printed, JSON + PNG written.
+
+Real federations (kit, plain Flower, the simulation engine), real files. Nothing here asserts on a
+timing: the figures are this machine's, and live in docs/benchmarks/ (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = {
+    "round_time": ("Seconds per steady round", ["kit (warm executor, default)", "plain Flower 1.42",
+                                                "simulation (Ray)", "compute floor"]),
+    "time_to_federation": ("Time to federation", ["superlink start", "sites start", "kit steps in all"]),
+    "transfer": ("Model transfer", ["raw TLS"]),
+    "scaling": ("Scaling on this machine", ["Linear fits"]),
+    "kit_ops": ("Certificates and kits", ["kit build"]),
+}  # fmt: skip
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_benchmark_runs_at_smoke_size(name: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=880, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    title, needles = BENCHMARKS[name]
+    assert title in result.stdout
+    for needle in needles:
+        assert needle in result.stdout, needle
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["smoke"] is True
+    assert data["machine"]["versions"]["flwr"].startswith("1.42")
+    assert data["command"].startswith(f"python -m benchmarks.{name}")
+    assert data.get("rows") or data.get("phases_s")
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
