@@ -57,7 +57,7 @@ def show(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*["-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
 
 

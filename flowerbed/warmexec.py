@@ -130,7 +130,7 @@ class ForkExecutor:
                     f"{TASK_EVENT} task {task_id} FAILED: its process died of {name} (pid {pid}); the executor goes on"
                 )
                 sys.stdout.write(said + "\n")  # read by the site's supervisor
-                sys.stdout.flush()
+            sys.stdout.flush()
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stop the tasks still running (each pushes its failure to Flower on SIGTERM)."""

@@ -113,7 +113,7 @@ def test_rendered_config_passes_nginx_t(tmp_path: Path, running: RunningFederati
     conf = (tmp_path / "nginx.conf").read_text()
     assert "client_max_body_size 16m;" in conf
     assert "location /v1/fleet/" in conf
-    (tmp_path / "nginx.conf").write_text(conf.replace("worker_connections 512;", "worker_connections;"))
+    (tmp_path / "nginx.conf").write_text(conf.replace("worker_connections 4096;", "worker_connections;"))
     with pytest.raises(FlowerbedError, match="is invalid"):
         gateway.validate(nginx, tmp_path)
 

@@ -201,6 +201,8 @@ def test_killed_supernode_is_restarted_and_rejoins_at_once(nodes: list[Superviso
     assert wait_for(lambda: sup.connected, 120)
     assert sup.process is not None
     old_pid = sup.process.pid
+    assert sup.executor is not None and sup.executor.pid is not None  # the warm executor, beside it
+    old_executor = sup.executor.pid
     log_before = len(Path(sup.log_path).read_text())
     killed = time.monotonic()
     os.killpg(old_pid, signal.SIGKILL)
@@ -211,6 +213,9 @@ def test_killed_supernode_is_restarted_and_rejoins_at_once(nodes: list[Superviso
     assert sup.restarts >= 1
     assert sup.connected, Path(sup.log_path).read_text()[-2000:]
     assert sup.process.pid != old_pid
+    # A new warm executor came with the new SuperNode; the old one is gone (not left polling a dead API).
+    assert sup.executor is not None and sup.executor.pid not in (None, old_executor)
+    assert not Path(f"/proc/{old_executor}").exists() or "zombie" in Path(f"/proc/{old_executor}/status").read_text()
     assert any(re.fullmatch(r"flower-supernode ended with status -9 without signing off; signed node \d+ off at "
                             r"the SuperLink, so it may rejoin at once", m) for m in SITE_REPORTS[sup.spec.site]), \
         SITE_REPORTS[sup.spec.site]  # fmt: skip

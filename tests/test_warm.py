@@ -35,6 +35,9 @@ def settings_for(running: RunningFederation, **changes: object) -> RunSettings:
 
 
 def test_a_task_that_dies_takes_only_its_fork_down(running: RunningFederation, tmp_path: Path) -> None:
+    """SIGKILL to a running task (as the out-of-memory killer would): the executor goes on, and Flower
+    answers the round with its "ClientApp crashed" error once the task's heartbeat lapses, as it did
+    for a dead flwr-clientapp; the site trains the next rounds."""
     data = {s: running.data.site_files[s] for s in SITES[:2]}
     with supervised_sites(running.layout, running.gateway, data, tmp_path / "sites") as sups:
         site = SITES[0]
@@ -42,34 +45,35 @@ def test_a_task_that_dies_takes_only_its_fork_down(running: RunningFederation, t
         executor = sups[site].executor
         assert executor is not None and executor.pid is not None
         pid = executor.pid
-        handle = submit(running.layout, settings_for(running, max_rounds=4, round_timeout_s=20), name="crash")
+        log = sups[site].log_path
+        # Long enough local training to be caught running (1 site suffices for a round).
+        settings = settings_for(running, max_rounds=3, min_nodes=1, local_epochs=400, round_timeout_s=120)
+        handle = submit(running.layout, settings, name="crash")
         killed: list[int] = []
 
-        def kill_first_task() -> None:
+        def kill_running_task() -> None:
             for _ in range(3000):  # bounded: at most ~60 s
                 tasks = children(pid)
-                if tasks:
+                if tasks and "round 1: received a train task" in log.read_text():
                     os.kill(tasks[0], signal.SIGKILL)
                     killed.append(tasks[0])
                     return
                 time.sleep(0.02)
 
-        killer = threading.Thread(target=kill_first_task, daemon=True)
+        killer = threading.Thread(target=kill_running_task, daemon=True)
         killer.start()
-        result = follow(running.layout, handle, timeout_s=300)
+        result = follow(running.layout, handle, timeout_s=400)
         killer.join(timeout=5)
         check_result(result, handle)
-        assert killed, "no task of the warm executor was seen"
+        assert killed, "no running task of the warm executor was seen"
         assert sups[site].executor is not None and sups[site].executor.pid == pid  # the same executor went on
         assert sups[site].restarts == 0
-        log = sups[site].log_path.read_text()
-        assert READY in log
-        assert f"died of SIGKILL (pid {killed[0]})" in log
-        # As with a dead flwr-clientapp: no reply, so the round waits out round-timeout-s and runs again.
-        waiting = [r for r in result.rows if r["kind"] == "waiting"]
-        assert waiting and "no reply before round-timeout-s" in str(waiting[0]["errors"]), result.rows
+        text = log.read_text()
+        assert READY in text
+        assert f"died of SIGKILL (pid {killed[0]})" in text
         rows = [r for r in result.rows if r["kind"] == "train"]
-        assert [r["nodes"] for r in rows] == [2, 2, 2, 2], rows  # the site trained again after its task was killed
+        assert rows[0]["failures"] == 1 and site not in rows[0]["sites"], rows[0]
+        assert rows[-1]["sites"] == sorted(SITES[:2]) or set(rows[-1]["sites"]) == set(SITES[:2]), rows
 
 
 def test_subprocess_isolation_and_no_fork_fallback_train_too(running: RunningFederation, tmp_path: Path) -> None:

@@ -1,0 +1,128 @@
+"""Write the results section of docs/performance.md from the JSON files under docs/benchmarks/.
+
+Each benchmark's table, its plot, the machine it ran on and the command that reproduces it, between
+the markers ``<!-- results: begin -->`` and ``<!-- results: end -->``; the rest of the page is prose.
+
+    python -m benchmarks.report [--doc docs/performance.md] [--results docs/benchmarks]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import OUT
+
+BEGIN, END = "<!-- results: begin -->", "<!-- results: end -->"
+DOC = OUT.parent / "performance.md"
+
+
+def _n(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *["| " + " | ".join(_n(v) for v in row) + " |" for row in rows]]  # fmt: skip
+
+
+def _machine(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    v = m["versions"]
+    when = m["date"][:16].replace("T", " ")
+    return (f"Measured {when} UTC on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['system']}, "
+            f"Python {m['python']}, flwr {v['flwr']}, torch {v['torch']}. Reproduce: `{data['command']}`.")  # fmt: skip
+
+
+def round_time(d: dict[str, Any]) -> list[str]:
+    rows = [[r["configuration"], r["min_s"], r["median_s"], r["ratio_to_plain"]] for r in d["rows"]]
+    return [f"3 sites, {d['repeat']} repetitions of {d['rounds']} rounds, configurations alternating.", "",
+            *_table(["configuration", "min s/round", "median s/round", "ratio to plain Flower"], rows)]  # fmt: skip
+
+
+def time_to_federation(d: dict[str, Any]) -> list[str]:
+    rows = [[k, v] for k, v in d["phases_s"].items()]
+    rows += [
+        ["**kit steps in all**", d["kit_steps_s"]],
+        [f"training ({d['rounds']} rounds, excluded)", d["training_s"]],
+    ]
+    return _table(["phase", "seconds"], rows)
+
+
+def transfer(d: dict[str, Any]) -> list[str]:
+    raw = d["rows"][0]["raw_tls_mb_s"]
+    rows = [[r["model_mb"], r["kit_round_s"], r["kit_mb_s"], r["kit_vs_raw"], r["plain_round_s"], r["plain_mb_s"],
+             r["plain_vs_raw"]] for r in d["rows"]]  # fmt: skip
+    return [f"Raw TLS on this machine's loopback: {raw:.0f} MB/s. Tiny-model round (the fixed cost taken out): "
+            f"kit {d['tiny_round_s']['kit']:.2f} s, plain Flower {d['tiny_round_s']['plain']:.2f} s.", "",
+            *_table(["model MB", "kit s/round", "kit MB/s", "kit / raw TLS", "plain Flower s/round",
+                     "plain MB/s", "plain / raw TLS"], rows)]  # fmt: skip
+
+
+def scaling(d: dict[str, Any]) -> list[str]:
+    rows = [[r["sites"], r["round_s"], r["rss_mb"]["superlink"], r["rss_mb"]["gateway"], r["rss_mb"]["executor"],
+             r["rss_mb"]["site"], r["cpu_s_per_round"]["superlink"], r["cpu_s_per_round"]["gateway"],
+             r["gateway_requests_per_s"]] for r in d["rows"]]  # fmt: skip
+    fits = [[k, f["fixed"], f["per_site"], f["at_100"], f["at_1000"]] for k, f in d["fits"].items()]
+    return [*_table(["sites", "s/round", "SuperLink MB", "gateway MB", "executor + ServerApp MB", "MB per site",
+                     "SuperLink CPU s/round", "gateway CPU s/round", "gateway requests/s"], rows), "",
+            "Linear fits (value = fixed + per site x sites), extrapolated on paper:", "",
+            *_table(["measure", "fixed", "per site", "100 sites", "1,000 sites"], fits)]  # fmt: skip
+
+
+def kit_ops(d: dict[str, Any]) -> list[str]:
+    rows = [[r["sites"], *[r["phases_s"][p] for p in ("init", "certs init", "certs server", "kit build")],
+             r["total_s"], r["per_kit_ms"], r["kits_mb_on_disk"]] for r in d["rows"]]  # fmt: skip
+    return _table(["sites", "init s", "certs init s", "certs server s", "kit build s", "total s", "ms per kit",
+                   "kits on disk MB"], rows)  # fmt: skip
+
+
+def demo_rounds(d: dict[str, Any]) -> list[str]:
+    rows = [[r["run"], r["total_s"], r["rounds"], r["round_median_s"], r["stop"], r["federated_accuracy"]]
+            for r in d["rows"]]  # fmt: skip
+    return _table(["run", "whole demo s", "rounds", "median s/round", "stop", "federated accuracy"], rows)
+
+
+SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
+    ("round_time", "1. Round time", round_time),
+    ("time_to_federation", "2. Time to federation", time_to_federation),
+    ("transfer", "3. Model transfer", transfer),
+    ("scaling", "4. Scaling", scaling),
+    ("kit_ops", "5. Kit operations", kit_ops),
+    ("demo_rounds", "The demo", demo_rounds),
+]
+
+
+def render(results: Path) -> str:
+    lines = [BEGIN, ""]
+    for name, title, table in SECTIONS:
+        path = results / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        lines += [f"### {title}", "", _machine(data), "", *table(data), ""]
+        if (results / f"{name}.png").exists():
+            lines += [f"![{title}](benchmarks/{name}.png)", ""]
+    return "\n".join([*lines, END])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--results", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    text = args.doc.read_text(encoding="utf-8")
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    args.doc.write_text(text[:start] + render(args.results) + text[end:], encoding="utf-8")
+    print(f"wrote the results of {args.results} into {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
