@@ -30,12 +30,22 @@ from typing import Any
 from flowerbed.supernode.events import TASK_EVENT
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting (seconds, default 1.0)
+THREADS_ENV = "FLOWERBED_TORCH_THREADS"  # torch threads per task (default: this machine's cores)
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's OpenMP runtime reads at import
 POLL_S = "0.1"  # how often the executor asks the Runtime API for a task
 Runner = Callable[[], None]  # a command's main function; it reads sys.argv
 
 
 def can_fork() -> bool:
     return hasattr(os, "fork")
+
+
+def task_threads() -> int:
+    """torch threads per task: FLOWERBED_TORCH_THREADS, else this machine's cores."""
+    try:
+        return max(1, int(os.environ.get(THREADS_ENV, "0")) or os.cpu_count() or 1)
+    except ValueError:
+        return 1
 
 
 def task_argv(spec: Any) -> list[str]:
@@ -59,11 +69,20 @@ def task_argv(spec: Any) -> list[str]:
 
 
 def _child(runner: Runner, argv: list[str]) -> None:
-    """In the forked child: run the command, then leave without returning into the executor's loop."""
+    """In the forked child: run the command, then leave without returning into the executor's loop.
+
+    Its torch gets the task's threads back (the warm-up ran on one); the private wheel copies it made
+    are deleted at the end (``os._exit`` runs no atexit handler).
+    """
+    import torch
+
+    from flowerbed.task import remove_wheel_copies
+
     code = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)  # the executor's handlers are not this task's
+        torch.set_num_threads(task_threads())
         sys.argv = argv
         runner()
         code = 0
@@ -73,6 +92,7 @@ def _child(runner: Runner, argv: list[str]) -> None:
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):
+            remove_wheel_copies()
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -84,8 +104,6 @@ class ForkExecutor:
 
     runners: dict[str, Runner]  # task type (Flower's TaskType value) -> the command's main function
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task id, start
-    started: int = 0
-    crashed: int = 0
 
     def get_eligible_capacity(
         self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None
@@ -109,7 +127,6 @@ class ForkExecutor:
         if pid == 0:
             _child(runner, argv)  # never returns
         self.children[pid] = (int(spec.task_id), time.monotonic())
-        self.started += 1
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
@@ -124,7 +141,6 @@ class ForkExecutor:
             task_id, started = self.children.pop(pid)
             sys.stdout.write(f"warm executor: task {task_id} ended after {time.monotonic() - started:.2f} s\n")
             if os.WIFSIGNALED(status):
-                self.crashed += 1
                 name = signal.Signals(os.WTERMSIG(status)).name
                 said = (
                     f"{TASK_EVENT} task {task_id} FAILED: its process died of {name} (pid {pid}); the executor goes on"

@@ -21,7 +21,6 @@ class ControlClient:
 
     address: str
     ca_cert: Path
-    timeout_s: float = 10.0
     _client: Any = field(default=None, repr=False)
 
     def _connect(self) -> Any:

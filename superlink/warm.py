@@ -19,26 +19,13 @@ def preload() -> None:
     warm_up_torch()
 
 
-def run_serverapp() -> None:
-    """One run's ServerApp, in a fork of the warm executor: Flower's own flwr-serverapp."""
-    import os
-
-    import torch
+def main() -> None:
+    """Each run's ServerApp: Flower's own flwr-serverapp, in a fork."""
     from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
 
-    from flowerbed.task import remove_wheel_copies
-
-    torch.set_num_threads(os.cpu_count() or 1)  # the warm-up ran on one
-    try:
-        flwr_serverapp()
-    finally:
-        remove_wheel_copies()
-
-
-def main() -> None:
     from flowerbed.warmexec import serve
 
-    serve({"flwr-serverapp": run_serverapp}, preload)
+    serve({"flwr-serverapp": flwr_serverapp}, preload)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ from flowerbed.supernode.events import TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
 from flowerbed.supernode.node import FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import sign_off
-from flowerbed.supernode.warm import THREAD_VARS, THREADS_ENV
-from flowerbed.warmexec import can_fork
+from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"

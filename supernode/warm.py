@@ -6,7 +6,8 @@ and every task wheel the site has approved; each task is a fork that runs the ap
 (:mod:`flowerbed.supernode.gate`) exactly as a separate ``flwr-clientapp`` process would: the run's
 code is checked before any of it is used, and an unapproved or changed wheel is refused.
 
-``FLOWERBED_TORCH_THREADS``: torch's thread count in each task (the supervisor sets it).
+``FLOWERBED_TORCH_THREADS`` (:data:`flowerbed.warmexec.THREADS_ENV`): torch's thread count in each
+task; the supervisor sets it, and OpenMP's variables, in the executor's environment.
 """
 
 from __future__ import annotations
@@ -16,37 +17,22 @@ from pathlib import Path
 
 from flowerbed.supernode.events import site_event
 
-THREADS_ENV = "FLOWERBED_TORCH_THREADS"
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def threads() -> int:
-    """torch threads per task: FLOWERBED_TORCH_THREADS, else this machine's cores."""
-    try:
-        return max(1, int(os.environ.get(THREADS_ENV, "0")) or os.cpu_count() or 1)
-    except ValueError:
-        return 1
-
 
 def preload() -> None:
     """Import what every task imports, and warm torch up; no thread (it would not survive a fork)."""
-    count = os.environ.get(THREADS_ENV, "")
-    if count:
-        for name in THREAD_VARS:
-            os.environ[name] = count  # read when torch loads its OpenMP runtime
     import flwr.supernode.cli.flwr_clientapp
     import flwr.supernode.runtime.run_clientapp  # noqa: F401
     import torch  # noqa: F401
 
     import flowerbed.clientapp.app  # the kit's ClientApp and its built-in tasks
     import flowerbed.supernode.gate  # noqa: F401
-    from flowerbed.warmexec import warm_up_torch
+    from flowerbed.warmexec import task_threads, warm_up_torch
 
     warm_up_torch()
     tasks = _preload_approved()
     site_event(
         f"warm ClientApp executor ready (pid {os.getpid()}): torch, flwr and {tasks} approved task(s) imported once, "
-        f"{os.environ.get(THREADS_ENV) or 'default'} torch thread(s) per task"
+        f"{task_threads()} torch thread(s) per task"
     )
 
 
@@ -77,24 +63,12 @@ def _preload_approved() -> int:
     return loaded
 
 
-def run_task() -> None:
-    """One task, in a fork of the warm executor: Flower's flwr-clientapp behind the approval gate."""
-    import torch
-
-    from flowerbed.supernode.gate import main
-    from flowerbed.task import remove_wheel_copies
-
-    torch.set_num_threads(threads())  # the warm-up ran on one
-    try:
-        main()
-    finally:
-        remove_wheel_copies()
-
-
 def main() -> None:
+    """Each task: Flower's flwr-clientapp behind the approval gate (:func:`flowerbed.supernode.gate.main`)."""
+    from flowerbed.supernode.gate import main as gated_clientapp
     from flowerbed.warmexec import serve
 
-    serve({"flwr-clientapp": run_task}, preload)
+    serve({"flwr-clientapp": gated_clientapp}, preload)
 
 
 if __name__ == "__main__":
