@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+def _end_on_sigterm(_signum: int, _frame: object) -> None:
+    sys.exit(143)  # SystemExit: every federation's `finally` stops its processes by pid
+
+
+signal.signal(signal.SIGTERM, _end_on_sigterm)  # `kill PID` of a benchmark must not orphan its SuperLink
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # a log keeps whole headers
 
 
