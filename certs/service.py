@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from flowerbed import audit
 from flowerbed.certs.ca import CertificateAuthority
 from flowerbed.certs.nodekeys import NodeKeyPair, load_public_key, public_fingerprint
 from flowerbed.config import FederationConfig
@@ -30,7 +32,13 @@ def init_ca(layout: FederationLayout, name: str, *, force: bool = False) -> Path
         )
     ca = CertificateAuthority.create(f"{name} federation CA")
     ca.write(layout.ca_cert, layout.ca_key, overwrite=force)
+    audit.append(layout.audit, audit.CERT, "coordinator", event="CA created" + (" again (--force)" if force else ""),
+                 certificate_sha256=_fingerprint(layout.ca_cert))  # fmt: skip
     return layout.ca_cert
+
+
+def _fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def issue_server(layout: FederationLayout, config: FederationConfig) -> list[str]:
@@ -43,6 +51,8 @@ def issue_server(layout: FederationLayout, config: FederationConfig) -> list[str
             names.append(local)
     issued = ca.issue_server_cert(names)
     issued.write(layout.server_cert, layout.server_key, overwrite=True)
+    audit.append(layout.audit, audit.CERT, "coordinator", event="server certificate issued", names=names,
+                 certificate_sha256=_fingerprint(layout.server_cert))  # fmt: skip
     return names
 
 
@@ -56,6 +66,8 @@ def make_node_key(layout: FederationLayout, config: FederationConfig, site: str,
             "pass --force to replace it (then restart `flowerbed superlink start`)"
         )
     NodeKeyPair.generate(f"{config.name}/{site}").write(private, layout.node_pub(site), overwrite=force)
+    audit.append(layout.audit, audit.CERT, "coordinator", event="node key created", site=site,
+                 public_key_sha256=_fingerprint(layout.node_pub(site)))  # fmt: skip
     return private
 
 

@@ -7,14 +7,25 @@ round gives the ServerApp both (every exchange costs seconds in Flower, whatever
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from flowerbed.audit import ROUND, append_here, head_of
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.clientapp.data import DataError
+from flowerbed.clientapp.privacy import (
+    PRIVACY_CODE,
+    BudgetSpentError,
+    PrivateTraining,
+    effective_budget,
+    ledger_folder,
+    run_key,
+    site_privacy,
+)
 from flowerbed.config import RunSettings
 from flowerbed.supernode.events import site_event
 from flowerbed.task import Task, check_metrics, load_task, task_config
@@ -32,9 +43,21 @@ def _site(context: Context) -> str:
     return str(context.node_config.get("site-name", f"node {context.node_id}"))
 
 
-def _site_record(context: Context) -> ConfigRecord:
-    """The site's name, so that the ServerApp's messages about this node name the site."""
-    return ConfigRecord({"site-name": _site(context)})
+def _site_record(context: Context, audited: dict[str, Any] | None = None) -> ConfigRecord:
+    """The site's name, so that the ServerApp's messages about this node name the site, and the head
+    of the site's audit trail after this task (the coordinator's trail records it)."""
+    return ConfigRecord({"site-name": _site(context), "audit-head": head_of(audited)})
+
+
+def update_digest(state: dict[str, Any]) -> tuple[int, str]:
+    """Bytes and sha256 of a model update as it leaves the site (names and raw tensor bytes, in order)."""
+    digest, size = hashlib.sha256(), 0
+    for name, tensor in state.items():
+        data = tensor.detach().cpu().contiguous().numpy().tobytes()
+        digest.update(name.encode())
+        digest.update(data)
+        size += len(data)
+    return size, digest.hexdigest()
 
 
 def _task(context: Context) -> tuple[Task, Any]:
@@ -79,27 +102,78 @@ def _error(msg: Message, context: Context, exc: DataError) -> Message:
     return Message(Error(code=DATA_ERROR_CODE, reason=f"site {_site(context)}: {exc}"), reply_to=msg)
 
 
+def _private(msg: Message, context: Context, task: Task) -> PrivateTraining | None:
+    """DP-SGD under the stricter of the site's budget and the run's request (None: neither asks)."""
+    settings = _settings(context)
+    budget = effective_budget(site_privacy(dict(context.node_config)), settings)
+    if budget is None:
+        return None
+    if not callable(getattr(task, "train_private", None)):
+        raise BudgetSpentError(
+            f"site {_site(context)}: task {task.name} cannot train with DP-SGD (it has no train_private), and "
+            f"this site trains only under {budget.describe()}: ask the task's authors to add train_private"
+        )
+    output_dir = str(context.run_config.get("output-dir", f"run-{context.run_id}"))
+    return PrivateTraining(_site(context), budget, ledger_folder(dict(context.node_config)), run_key(output_dir),
+                           context.run_id, int(_round(msg)), settings.max_rounds)  # fmt: skip
+
+
+def _refuse(msg: Message, exc: BudgetSpentError) -> Message:
+    site_event(f"round {_round(msg)}: train task REFUSED: {exc}")
+    append_here(ROUND, "clientapp", run_id=msg.metadata.run_id, round=_round(msg), message="train", refused=str(exc))
+    return Message(Error(code=PRIVACY_CODE, reason=str(exc)), reply_to=msg)
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model, train it locally, reply with weights and metrics."""
     site_event(f"round {_round(msg)}: received a train task")
     task, config = _task(context)
     try:
+        private = _private(msg, context, task)
         train_data, validation = _load(context, task, config)
     except DataError as exc:
         return _error(msg, context, exc)
+    except BudgetSpentError as exc:
+        return _refuse(msg, exc)
     model = _model(msg, task, config)
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
     server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
     if "seed" in type(config).model_fields:  # a different shuffle each round, the same at a rerun
         config = config.model_copy(update={"seed": config.seed + server_round})
-    trained = check_metrics(task.train(model, train_data, config), f"{task.name}.train")
+    try:
+        result = (
+            task.train(model, train_data, config)
+            if private is None
+            else task.train_private(  # type: ignore[attr-defined]
+                model, train_data, config, private
+            )
+        )
+    except BudgetSpentError as exc:
+        return _refuse(msg, exc)
+    trained = check_metrics(result, f"{task.name}.train")
     metrics = MetricRecord(_prefixed("train", trained) | _prefixed("eval", before) | {"num-examples": len(train_data)})
+    state = model.state_dict()
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    spent = ""
+    if private is not None:
+        if private.spent is None:  # nothing was reserved: the task trained without Opacus
+            return _refuse(msg, BudgetSpentError(
+                f"site {_site(context)}: task {task.name}'s train_private never called make_private, so it did "
+                "not train with DP-SGD; its update is withheld"))  # fmt: skip
+        content["privacy"] = ConfigRecord(private.record())
+        spent = f"; DP-SGD: epsilon {private.spent:.3f} of {private.budget.epsilon:g} spent"
+    size, sha256 = update_digest(state)
+    audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=server_round, message="train",
+                          update_bytes=size, update_sha256=sha256, examples=len(train_data),
+                          epsilon=private.spent if private is not None else None)  # fmt: skip
+    content["site"] = _site_record(context, audited)
+    amount = f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
     site_event(
         f"round {server_round}: trained on {len(train_data)} examples; the global model scored "
-        f"{_summary(before)} on {len(validation)} local validation examples"
+        f"{_summary(before)} on {len(validation)} local validation examples{spent}; "
+        f"sent an update of {amount} (sha256 {sha256[:12]})"
     )
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "site": _site_record(context)})
     return Message(content=content, reply_to=msg)
 
 
@@ -115,4 +189,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     result = check_metrics(task.evaluate(_model(msg, task, config), validation, config), f"{task.name}.evaluate")
     site_event(f"round {_round(msg)}: evaluated the final model: {_summary(result)}")
     metrics = MetricRecord(_prefixed("eval", result) | {"num-examples": len(validation)})
-    return Message(content=RecordDict({"metrics": metrics, "site": _site_record(context)}), reply_to=msg)
+    audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=_round(msg), message="evaluate",
+                          metrics=sorted(result), examples=len(validation))  # fmt: skip
+    return Message(content=RecordDict({"metrics": metrics, "site": _site_record(context, audited)}), reply_to=msg)

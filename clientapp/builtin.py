@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from flowerbed.clientapp.data import DataError, load_site_data
+from flowerbed.clientapp.privacy import PrivateTraining
 from flowerbed.clientapp.task import evaluate, make_model, train
 from flowerbed.config import RunSettings
 from flowerbed.task import Metrics
@@ -57,9 +58,15 @@ class BuiltinTask:
         return data.train, data.validation
 
     def train(self, model: nn.Module, data: Dataset[Any], config: RunSettings) -> Metrics:
+        return self.train_private(model, data, config, None)
+
+    def train_private(
+        self, model: nn.Module, data: Dataset[Any], config: RunSettings, private: PrivateTraining | None
+    ) -> Metrics:
+        """:meth:`train` with DP-SGD under the site's privacy budget (``private``)."""
         loss = train(model, data, epochs=config.local_epochs, batch_size=config.batch_size,  # type: ignore[arg-type]
                      learning_rate=config.learning_rate, proximal_mu=config.proximal_mu, seed=config.seed,
-                     optimizer=config.optimizer, momentum=config.momentum)  # fmt: skip
+                     optimizer=config.optimizer, momentum=config.momentum, private=private)  # fmt: skip
         return {"loss": loss}
 
     def evaluate(self, model: nn.Module, data: Dataset[Any], config: RunSettings) -> Metrics:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flowerbed.config import RunSettings
+
+if TYPE_CHECKING:
+    from flowerbed.clientapp.privacy import PrivateTraining
 
 
 def make_model(
@@ -75,11 +80,13 @@ def train(
     seed: int = 0,
     optimizer: str = "adam",
     momentum: float = 0.9,
+    private: PrivateTraining | None = None,
 ) -> float:
     """Train in place with Adam (or SGD with ``momentum``); returns the mean training loss of the last epoch.
 
     With ``proximal_mu > 0`` the FedProx term mu/2 * ||w - w_global||^2 keeps the local model
-    near the global one it started from.
+    near the global one it started from. With ``private``, DP-SGD (Opacus): per-example clipping and
+    noise, Poisson-sampled batches; the FedProx term is left out there (it is not per example).
     """
     dev = device()
     model.to(dev)
@@ -93,13 +100,21 @@ def train(
     )
     criterion = nn.CrossEntropyLoss()
     global_params = [p.detach().clone() for p in model.parameters()]
+    forward: nn.Module = model
+    if private is not None:
+        forward, step, loader = private.make_private(model, step, loader, epochs)
+        proximal_mu = 0.0
+        # Opacus's per-example hooks fire on the first layer although the input needs no gradient.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
     last = 0.0
     for _ in range(epochs):
         total, count = 0.0, 0
         for xb, yb in loader:
+            if len(yb) == 0:  # Poisson sampling can draw an empty batch
+                continue
             xb, yb = xb.to(dev), yb.to(dev)
             step.zero_grad()
-            loss = criterion(model(xb), yb)
+            loss = criterion(forward(xb), yb)
             if proximal_mu > 0:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params, strict=True))
                 loss = loss + (proximal_mu / 2) * prox
@@ -108,6 +123,8 @@ def train(
             total += float(loss.item()) * len(yb)
             count += len(yb)
         last = total / max(count, 1)
+    if private is not None:
+        private.release(forward)
     return last
 
 

@@ -88,7 +88,8 @@ def _write_site(
     )
     (stage / SITE_FILE).write_text(
         "# Site settings for `flowerbed supernode start --kit .`; set data_path before the first start.\n"
-        + tomli_w.dumps(kit_config.model_dump()),
+        + tomli_w.dumps(kit_config.model_dump(exclude_none=True))
+        + PRIVACY_EXAMPLE,
         encoding="utf-8",
     )
     names, extra = [t.path.name for t in tasks], task_requirements(list(tasks))
@@ -174,6 +175,17 @@ def _check_bundle(bundle: Path, tasks: Sequence[WheelInfo] = ()) -> list[Path]:
     if not wheels:
         raise FlowerbedError(f"{bundle} holds no wheels: make it with `flowerbed bundle wheels`")
     return wheels
+
+
+PRIVACY_EXAMPLE = """
+# Differential privacy that this site enforces on every run, whatever the coordinator asks
+# (docs/privacy.md). Uncomment to set the site's budget: each run's DP-SGD spends at most this.
+# [privacy]
+# epsilon = 3.0          # the most epsilon this site spends (per run; scope = "site": in all runs)
+# delta = 1e-5           # below 1 / the number of your examples
+# max_grad_norm = 1.0    # per-example clipping norm
+# scope = "run"
+"""
 
 
 def build_kits(

@@ -10,7 +10,22 @@ import typer
 from pydantic import ValidationError
 
 from flowerbed import __version__
-from flowerbed.commands import bundle, certs, check, demo, env, init, kit, run, runs, sites, superlink, supernode, task
+from flowerbed.commands import (
+    audit,
+    bundle,
+    certs,
+    check,
+    demo,
+    env,
+    init,
+    kit,
+    run,
+    runs,
+    sites,
+    superlink,
+    supernode,
+    task,
+)
 from flowerbed.config import ConfigError, format_validation_error
 from flowerbed.console import error
 from flowerbed.errors import ExitCode, FlowerbedError
@@ -43,6 +58,7 @@ def root(
 app.command("init", help=init.HELP)(init.init)
 app.command("run", help=run.HELP)(run.run)
 app.command("demo", help=demo.HELP)(demo.demo)
+app.add_typer(audit.app, name="audit")
 app.add_typer(certs.app, name="certs")
 app.add_typer(check.app, name="check")
 app.add_typer(env.app, name="env")

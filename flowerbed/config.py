@@ -153,6 +153,19 @@ class RunSettings(_Model):
     hidden_units: int = Field(32, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 42
+    dp: Literal["off", "sample", "client"] = Field(
+        "off",
+        description="sample: DP-SGD at every site (a site's own [privacy] budget can only be stricter); "
+        "client: Flower's client-level DP at the server (costs much accuracy with fewer than ~20 sites)",
+    )
+    dp_epsilon: float = Field(
+        8.0, gt=0, description="dp = sample: the run's epsilon per site (the stricter of this and the site's)"
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="dp = sample: the run's delta per site")
+    dp_max_grad_norm: float = Field(
+        1.0, gt=0, description="dp: clipping norm (per example for sample, per update for client)"
+    )
+    dp_noise_multiplier: float = Field(1.0, gt=0, description="dp = client: Gaussian noise multiplier at the server")
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSettings:
@@ -241,6 +254,19 @@ class Approval(_Model):
     approved_at: str = ""
 
 
+class SitePrivacy(_Model):
+    """``[privacy]`` in site.toml: the site's differential-privacy budget, which only the site sets."""
+
+    epsilon: float = Field(gt=0, le=100, description="The most epsilon this site spends (per run, or in all runs)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee; below 1/examples")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-example gradient clipping norm of DP-SGD")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="Fixed DP-SGD noise; unset: the least noise that lasts the run's max_rounds"
+    )
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant that counts the spending")
+    scope: Literal["run", "site"] = Field("run", description="run: a budget per run; site: one budget for all runs")
+
+
 class SiteKitConfig(_Model):
     """The content of a site kit's ``site.toml``."""
 
@@ -261,6 +287,9 @@ class SiteKitConfig(_Model):
     )
     approved: list[Approval] = Field(
         default_factory=list, description="Task wheels and apps this site runs (`flowerbed supernode approve`)"
+    )
+    privacy: SitePrivacy | None = Field(
+        None, description="This site's own DP-SGD budget: every run trains with it, none can loosen it"
     )
 
     @field_validator("site")

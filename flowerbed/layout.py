@@ -75,6 +75,15 @@ class FederationLayout:
         return self.state / "logs"
 
     @property
+    def audit(self) -> Path:
+        """The coordinator's hash-chained audit trail (``flowerbed audit show | verify``)."""
+        return self.root / "audit.jsonl"
+
+    @property
+    def gateway_access_log(self) -> Path:
+        return self.logs / "gateway-access.log"
+
+    @property
     def runs(self) -> Path:
         return self.root / "runs"
 

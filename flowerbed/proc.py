@@ -31,6 +31,13 @@ def child_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = N
     because flower-superlink spawns ``flower-superexec`` by name.
     """
     env = dict(os.environ)
+    # Plain output, whatever the caller's terminal forces (a Jupyter kernel sets FORCE_COLOR and
+    # CLICOLOR_FORCE): `flwr ... --format json` would otherwise print JSON wrapped in colour codes.
+    for name in ("FORCE_COLOR", "CLICOLOR_FORCE", "CLICOLOR"):
+        env.pop(name, None)
+    env["NO_COLOR"] = "1"
+    if env.get("MPLBACKEND", "").startswith("module://"):  # a notebook's inline backend
+        env.pop("MPLBACKEND")
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONUNBUFFERED"] = "1"

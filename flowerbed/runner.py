@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import shutil
 import time
@@ -15,7 +16,8 @@ from typing import Any
 
 import tomli_w
 
-from flowerbed.artifacts import KIT_CLIENTAPP, KIT_SERVERAPP
+from flowerbed import audit
+from flowerbed.artifacts import KIT_CLIENTAPP, KIT_SERVERAPP, sha256_bytes
 from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
@@ -120,6 +122,11 @@ def submit(
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    audit.anchor_log(layout.audit, layout.gateway_access_log, "coordinator")
+    settings_sha256 = sha256_bytes(json.dumps(settings.model_dump(), sort_keys=True).encode())
+    audit.append(layout.audit, audit.RUN, "coordinator", event="submitted", run=stamp, flower_run_id=run_id,
+                 task=settings.task or "built-in", task_sha256=settings.task_sha256, strategy=settings.strategy,
+                 dp=settings.dp, settings_sha256=settings_sha256)  # fmt: skip
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
 
@@ -178,6 +185,8 @@ def resume(
     if old is not None:
         with contextlib.suppress(FlowerbedError):
             flwrcli.stop_run(layout.flwr_home, old)  # its ServerApp is gone; Flower would wait a minute
+    audit.append(layout.audit, audit.RUN, "coordinator", event="resumed", run=name, flower_run_id=run_id,
+                 previous_flower_run_id=old, why=why.removeprefix("; "))  # fmt: skip
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
 

@@ -162,6 +162,29 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGKILL)
 
 
+QUICK_PULL_BACKOFF_S = 0.05  # first retry of an object that is not there yet (Flower's: 1 s)
+
+
+def quick_object_pulls(cap_s: float | None = None) -> None:
+    """Retry an object that is not there yet after 0.05 s (doubling as Flower's does), not after 1 s.
+
+    A message is visible before its objects have arrived (the sender pushes them right after it), so
+    the reader that comes too early waits ``PULL_INITIAL_BACKOFF`` = 1 s
+    (``flwr/supercore/constant.py:48``): a ClientApp reading its task, a SuperNode its message, the
+    ServerApp a reply, up to a second each, every round. flwr 1.42's callers all take the default
+    of ``pull_objects`` and ``pull_and_inflate_object_from_tree``, so this sets that default.
+    ``cap_s``: the longest wait between two tries (Flower's: 10 s), for a reader on loopback.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = function.__kwdefaults__
+        if defaults is not None and "initial_backoff" in defaults:
+            defaults["initial_backoff"] = QUICK_PULL_BACKOFF_S
+            if cap_s is not None:
+                defaults["backoff_cap"] = cap_s
+
+
 def warm_up_torch() -> None:
     """Pay torch's one-time costs once: the first optimizer imports about 800 modules (over a second).
 

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flowerbed.audit import RUN, anchor_here, append_here
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import RunSettings
 from flowerbed.serverapp.history import SUMMARY, History
@@ -46,6 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
+        _audit_end(out_dir, summary)
         # Flower marks a run whose replies all errored as completed: fail it ourselves. An Exception
         # (not SystemExit, which flwr's run_serverapp does not catch) sets the run's status at once,
         # instead of when the task heartbeat expires a minute later.
@@ -56,6 +58,7 @@ def main(grid: Grid, context: Context) -> None:
         why = f"the ServerApp failed: {type(exc).__name__}: {exc}"
         summary.update(status="failed", stop_reason=why, seconds=round(time.time() - started, 1))
         history.finish(None, summary)
+        _audit_end(out_dir, summary)
         raise
     summary.update(
         status="completed",
@@ -64,6 +67,16 @@ def main(grid: Grid, context: Context) -> None:
         best_round=outcome.best_round,
         best_eval_loss=outcome.best_eval_loss,
         best_eval_accuracy=outcome.best_eval_accuracy,
+        privacy=outcome.privacy,
         seconds=round(time.time() - started, 1),
     )
     history.finish(outcome.final_arrays.to_torch_state_dict(), summary)
+    _audit_end(out_dir, summary)
+
+
+def _audit_end(out_dir: Path, summary: dict[str, object]) -> None:
+    """The run's end in the coordinator's audit trail, with the gateway's access log anchored."""
+    anchor_here("serverapp")
+    append_here(RUN, "serverapp", event="ended", run=out_dir.name, status=summary.get("status"),
+                stop_reason=summary.get("stop_reason"), rounds=summary.get("rounds"),
+                epsilon=summary.get("privacy"))  # fmt: skip

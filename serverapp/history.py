@@ -20,6 +20,7 @@ TRAIN = "train"
 FINAL_EVAL = "final-eval"  # the last model's own evaluation, after max-rounds or the time budget
 WAITING = "waiting"  # a round short of min-nodes because sites are away, retried after a wait
 FAILED = "failed"  # the round that ended the run (a resumed run trains this round again)
+STOPPED = "stopped"  # a round that too few sites could train in (their privacy budgets are spent)
 RESUMED = "resumed"  # the run went on from its last checkpoint (after a coordinator crash or a failed run)
 PLOTTED = (TRAIN, FINAL_EVAL)
 BEST = "best.pt"
@@ -45,6 +46,7 @@ class RoundRow:
     sites: list[str] = field(default_factory=list)  # the sites whose valid replies made this round
     missing: list[str] = field(default_factory=list)  # sites seen earlier in the run that this round lacked
     metrics: dict[str, float] = field(default_factory=dict)  # every aggregated metric (train-*, eval-*)
+    privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon it has spent so far (DP-SGD)
 
 
 class History:

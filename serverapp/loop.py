@@ -11,9 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flowerbed.audit import ROUND, append_here
+from flowerbed.clientapp.privacy import PRIVACY_CODE
 from flowerbed.config import RunSettings
-from flowerbed.serverapp.criteria import MAX_ROUNDS, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import FAILED, FINAL_EVAL, WAITING, History, RoundRow
+from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
+from flowerbed.serverapp.history import FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
 
 Clock = Callable[[], float]
@@ -33,6 +35,7 @@ class Outcome:
     best_eval_loss: float | None
     best_eval_accuracy: float | None
     final_arrays: ArrayRecord
+    privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon it spent (DP-SGD)
 
 
 PULL_S, PULL_SLOW_S, PULL_QUICK_FOR_S = 0.2, 1.0, 60.0  # replies polled 5x a second, after a minute 1x
@@ -114,6 +117,14 @@ class Replies:
     errors: list[str]
     absent: list[str]  # site labels whose node was unavailable or did not answer in time
     sites: list[str] = field(default_factory=list)  # the sites of the valid replies (unknown ones by node id)
+    retired: dict[int, str] = field(default_factory=dict)  # node -> its refusal: its privacy budget is spent
+    privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent, from the valid replies
+    heads: dict[str, str] = field(default_factory=dict)  # site -> its audit trail's head after this task
+
+    @property
+    def data_errors(self) -> bool:
+        """Whether a site failed for another reason than being away or out of privacy budget."""
+        return len(self.errors) > len(self.absent) + len(self.retired)
 
 
 def _split(messages: list[Message], replies: list[Message], sites: SiteNames) -> Replies:
@@ -129,9 +140,18 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
             out.errors.append(reason if reason.startswith("site ") else f"{who}: {reason}")
             if reply.error.code in ABSENT_CODES:
                 out.absent.append(who)
+            elif reply.error.code == PRIVACY_CODE:
+                out.retired[node_id] = reason
         else:
             out.valid.append(reply)
-            out.sites.append(sites.by_node.get(node_id, f"node {node_id}"))
+            site = sites.by_node.get(node_id, f"node {node_id}")
+            out.sites.append(site)
+            record = reply.content.config_records.get("site")
+            if record is not None and record.get("audit-head"):
+                out.heads[site] = str(record["audit-head"])
+            spent = reply.content.config_records.get("privacy")
+            if spent is not None and isinstance(spent.get("epsilon"), float):
+                out.privacy[site] = round(float(spent["epsilon"]), 4)  # type: ignore[arg-type]
     out.sites.sort()
     answered = {dst.get(r.metadata.reply_to_message_id) for r in replies}
     for node in dst.values():
@@ -205,6 +225,12 @@ class Absence:
         return max((now - t for t in self.since.values()), default=0.0)
 
 
+def audit_round(history: History, row: RoundRow, heads: dict[str, str]) -> None:
+    """The coordinator's audit event of a round: who took part, who failed, each site's trail head."""
+    append_here(ROUND, "serverapp", run=history.out_dir.name, round=row.round, kind=row.kind, sites=row.sites,
+                errors=row.errors, epsilon=row.privacy, site_audit_heads=heads)  # fmt: skip
+
+
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -245,13 +271,17 @@ def run_rounds(
                     best = BestModel(row.round, row.eval_loss, row.eval_accuracy, ArrayRecord(resume.best_state_dict))
     reason: str | None = None
     last_waiting_row = -math.inf
+    retired: dict[int, str] = {}  # node -> why it trains no more (its privacy budget is spent)
+    spent: dict[str, float] = {}  # site -> epsilon spent so far
     while reason is None:
         server_round += 1
         t0 = clock()
         if sites.by_node:  # after the first round: a site that left is waited for, within the tolerance
-            present = set(grid.get_node_ids())
+            present = set(grid.get_node_ids()) - set(retired)
             if len(present) < settings.min_nodes:
-                gone = sites.absent_from(present) or [f"{settings.min_nodes - len(present)} site(s) not seen yet"]
+                gone = sites.absent_from(present | set(retired)) or [
+                    f"{settings.min_nodes - len(present)} site(s) not seen yet"
+                ]
                 got = Replies([], [f"{name}: not connected" for name in gone], gone)
             else:
                 got = None
@@ -260,14 +290,35 @@ def run_rounds(
             got = None
         messages: list[Message] = []
         if got is None:
-            messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            # A site out of privacy budget gets no more train tasks (it would only refuse them again).
+            messages = [m for m in strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                        if m.metadata.dst_node_id not in retired]  # fmt: skip
             got = _split(messages, exchange(grid, messages, settings.round_timeout_s, clock), sites)
+            retired |= got.retired
+            spent |= got.privacy
+        can_go_on = len(set(sites.by_node) - set(retired))  # the sites seen that may still train
+        if (
+            retired
+            and not got.data_errors
+            and ((got.retired and len(got.valid) < settings.min_nodes) or can_go_on < settings.min_nodes)
+        ):
+            reason = PRIVACY_SPENT
+            names = ", ".join(sorted(sites.by_node.get(n, f"node {n}") for n in retired))
+            why = (f"privacy budget spent at {names}: {can_go_on} site(s) can go on, min-nodes is "
+                   f"{settings.min_nodes}")  # fmt: skip
+            history.append(
+                RoundRow(server_round, len(got.valid), len(got.errors), None, None, None, round(clock() - t0, 2),
+                         f"{PRIVACY_SPENT}: {why}", got.errors, kind=STOPPED, sites=got.sites, privacy=dict(spent))
+            )  # fmt: skip
+            audit_round(history, history.rows[-1], got.heads)
+            server_round -= 1  # nothing was trained in it
+            break
         if len(got.valid) < settings.min_nodes:
             absence.update(got.absent, clock())
             why = f"round {server_round}: {len(got.valid)} valid replies, min-nodes is {settings.min_nodes}" + (
                 f" ({'; '.join(got.errors)})" if got.errors else " (no reply before round-timeout-s)"
             )
-            data_errors = len(got.errors) > len(got.absent)
+            data_errors = got.data_errors
             if got.absent and not data_errors and absence.longest(clock()) < settings.site_absence_tolerance_s:
                 if clock() - last_waiting_row >= WAITING_ROW_EVERY_S:  # the table shows it, not every retry
                     last_waiting_row = clock()
@@ -288,6 +339,7 @@ def run_rounds(
                 RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
                          round(clock() - t0, 2), f"failed: {why}", got.errors, kind=FAILED)
             )  # fmt: skip
+            audit_round(history, history.rows[-1], got.heads)
             raise RunFailedError(why)
         absence.update(got.absent, clock())
         new_arrays, metrics = strategy.aggregate_train(server_round, got.valid)
@@ -317,9 +369,11 @@ def run_rounds(
                 sites=got.sites,
                 missing=sorted(set(sites.by_node.values()) - set(got.sites)),
                 metrics=all_metrics(metrics),
+                privacy=dict(spent),
             )
         )
-    if reason in (MAX_ROUNDS, TIME_BUDGET) or best.arrays is None:
+        audit_round(history, history.rows[-1], got.heads)
+    if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or best.arrays is None:
         t0 = clock()
         final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites)
         history.append(
@@ -332,6 +386,7 @@ def run_rounds(
                 errors=errors, kind=FINAL_EVAL, metrics=final_eval.metrics if final_eval else {},
             )
         )  # fmt: skip
+        audit_round(history, history.rows[-1], {})
         if final_eval is not None:
             evaluated = {k.removeprefix("eval-"): v for k, v in final_eval.metrics.items() if k.startswith("eval-")}
             tracker.observe(server_round + 1, final_eval.loss, final_eval.accuracy, evaluated)
@@ -339,7 +394,7 @@ def run_rounds(
                 history.save_best(server_round + 1, arrays.to_torch_state_dict())
     # No trained model was evaluated: the last one, never the initial one.
     final = best.arrays if best.arrays is not None else arrays
-    return Outcome(reason, server_round, best.round, best.loss, best.accuracy, final)
+    return Outcome(reason, server_round, best.round, best.loss, best.accuracy, final, spent)
 
 
 def evaluate_final(

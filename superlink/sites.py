@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowerbed import audit
 from flowerbed.certs import service
 from flowerbed.config import FederationConfig, load_federation, save_toml_model
 from flowerbed.errors import FlowerbedError
@@ -60,6 +61,7 @@ def register(layout: FederationLayout, site: str) -> str | None:
         registry = load_registry(layout)
         registry[site] = {"node_id": node_id, "registered_at": _now(), "revoked": False}
         save_registry(layout, registry)
+        audit.append(layout.audit, audit.CERT, "coordinator", event="node key registered", site=site, node_id=node_id)
     return node_id
 
 
@@ -185,6 +187,8 @@ def revoke_site(layout: FederationLayout, name: str) -> tuple[str | None, bool]:
     registry[name] = {**(entry or {}), "node_id": node_id, "revoked": True, "revoked_at": _now(),
                       "pending_unregister": not now_done}  # fmt: skip
     save_registry(layout, registry)
+    audit.append(layout.audit, audit.CERT, "coordinator", event="site revoked", site=name, node_id=node_id,
+                 unregistered_now=now_done)  # fmt: skip
     if known:
         sites = [s for s in config.sites if s.name != name]
         run = config.run.model_copy(update={"min_nodes": min(config.run.min_nodes, len(sites))})

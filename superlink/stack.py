@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import secrets
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
 
+from flowerbed import audit
+from flowerbed.audit import AUDIT_ENV, GATEWAY_LOG_ENV
 from flowerbed.certs.files import write_private
 from flowerbed.certs.service import read_cert
 from flowerbed.config import FederationConfig
@@ -62,6 +65,8 @@ class CoordinatorStack:
         for group in self.retired_groups:
             kill_group(group)
         self.layout.pidfile.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, FlowerbedError):  # a full disk must not keep the stack running
+            audit.anchor_log(self.layout.audit, self.layout.gateway_access_log, "coordinator")
 
 
 def superlink_command() -> list[str]:
@@ -109,7 +114,7 @@ def start_stack(
                 "stop it or change the ports in federation.toml"
             )
     stack = CoordinatorStack(layout=layout, config=config)
-    env = child_env(layout.flwr_home)
+    env = child_env(layout.flwr_home) | {AUDIT_ENV: str(layout.audit), GATEWAY_LOG_ENV: str(layout.gateway_access_log)}
     layout.logs.mkdir(parents=True, exist_ok=True)
     try:
         superlink = ManagedProcess(

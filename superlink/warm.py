@@ -14,8 +14,9 @@ def preload() -> None:
     import torch  # noqa: F401
 
     import flowerbed.serverapp.app  # noqa: F401
-    from flowerbed.warmexec import warm_up_torch
+    from flowerbed.warmexec import quick_object_pulls, warm_up_torch
 
+    quick_object_pulls(cap_s=0.5)  # the ServerApp reads each reply's objects from the SuperLink on loopback
     warm_up_torch()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from flowerbed import audit
 from flowerbed.artifacts import FabInfo, WheelInfo, read_app, read_task_wheel, sha256_file
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import SITE_FILE, Approval, RunSettings, SiteKitConfig, load_toml_model, save_toml_model
@@ -66,6 +67,11 @@ def load_site(kit_root: Path) -> SiteKitConfig:
     return load_toml_model(kit_root / SITE_FILE, SiteKitConfig, missing="pass the unpacked site kit with --kit")
 
 
+def site_audit(kit_root: Path, config: SiteKitConfig) -> Path:
+    """The site's audit trail: ``audit.jsonl`` in the SuperNode's work folder of the kit."""
+    return (kit_root / config.workdir).resolve() / audit.AUDIT_FILE
+
+
 def approve(kit_root: Path, chosen: Candidate) -> tuple[Approval, bool]:
     """Add ``chosen`` to the kit's site.toml (a wheel is kept under approved/); False if it was there."""
     config = load_site(kit_root)
@@ -95,6 +101,8 @@ def approve(kit_root: Path, chosen: Candidate) -> tuple[Approval, bool]:
     )
     config.approved.append(entry)
     save_toml_model(kit_root / SITE_FILE, config)
+    audit.append(site_audit(kit_root, config), audit.APPROVAL, "data steward", event="approved", kind=entry.kind,
+                 name=entry.name, version=entry.version, sha256=entry.sha256)  # fmt: skip
     return entry, True
 
 
@@ -107,6 +115,9 @@ def revoke(kit_root: Path, what: str) -> list[Approval]:
         raise FlowerbedError(f"nothing approved here matches {what!r} (approved: {known})")
     config.approved = [a for a in config.approved if a not in gone]
     save_toml_model(kit_root / SITE_FILE, config)
+    for entry in gone:
+        audit.append(site_audit(kit_root, config), audit.APPROVAL, "data steward", event="revoked", kind=entry.kind,
+                     name=entry.name, version=entry.version, sha256=entry.sha256)  # fmt: skip
     for entry in gone:
         if entry.file:
             (kit_root / entry.file).unlink(missing_ok=True)

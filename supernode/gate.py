@@ -55,10 +55,14 @@ def main() -> None:
     runtime: Any = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     from flowerbed.artifacts import read_fab_bytes
+    from flowerbed.audit import TASK, append_here
     from flowerbed.errors import FlowerbedError
     from flowerbed.supernode.approval import Decision, decide
     from flowerbed.supernode.events import site_event
     from flowerbed.task import allow_wheel
+    from flowerbed.warmexec import quick_object_pulls
+
+    quick_object_pulls(cap_s=0.2)  # from the SuperNode on loopback, while it still downloads them
 
     decided: list[Decision] = []
     pull, install, loader = runtime.pull_task_input, runtime.install_from_fab, runtime.get_load_client_app_fn
@@ -71,6 +75,8 @@ def main() -> None:
         except FlowerbedError as exc:  # an unreadable site.toml or FAB: refused, said why
             decision = Decision(False, f"site {site} refused run {run.run_id}: {exc.message}")
         decided.append(decision)
+        append_here(TASK, "approval gate", run_id=run.run_id, fab_sha256=fab.hash_str, allowed=decision.allowed,
+                    task_sha256=decision.sha256, reason=decision.reason)  # fmt: skip
         if decision.allowed:
             if decision.wheel is not None:
                 allow_wheel(decision.sha256, decision.wheel)

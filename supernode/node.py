@@ -4,11 +4,11 @@ Flower 1.42's SuperNode asks the SuperLink for a task, and when there is none it
 (``time.sleep(3)`` in ``flwr/supernode/start_client_internal.py``, no setting). Right after a site
 sends its reply the next round's task is not there yet (the ServerApp still waits for the other
 sites), so every round pays up to those 3 s at every site. This runs Flower's own ``flower-supernode``
-(same flags) with two changes: right after it sent a reply, that sleep is ``FLOWERBED_PULL_S``
-(0.25 s by default), doubling as the wait goes on (0.25, 0.5, 1, 2 s; about 6 requests where Flower
-makes 2), and Flower's 3 s again after ``QUICK_FOR_S``; and while a task runs, the SuperNode looks
-for its reply every 0.05 s instead of 0.5 s (its own local state, no network). An idle site polls
-exactly as Flower does.
+(same flags) with two changes: after it sent a reply, it asks every ``FLOWERBED_PULL_S`` (0.25 s
+by default) for 3 s, then less and less often (0.5, 1, 2 s), and Flower's 3 s again after
+``QUICK_FOR_S``; and while a task runs,
+the SuperNode looks for its reply every 0.05 s instead of 0.5 s (its own local state, no network).
+An idle site polls exactly as Flower does.
 
 Relies on flwr 1.42 internals (the module's ``time`` and ``_push_messages``), pinned by
 ``flwr>=1.42,<1.43`` and run by every federation test. ``FLOWERBED_PULL_S=3`` turns it off.
@@ -25,21 +25,27 @@ FLOWER_IDLE_S = 3  # the sleep Flower's pull loop takes when there is no task (f
 FLOWER_REPLY_WAIT_S = 0.5  # how often Flower looks for the task's reply (and its objects) to send
 REPLY_WAIT_S = 0.05
 QUICK_FOR_S = 10.0  # after a reply: the other sites may take a few seconds longer
+FLAT_S = 3.0  # after a reply: ask every quick_s this long, then less and less often
 
 
 class PullClock:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop; only ``sleep(3)`` changes."""
+    """Stands in for the ``time`` module inside Flower's SuperNode loop; only ``sleep(3)`` changes.
+
+    After a reply it asks every ``quick_s`` for ``FLAT_S`` (the next round's task is usually a moment
+    away: the other sites finish, the ServerApp aggregates), then less and less often (doubling up
+    to Flower's 3 s), and every 3 s once ``QUICK_FOR_S`` passed.
+    """
 
     def __init__(self, quick_s: float) -> None:
         self.quick_s = quick_s
         self.replied_at = -1e9
 
     def idle_sleep(self, since_reply: float) -> float:
-        """``quick_s`` right after a reply, doubling as the wait grows (0.25, 0.5, 1, 2 s), then Flower's 3 s."""
+        """How long to wait before asking again, ``since_reply`` seconds after this site's last reply."""
         if since_reply >= QUICK_FOR_S:
             return FLOWER_IDLE_S
         step = self.quick_s
-        while step < FLOWER_IDLE_S and step <= since_reply:
+        while step < FLOWER_IDLE_S and step <= since_reply - FLAT_S:
             step *= 2
         return min(step, FLOWER_IDLE_S)
 
@@ -65,6 +71,10 @@ def quick_s() -> float:
 def main() -> None:
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    from flowerbed.warmexec import quick_object_pulls
+
+    quick_object_pulls()  # the SuperNode reads each task's objects from the SuperLink
 
     clock = PullClock(quick_s())
     push = loop._push_messages

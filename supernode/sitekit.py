@@ -148,6 +148,7 @@ def site_spec(
             executor=config.executor,
             threads=config.torch_threads,
             pull_s=config.pull_s,
+            privacy=config.privacy,
         )
     missing = [n for n, v in (("--superlink", superlink), ("--ca", ca), ("--key", key), ("--data", data)) if v is None]
     if missing or superlink is None or ca is None or key is None or data is None:

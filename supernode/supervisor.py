@@ -20,7 +20,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from flowerbed import audit
+from flowerbed.audit import AUDIT_ENV, AUDIT_FILE
 from flowerbed.certs.files import write_private
+from flowerbed.clientapp.privacy import node_config_of
+from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
@@ -81,6 +85,7 @@ class SupernodeSpec:
     executor: str = WARM  # warm: tasks are forks of a process that imported torch once; subprocess: Flower's
     threads: int = 0  # torch threads per task; 0: this machine's cores (give 1 when sites share a host)
     pull_s: float = 0.25  # after a reply, ask for the next task this often (3: Flower's own 3 s)
+    privacy: SitePrivacy | None = None  # the site's own DP-SGD budget (site.toml [privacy]), given to every task
 
     def __post_init__(self) -> None:
         # The SuperNode runs in its work folder: relative paths from the user's folder would break.
@@ -93,6 +98,11 @@ class SupernodeSpec:
     def warm(self) -> bool:
         """Whether the warm executor runs the ClientApps (the supervisor falls back where fork is missing)."""
         return self.executor == WARM
+
+    @property
+    def audit_path(self) -> Path:
+        """The site's hash-chained audit trail (the SuperNode's work folder)."""
+        return self.workdir / AUDIT_FILE
 
     @property
     def secret_path(self) -> Path:
@@ -108,6 +118,7 @@ class SupernodeSpec:
         shim = write_shim(self.workdir / "bin")
         env["PATH"] = os.pathsep.join([str(shim.parent), env["PATH"]])
         env[SITE_FILE_ENV] = str(self.site_file or "")
+        env[AUDIT_ENV] = str(self.audit_path)
         count = str(self.threads if self.threads > 0 else os.cpu_count() or 1)
         env[THREADS_ENV] = count
         env[PULL_ENV] = str(self.pull_s)
@@ -126,7 +137,12 @@ class SupernodeSpec:
         ]  # fmt: skip
 
     def node_config(self) -> str:
-        items = {"data-path": str(self.data), "site-name": self.site, **self.extra_node_config}
+        items = {
+            "data-path": str(self.data),
+            "site-name": self.site,
+            **node_config_of(self.privacy, self.workdir / "privacy"),
+            **self.extra_node_config,
+        }
         return " ".join(f'{k}="{v}"' for k, v in items.items())
 
     def supernode_command(self) -> list[str]:
@@ -170,7 +186,11 @@ class Attempt:
 class LogFollower:
     """Reads one process's output line by line, timestamps it into the log, and notes events."""
 
-    def __init__(self, stream: IO[bytes], log_path: Path, attempt: Attempt, report: Report, superlink: str) -> None:
+    def __init__(
+        self, stream: IO[bytes], log_path: Path, attempt: Attempt, report: Report, superlink: str,
+        *, audit: Path | None = None,
+    ) -> None:  # fmt: skip
+        self.audit = audit
         self.stream = stream
         self.log_path = log_path
         self.attempt = attempt
@@ -200,6 +220,8 @@ class LogFollower:
             self.node_id = rest[0] if rest else "?"
             a.node_id = int(self.node_id) if self.node_id.isdigit() else None
             self.report(f"connected to {self.superlink} as node {self.node_id}")
+            if self.audit is not None:
+                audit.append(self.audit, audit.CONNECTED, "supernode", superlink=self.superlink, node_id=self.node_id)
         elif ACTIVATION_FAILED in line:
             a.rejected = True
         elif BAD_CERT in line:
@@ -285,7 +307,8 @@ class Supervisor:
         proc = ManagedProcess(name=name, argv=argv, log_path=self.log_path, env=env, cwd=self.spec.workdir, pipe=True)
         proc.start()
         assert proc.popen is not None and proc.popen.stdout is not None  # noqa: S101 - pipe=True
-        follower = LogFollower(proc.popen.stdout, self.log_path, self.attempt, self.report, self.spec.superlink)
+        follower = LogFollower(proc.popen.stdout, self.log_path, self.attempt, self.report, self.spec.superlink,
+                               audit=self.spec.audit_path)  # fmt: skip
         return proc, follower.start()
 
     def _stop_executor(self) -> None:

@@ -22,6 +22,7 @@ def preload() -> None:
     """Import what every task imports, and warm torch up; no thread (it would not survive a fork)."""
     import flwr.supernode.cli.flwr_clientapp
     import flwr.supernode.runtime.run_clientapp  # noqa: F401
+    import opacus  # noqa: F401  (DP-SGD under a privacy budget: ~2 s to import)
     import torch  # noqa: F401
 
     import flowerbed.clientapp.app  # the kit's ClientApp and its built-in tasks
@@ -31,8 +32,8 @@ def preload() -> None:
     warm_up_torch()
     tasks = _preload_approved()
     site_event(
-        f"warm ClientApp executor ready (pid {os.getpid()}): torch, flwr and {tasks} approved task(s) imported once, "
-        f"{task_threads()} torch thread(s) per task"
+        f"warm ClientApp executor ready (pid {os.getpid()}): torch, opacus, flwr and {tasks} approved task(s) "
+        f"imported once, {task_threads()} torch thread(s) per task"
     )
 
 

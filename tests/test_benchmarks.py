@@ -21,6 +21,7 @@ BENCHMARKS = {
     "transfer": ("Model transfer", ["raw TLS"]),
     "scaling": ("Scaling on this machine", ["Linear fits"]),
     "kit_ops": ("Certificates and kits", ["kit build"]),
+    "privacy": ("Pooled digits, MLP", ["no DP", "epsilon 1", "dp-accounting RDP"]),
 }  # fmt: skip
 
 

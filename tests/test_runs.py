@@ -172,7 +172,8 @@ def test_each_site_sees_its_own_tasks_and_failures(nodes: list[Supervisor]) -> N
     good = SITE_REPORTS["inst-a"]
     assert any(
         re.fullmatch(
-            r"round \d+: trained on \d+ examples; the global model scored accuracy [\d.]+ on \d+ local validation examples",
+            r"round \d+: trained on \d+ examples; the global model scored accuracy [\d.]+ on \d+ local validation "
+            r"examples; sent an update of [\d.]+ kB \(sha256 [0-9a-f]{12}\)",
             m,
         )
         for m in good

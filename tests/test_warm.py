@@ -108,3 +108,30 @@ def test_subprocess_isolation_and_no_fork_fallback_train_too(running: RunningFed
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+
+
+def test_the_pull_after_a_reply_is_quick_then_flowers_own() -> None:
+    """Every 0.25 s for 3 s after a reply, then 0.5, 1, 2 s, then Flower's 3 s (10 s after the reply)."""
+    from flowerbed.supernode.node import FLOWER_IDLE_S, PullClock
+
+    clock = PullClock(0.25)
+    assert [clock.idle_sleep(t) for t in (0.0, 1.0, 2.9)] == [0.25, 0.25, 0.25]
+    assert [clock.idle_sleep(t) for t in (3.3, 3.8, 4.8, 6.8)] == [0.5, 1.0, 2.0, 3.0]
+    assert clock.idle_sleep(10.0) == FLOWER_IDLE_S
+
+
+def test_object_pulls_retry_quickly_in_kit_processes() -> None:
+    """Flower's readers retry an object that is not there yet after 1 s; the kit's after 0.05 s."""
+    code = (
+        "from flwr.supercore.inflatable import inflatable_utils as u\n"
+        "from flowerbed.warmexec import quick_object_pulls\n"
+        "print(u.pull_objects.__kwdefaults__['initial_backoff'])\n"
+        "quick_object_pulls(cap_s=0.2)\n"
+        "for f in (u.pull_objects, u.pull_and_inflate_object_from_tree):\n"
+        "    print(f.__kwdefaults__['initial_backoff'], f.__kwdefaults__['backoff_cap'])\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:3] == ["1", "0.05 0.2", "0.05 0.2"]

@@ -15,19 +15,20 @@ from flowerbed.apprun import APP_LOG, follow_app, submit_app
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation, resolve
-from flowerbed.console import err, out, table
+from flowerbed.console import err, out, table, warn
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
-from flowerbed.serverapp.history import FAILED, FINAL_EVAL, PLOT, RESUMED, TRAIN, WAITING
+from flowerbed.serverapp.history import FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING
 from flowerbed.serverapp.resume import run_id_of
+from flowerbed.serverapp.strategies import client_dp_warning
 from flowerbed.task import load_task, task_config
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "eval acc", "s", "stop"]
 
 
-LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait"}
+LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait", STOPPED: "stop"}
 
 
 def _round_label(row: dict[str, Any]) -> str:
@@ -62,19 +63,35 @@ def _value(value: Any) -> str:
     return "-" if value is None else f"{float(value):.4f}"
 
 
+def private_sites(rows: list[dict[str, Any]]) -> list[str]:
+    """The sites that trained with DP-SGD in the run, in the order they appear."""
+    names: list[str] = []
+    for row in rows:
+        names += [site for site in row.get("privacy", {}) if site not in names]
+    return names
+
+
 def history_table(rows: list[dict[str, Any]], title: str) -> Any:
-    """The run table: one row per round, every metric the task reports, the final evaluation as its own row."""
+    """The run table: one row per round, every metric the task reports, the epsilon each DP-SGD site has
+    spent, the final evaluation as its own row."""
     extra = extra_metrics(rows)
+    private = private_sites(rows)
     return table(
         title,
-        COLUMNS[:-2] + [name.removeprefix("eval-") for name in extra] + COLUMNS[-2:],
+        COLUMNS[:-2] + [name.removeprefix("eval-") for name in extra] + [f"eps {site}" for site in private]
+        + COLUMNS[-2:],
         (
             [_round_label(r), r["nodes"], r["failures"], ", ".join(r.get("missing", [])), r["train_loss"],
              r["eval_loss"], r["eval_accuracy"], *(_value(r.get("metrics", {}).get(n)) for n in extra),
+             *(_epsilon(r.get("privacy", {}).get(site)) for site in private),
              _seconds(r["seconds"]), r["stop_reason"]]
             for r in rows
         ),
     )  # fmt: skip
+
+
+def _epsilon(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
 
 
 def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> str:
@@ -206,6 +223,14 @@ def run(
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
     proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu.")] = None,
+    dp: Annotated[
+        str | None,
+        typer.Option(
+            help="off; sample: DP-SGD at every site (sites' own budgets stay the limit); client: client-level DP."
+        ),
+    ] = None,
+    dp_epsilon: Annotated[float | None, typer.Option(help="dp = sample: epsilon per site for the run.")] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="dp = sample: delta per site for the run.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/ (default: timestamp).")] = None,
     resume_name: Annotated[
         str | None,
@@ -230,7 +255,8 @@ def run(
         given = {"--task": task, "--task-setting": task_setting, "--strategy": strategy, "--max-rounds": max_rounds,
                  "--min-nodes": min_nodes, "--target-metric": target_metric, "--target-value": target_value,
                  "--patience": patience, "--time-budget-s": time_budget_s, "--local-epochs": local_epochs,
-                 "--learning-rate": learning_rate, "--proximal-mu": proximal_mu, "--resume": resume_name}  # fmt: skip
+                 "--learning-rate": learning_rate, "--proximal-mu": proximal_mu, "--resume": resume_name,
+                 "--dp": dp, "--dp-epsilon": dp_epsilon, "--dp-delta": dp_delta}  # fmt: skip
         clash = [option for option, value in given.items() if value]
         if clash:
             raise FlowerbedError(f"--app runs the app's own ServerApp: leave out {', '.join(clash)} (use --app-config)")
@@ -253,9 +279,13 @@ def run(
             "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes,
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
             "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu,
+            "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
+    dp_warning = client_dp_warning(settings, len(config.sites))
+    if dp_warning:
+        warn(dp_warning)
     if resume_name is None:  # a task that cannot load, or a setting it has not, is refused here, not at every site
         task_config(load_task(chosen.name, chosen.sha256, chosen.wheel), settings.to_run_config())
         if chosen.sha256:

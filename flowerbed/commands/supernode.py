@@ -9,6 +9,7 @@ from typing import Annotated
 import click
 import typer
 
+from flowerbed.clientapp.privacy import ledgers
 from flowerbed.commands.common import stop_on_signals
 from flowerbed.config import SITE_FILE
 from flowerbed.console import info, out, table, warn
@@ -124,6 +125,21 @@ def approvals_cmd(kit: KitDir = Path()) -> None:
     out.print(table(f"Approved at {config.site}", ["kind", "name", "version", "sha256", "approved"], rows))
     builtin = "allowed" if config.allow_builtin_tasks else "not allowed (allow_builtin_tasks = false)"
     out.print(f"built-in tasks: {builtin}")
+
+
+@app.command("privacy", help="Show this site's privacy budget and what each run has spent of it.")
+def privacy_cmd(kit: KitDir = Path()) -> None:
+    config = load_site(kit)
+    budget = config.privacy
+    if budget is None:
+        out.print(f"{config.site} sets no privacy budget: runs train without DP-SGD unless they ask for it "
+                  "(add [privacy] to site.toml, docs/privacy.md)")  # fmt: skip
+    else:
+        per = "per run" if budget.scope == "run" else "in all runs together"
+        out.print(f"{config.site} spends at most epsilon {budget.epsilon:g} (delta {budget.delta:g}) {per}")
+    rows = ([s.key, s.rounds, f"{s.epsilon:.3f}", "-" if s.budget is None else f"{s.budget:g}", s.set_by, s.last]
+            for s in ledgers((kit / config.workdir).resolve() / "privacy"))  # fmt: skip
+    out.print(table("Spent (UTC)", ["ledger", "rounds", "epsilon spent", "of", "set by", "last round"], rows))
 
 
 @app.command("revoke", help="Withdraw an approval (by name, or by the first 8+ digits of its sha256).")
