@@ -26,7 +26,7 @@ from flowerbed.clientapp.privacy import (
     run_key,
     site_privacy,
 )
-from flowerbed.config import RunSettings
+from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.supernode.events import site_event
 from flowerbed.task import Task, check_metrics, load_task, task_config
 
@@ -177,18 +177,40 @@ def train_handler(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def local_baseline(task: Task, config: Any, train_data: Any, validation: Any, epochs: int) -> dict[str, float]:
+    """Train a fresh model on this site's data alone for ``epochs`` epochs; its metrics on the validation
+    split (the model never leaves the site, so no privacy budget is spent on it)."""
+    model = task.model(config)
+    if "local_epochs" in type(config).model_fields:
+        task.train(model, train_data, config.model_copy(update={"local_epochs": epochs}))
+    else:
+        for _ in range(epochs):
+            task.train(model, train_data, config)
+    return check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
+
+
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the site's validation split."""
     site_event(f"round {_round(msg)}: received an evaluate task")
     task, config = _task(context)
     try:
-        _, validation = _load(context, task, config)
+        train_data, validation = _load(context, task, config)
     except DataError as exc:
         return _error(msg, context, exc)
     result = check_metrics(task.evaluate(_model(msg, task, config), validation, config), f"{task.name}.evaluate")
     site_event(f"round {_round(msg)}: evaluated the final model: {_summary(result)}")
-    metrics = MetricRecord(_prefixed("eval", result) | {"num-examples": len(validation)})
+    values = _prefixed("eval", result) | {"num-examples": len(validation)}
+    epochs = (
+        int(str(msg.content.config_records["config"].get(BASELINE_KEY, 0)))
+        if "config" in msg.content.config_records
+        else 0
+    )
+    if epochs > 0:
+        local = local_baseline(task, config, train_data, validation, epochs)
+        values |= _prefixed("local", local)
+        site_event(f"round {_round(msg)}: a local-only model ({epochs} epochs, it stays here) scored {_summary(local)}")
+    metrics = MetricRecord(values)
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=_round(msg), message="evaluate",
-                          metrics=sorted(result), examples=len(validation))  # fmt: skip
+                          metrics=sorted(result), examples=len(validation), local_baseline_epochs=epochs)  # fmt: skip
     return Message(content=RecordDict({"metrics": metrics, "site": _site_record(context, audited)}), reply_to=msg)

@@ -48,9 +48,9 @@ def _digest(record: dict[str, Any]) -> str:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[IO[str]]:
+def _locked(path: Path) -> Iterator[IO[bytes]]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as handle:
+    with path.open("a+b") as handle:
         try:
             import fcntl
 
@@ -62,13 +62,22 @@ def _locked(path: Path) -> Iterator[IO[str]]:
         yield handle
 
 
-def _last_line(handle: IO[str]) -> str | None:
-    handle.seek(0)
-    last = None
-    for line in handle:
-        if line.strip():
-            last = line
-    return last
+TAIL_BLOCK = 64 * 1024
+
+
+def _last_line(handle: IO[bytes]) -> str | None:
+    """The last non-empty line, read from the end (a trail of a year's rounds is not read whole)."""
+    end = handle.seek(0, os.SEEK_END)
+    tail, start = b"", end
+    while start > 0:
+        start = max(0, start - TAIL_BLOCK)
+        handle.seek(start)
+        tail = handle.read(end - start)
+        lines = [line for line in tail.splitlines() if line.strip()]
+        # A complete last line: more than one line in the block, or the block reaches the file's start.
+        if len(lines) > 1 or (lines and start == 0):
+            return lines[-1].decode("utf-8", errors="replace")
+    return None
 
 
 def append(path: Path, kind: str, actor: str, /, **details: Any) -> dict[str, Any]:
@@ -96,7 +105,7 @@ def append(path: Path, kind: str, actor: str, /, **details: Any) -> dict[str, An
         }
         record["hash"] = _digest(record)
         handle.seek(0, os.SEEK_END)
-        handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        handle.write((json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode())
         handle.flush()
         os.fsync(handle.fileno())
     return record

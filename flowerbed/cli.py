@@ -19,6 +19,7 @@ from flowerbed.commands import (
     env,
     init,
     kit,
+    report,
     run,
     runs,
     sites,
@@ -58,6 +59,7 @@ def root(
 app.command("init", help=init.HELP)(init.init)
 app.command("run", help=run.HELP)(run.run)
 app.command("demo", help=demo.HELP)(demo.demo)
+app.command("report", help=report.HELP)(report.report)
 app.add_typer(audit.app, name="audit")
 app.add_typer(certs.app, name="certs")
 app.add_typer(check.app, name="check")

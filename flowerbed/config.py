@@ -15,6 +15,7 @@ from flowerbed.errors import ExitCode, FlowerbedError
 
 FEDERATION_FILE = "federation.toml"
 SITE_FILE = "site.toml"
+BASELINE_KEY = "local-baseline-epochs"  # final evaluate message: train a local-only model this long first
 DATA_PLACEHOLDER = "CHANGE-ME: /path/to/your/data.csv or image folder"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 TASK_NAME = re.compile(r"[a-z][a-z0-9-]{1,40}")  # a task's name (`flowerbed task new`, run.task)
@@ -153,6 +154,9 @@ class RunSettings(_Model):
     hidden_units: int = Field(32, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 42
+    local_baseline: bool = Field(
+        False, description="Each site also trains a local-only model at the end and reports only its metrics"
+    )
     dp: Literal["off", "sample", "client"] = Field(
         "off",
         description="sample: DP-SGD at every site (a site's own [privacy] budget can only be stricter); "

@@ -25,6 +25,7 @@ from flowerbed.demodata import make_demo_data, make_digits_data
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
+from flowerbed.report import write_report
 from flowerbed.runner import RunResult, check_result, follow, submit
 from flowerbed.serverapp.history import FINAL_MODEL
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
@@ -254,4 +255,5 @@ def run_demo(
     epochs = len(result.rows) * config.run.local_epochs
     comparisons = compare_models(config.run, data.site_files, data.test_file, handle.out_dir / FINAL_MODEL, epochs)
     write_comparison(comparisons, handle.out_dir / COMPARISON)
+    write_report(layout, handle.out_dir.name)
     return DemoResult(work_dir=root, run=result, out_dir=handle.out_dir, comparisons=comparisons)

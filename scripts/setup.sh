@@ -28,6 +28,8 @@ if [ "$dev" -eq 1 ]; then
   command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
   # A site clock that drifts after start (tests/test_clock.py): LD_PRELOAD of libfaketime.
   compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
+  # The evidence report is checked in a real headless browser (tests/test_report.py).
+  command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || need+=(chromium-headless-shell)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"

@@ -47,6 +47,7 @@ class RoundRow:
     missing: list[str] = field(default_factory=list)  # sites seen earlier in the run that this round lacked
     metrics: dict[str, float] = field(default_factory=dict)  # every aggregated metric (train-*, eval-*)
     privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon it has spent so far (DP-SGD)
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # final evaluation: each site's metrics
 
 
 class History:

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.audit import ROUND, append_here
 from flowerbed.clientapp.privacy import PRIVACY_CODE
-from flowerbed.config import RunSettings
+from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
 from flowerbed.serverapp.history import FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
@@ -120,6 +120,7 @@ class Replies:
     retired: dict[int, str] = field(default_factory=dict)  # node -> its refusal: its privacy budget is spent
     privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent, from the valid replies
     heads: dict[str, str] = field(default_factory=dict)  # site -> its audit trail's head after this task
+    sites_unsorted: list[str] = field(default_factory=list)  # the site of each valid reply, in their order
 
     @property
     def data_errors(self) -> bool:
@@ -146,6 +147,7 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
             out.valid.append(reply)
             site = sites.by_node.get(node_id, f"node {node_id}")
             out.sites.append(site)
+            out.sites_unsorted.append(site)
             record = reply.content.config_records.get("site")
             if record is not None and record.get("audit-head"):
                 out.heads[site] = str(record["audit-head"])
@@ -186,6 +188,8 @@ class FinalEval:
     loss: float
     accuracy: float | None
     metrics: dict[str, float]
+    per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # each site's own metrics
+
 
 
 @dataclass
@@ -373,9 +377,11 @@ def run_rounds(
             )
         )
         audit_round(history, history.rows[-1], got.heads)
-    if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or best.arrays is None:
+    if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or best.arrays is None or settings.local_baseline:
         t0 = clock()
-        final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites)
+        baseline = server_round * settings.local_epochs if settings.local_baseline else 0
+        final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites,
+                                                     baseline_epochs=baseline)  # fmt: skip
         history.append(
             RoundRow(
                 round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
@@ -384,6 +390,7 @@ def run_rounds(
                 seconds=round(clock() - t0, 2),
                 stop_reason="evaluation of the last model" if final_eval else "final evaluation: too few replies",
                 errors=errors, kind=FINAL_EVAL, metrics=final_eval.metrics if final_eval else {},
+                per_site=final_eval.per_site if final_eval else {},
             )
         )  # fmt: skip
         audit_round(history, history.rows[-1], {})
@@ -405,18 +412,25 @@ def evaluate_final(
     server_round: int,
     *,
     sites: SiteNames,
+    baseline_epochs: int = 0,
 ) -> tuple[FinalEval | None, int, list[str]]:
     """One evaluate exchange for the last aggregated model (it was never evaluated).
 
+    ``baseline_epochs`` > 0: each site first trains a local-only model that long (as many epochs as
+    its federated training took) and reports its metrics too (``local-*``); the model stays there.
     Returns its metrics or None, the number of valid replies, and the errors naming sites.
     """
-    messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-    replies = exchange(grid, messages, settings.round_timeout_s)
+    config = ConfigRecord({BASELINE_KEY: baseline_epochs} if baseline_epochs > 0 else {})
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    replies = exchange(grid, messages, settings.round_timeout_s + (settings.round_timeout_s if baseline_epochs else 0))
     got = _split(messages, replies, sites)
+    per_site = {name: all_metrics(reply.content.metric_records.get("metrics"))
+                for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
     if len(got.valid) < settings.min_nodes:
         return None, len(got.valid), got.errors
     metrics = strategy.aggregate_evaluate(server_round, got.valid)
     loss = _metric(metrics, "eval-loss")
     if loss is None:
         return None, len(got.valid), got.errors
-    return FinalEval(loss, _metric(metrics, "eval-accuracy"), all_metrics(metrics)), len(got.valid), got.errors
+    final = FinalEval(loss, _metric(metrics, "eval-accuracy"), all_metrics(metrics), per_site)
+    return final, len(got.valid), got.errors

@@ -78,7 +78,18 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Feder
 def settings_for(layout: FederationLayout, **extra: object) -> RunSettings:
     base = load_federation(layout.root).run.model_dump()
     return RunSettings.model_validate(
-        base | {"min_nodes": 2, "max_rounds": 3, "round_timeout_s": 20, "absence_retry_s": 3, "patience": 10} | extra
+        # 200 local epochs (about 2 s of training per task): a site stopped right after round 1 has not
+        # answered round 2 yet, however quick a round is otherwise.
+        base
+        | {
+            "min_nodes": 2,
+            "max_rounds": 3,
+            "round_timeout_s": 20,
+            "absence_retry_s": 3,
+            "patience": 10,
+            "local_epochs": 200,
+        }
+        | extra
     )
 
 

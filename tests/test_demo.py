@@ -43,6 +43,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     site_data = tmp_path / "site-data"
     assert len(list((site_data / "inst-a").rglob("*.png"))) >= 10  # the image-folder path, PNG files
     assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    report = (out / "report.html").read_text()  # the evidence report, with the demo's three-way table
+    assert f"evidence report: {out / 'report.html'}" in flat
+    assert "local only: inst-a" in report and "centralized" in report and "the chain is intact" in report
     assert (out / "final_model.pt").is_file()
     # every process was stopped: the gateway's port is closed again
     config = tomllib.loads((tmp_path / "federation" / "federation.toml").read_text())

@@ -102,7 +102,7 @@ def test_a_run_resumes_after_its_serverapp_and_then_the_whole_coordinator_are_ki
         )
         settings = RunSettings.model_validate(
             load_federation(layout.root).run.model_dump()
-            | {"max_rounds": 5, "patience": 10, "round_timeout_s": 60, "node_wait_s": 180}
+            | {"max_rounds": 5, "patience": 10, "round_timeout_s": 60, "node_wait_s": 180, "local_epochs": 150}
         )
         handle = submit(layout, settings, name="survivor")
         assert wait_for(lambda: len(trained(handle.out_dir)) >= 1, 180), coordinator.text()

@@ -63,7 +63,7 @@ def demo(
             ),
         )
     )
-    out.print(f"table: {result.out_dir / COMPARISON}")
+    out.print(f"table: {result.out_dir / COMPARISON}; evidence report: {result.out_dir / 'report.html'}")
     out.print(f"stopped: {result.run.summary.get('stop_reason')} in {time.monotonic() - started:.0f} s")
     out.print(f"plot: {result.out_dir / PLOT}")
     info(f"everything is in {result.work_dir} (all processes are stopped)")

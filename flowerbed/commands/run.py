@@ -231,6 +231,13 @@ def run(
     ] = None,
     dp_epsilon: Annotated[float | None, typer.Option(help="dp = sample: epsilon per site for the run.")] = None,
     dp_delta: Annotated[float | None, typer.Option(help="dp = sample: delta per site for the run.")] = None,
+    local_baseline: Annotated[
+        bool | None,
+        typer.Option(
+            "--local-baseline/--no-local-baseline",
+            help="Each site also trains a local-only model at the end and reports only its metrics.",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under runs/ (default: timestamp).")] = None,
     resume_name: Annotated[
         str | None,
@@ -256,7 +263,8 @@ def run(
                  "--min-nodes": min_nodes, "--target-metric": target_metric, "--target-value": target_value,
                  "--patience": patience, "--time-budget-s": time_budget_s, "--local-epochs": local_epochs,
                  "--learning-rate": learning_rate, "--proximal-mu": proximal_mu, "--resume": resume_name,
-                 "--dp": dp, "--dp-epsilon": dp_epsilon, "--dp-delta": dp_delta}  # fmt: skip
+                 "--dp": dp, "--dp-epsilon": dp_epsilon, "--dp-delta": dp_delta,
+                 "--local-baseline": local_baseline}  # fmt: skip
         clash = [option for option, value in given.items() if value]
         if clash:
             raise FlowerbedError(f"--app runs the app's own ServerApp: leave out {', '.join(clash)} (use --app-config)")
@@ -279,7 +287,7 @@ def run(
             "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes,
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
             "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu,
-            "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+            "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "local_baseline": local_baseline,
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too

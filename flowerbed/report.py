@@ -1,0 +1,255 @@
+"""The evidence report of a run: one self-contained HTML file (plots inlined as PNG) for a data steward,
+an ethics board or a paper's supplement.
+
+It holds what the run folder and the coordinator's audit trail say: the settings and the task's
+sha256, convergence per round, which site took part in which round, the epsilon each DP site spent,
+the local-only vs federated (vs centralized, where known) table, and the audit summary.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flowerbed import audit
+from flowerbed.errors import FlowerbedError
+from flowerbed.layout import FederationLayout
+from flowerbed.runner import run_folder, stored_settings
+from flowerbed.serverapp.history import FINAL_EVAL, SUMMARY, TRAIN, read_rows
+
+REPORT = "report.html"
+COMPARISON = "comparison.json"  # the demo's held-out table (local only, federated, centralized)
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 60rem; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5rem 0; } td, th { border: 1px solid #ccc; padding: 0.2rem 0.6rem; }
+th { background: #f3f3f3; } td.num { text-align: right; } img { max-width: 100%; }
+.ok { color: #1a7f37; } .bad { color: #b42318; } .muted { color: #666; font-size: 0.9rem; }
+"""
+
+
+def _png(draw: Callable[[Any], None], size: tuple[float, float] = (8, 3.6)) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    draw(ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _table(columns: list[str], rows: list[list[Any]], table_id: str) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f'<td class="num">{value:.4g}</td>'
+        return f"<td>{html.escape('-' if value is None else str(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _convergence(rows: list[dict[str, Any]]) -> str:
+    trained = [r for r in rows if r.get("kind") == TRAIN and r.get("eval_loss") is not None]
+
+    def draw(ax: Any) -> None:
+        rounds = [r["round"] for r in trained]
+        ax.plot(rounds, [r["eval_loss"] for r in trained], marker="o", label="eval loss (global model)")
+        if any(r.get("train_loss") is not None for r in trained):
+            ax.plot(rounds, [r.get("train_loss") for r in trained], marker=".", label="train loss")
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss")
+        _integer_rounds(ax)
+        lines, labels = ax.get_legend_handles_labels()
+        if any(r.get("eval_accuracy") is not None for r in trained):
+            twin = ax.twinx()
+            twin.plot(rounds, [r.get("eval_accuracy") for r in trained], color="tab:green", marker="s",
+                      label="eval accuracy (global model)")  # fmt: skip
+            twin.set_ylabel("accuracy")
+            more, more_labels = twin.get_legend_handles_labels()
+            lines, labels = lines + more, labels + more_labels
+        ax.legend(lines, labels, loc="center right", fontsize=8)
+        ax.set_title("Convergence per round")
+
+    return _png(draw)
+
+
+STATES = {"trained": 2, "missing": 1, "not asked": 0}
+
+
+def participation(rows: list[dict[str, Any]]) -> tuple[list[str], list[int], dict[str, dict[int, str]]]:
+    """Sites x rounds: ``trained``, ``missing`` (seen earlier, no valid reply) or ``not asked``."""
+    trained = [r for r in rows if r.get("kind") == TRAIN]
+    sites = sorted(
+        {s for r in trained for s in r.get("sites", [])} | {s for r in trained for s in r.get("missing", [])}
+    )
+    grid: dict[str, dict[int, str]] = {site: {} for site in sites}
+    for row in trained:
+        for site in sites:
+            if site in row.get("sites", []):
+                grid[site][row["round"]] = "trained"
+            elif site in row.get("missing", []):
+                grid[site][row["round"]] = "missing"
+            else:
+                grid[site][row["round"]] = "not asked"
+    return sites, [r["round"] for r in trained], grid
+
+
+def _participation_png(sites: list[str], rounds: list[int], grid: dict[str, dict[int, str]]) -> str:
+    def draw(ax: Any) -> None:
+        values = [[STATES[grid[s].get(r, "not asked")] for r in rounds] for s in sites]
+        ax.pcolormesh(values, cmap="RdYlGn", vmin=0, vmax=2, edgecolors="white", linewidth=2)
+        ax.invert_yaxis()
+        ax.set_yticks([i + 0.5 for i in range(len(sites))], sites)
+        ax.set_xticks([i + 0.5 for i in range(len(rounds))], [str(r) for r in rounds])
+        ax.set_xlabel("round (green: trained, yellow: missing, red: not asked)")
+        ax.set_title("Participation per site and round")
+
+    return _png(draw, (8, 0.6 + 0.45 * max(len(sites), 1)))
+
+
+def _epsilon_png(rows: list[dict[str, Any]]) -> str | None:
+    spent = [r for r in rows if r.get("privacy")]
+    if not spent:
+        return None
+    sites = sorted({s for r in spent for s in r["privacy"]})
+
+    def draw(ax: Any) -> None:
+        for site in sites:
+            points = [(r["round"], r["privacy"][site]) for r in spent if site in r["privacy"]]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
+        _integer_rounds(ax)
+        ax.set_xlabel("round")
+        ax.set_ylabel("epsilon spent")
+        ax.legend(fontsize=8)
+        ax.set_title("Privacy spent per site (DP-SGD)")
+
+    return _png(draw)
+
+
+def comparison_rows(out_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, list[list[Any]]]:
+    """The "local-only vs federated vs centralized" table and what its data is."""
+    path = out_dir / COMPARISON
+    if path.exists():  # the demo: every model on one held-out test set
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ("the demo's held-out test set, the same for every model", [
+            [r["model"], r.get("train_examples"), r.get("accuracy"), r.get("loss")] for r in data
+        ])  # fmt: skip
+    final = next((r for r in reversed(rows) if r.get("kind") == FINAL_EVAL and r.get("per_site")), None)
+    if final is None:
+        return ("not measured: run with local_baseline = true (`--local-baseline`) to have each site train a "
+                "local-only model and report its metrics", [])  # fmt: skip
+    table: list[list[Any]] = []
+    for site, metrics in sorted(final["per_site"].items()):
+        table.append([f"local only: {site}", None, metrics.get("local-accuracy"), metrics.get("local-loss")])
+        table.append([f"federated, on {site}'s held-out split", None, metrics.get("eval-accuracy"),
+                      metrics.get("eval-loss")])  # fmt: skip
+    table.append(["centralized", None, None, None])
+    return ("each site's held-out validation split (centralized needs pooled data, which a federation does not "
+            "have)", table)  # fmt: skip
+
+
+def audit_summary(layout: FederationLayout, run: str) -> tuple[str, list[list[Any]]]:
+    """The chain's verdict and this run's events by kind."""
+    if not layout.audit.exists():
+        return "no audit trail at the coordinator", []
+    verdict = audit.verify(layout.audit)
+    broken = audit.check_anchors(layout.audit)
+    state = verdict.describe() + (f"; {broken[0]}" if broken else "; anchored gateway logs unchanged")
+    events = audit.read(layout.audit)
+    mine = [e for e in events if e.get("details", {}).get("run") == run]
+    counts: dict[str, int] = {}
+    for event in mine:
+        counts[event["kind"]] = counts.get(event["kind"], 0) + 1
+    rows: list[list[Any]] = [[kind, count] for kind, count in sorted(counts.items())]
+    clients: dict[str, int] = {}
+    for event in events:
+        if event.get("kind") == audit.GATEWAY:
+            for address, count in event["details"].get("clients", {}).items():
+                clients[address] = clients.get(address, 0) + int(count)
+    rows += [[f"gateway requests from {address}", count] for address, count in sorted(clients.items())]
+    if events:
+        rows.append(["trail head", f"event {events[-1]['seq']} {events[-1]['hash'][:16]}"])
+    return state, rows
+
+
+def write_report(layout: FederationLayout, name: str, out: Path | None = None) -> Path:
+    """Write runs/NAME/report.html (or ``out``); returns its path."""
+    out_dir = run_folder(layout, name)
+    rows = read_rows(out_dir)
+    if not rows:
+        raise FlowerbedError(f"run {name} has no rounds yet: write its report once it has (`flowerbed runs`)")
+    summary_path = out_dir / SUMMARY
+    summary: dict[str, Any] = (
+        json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {"status": "running"}
+    )
+    settings = stored_settings(out_dir)
+    sites, rounds, grid = participation(rows)
+    basis, compared = comparison_rows(out_dir, rows)
+    state, audit_rows = audit_summary(layout, name)
+    epsilon = _epsilon_png(rows)
+    spent: dict[str, float] = summary.get("privacy") or next(
+        (r["privacy"] for r in reversed(rows) if r.get("privacy")), {}
+    )
+    overview: list[list[Any]] = [
+        ["status", summary.get("status")], ["stop reason", summary.get("stop_reason")],
+        ["rounds trained", len(rounds)], ["best round", summary.get("best_round")],
+        ["best eval accuracy", summary.get("best_eval_accuracy")], ["task", settings.task or "built-in"],
+        ["task sha256", settings.task_sha256 or "-"], ["strategy", settings.strategy],
+        ["differential privacy", settings.dp], ["sites", ", ".join(sites)],
+    ]  # fmt: skip
+    metric_names = sorted({k for r in rows for k in r.get("metrics", {}) if k.startswith("eval-")})
+    per_round = [[r["round"], r.get("kind"), r.get("nodes"), r.get("train_loss"), r.get("eval_loss"),
+                  r.get("eval_accuracy"), ", ".join(r.get("sites", [])), r.get("stop_reason")]
+                 for r in rows]  # fmt: skip
+    participation_png = _participation_png(sites, rounds, grid)
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>flowerbed run {html.escape(name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Federated run <code>{html.escape(name)}</code></h1>",
+        f"<p class='muted'>Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC by flowerbed from "
+        f"{html.escape(str(out_dir))}."
+        " Raw data never left any site; this report holds only what the coordinator received.</p>",
+        "<h2>Overview</h2>", _table(["", "value"], overview, "overview"),
+        "<h2>Convergence</h2>", f"<img id='convergence' alt='convergence per round' src='{_convergence(rows)}'>",
+        _table(["round", "kind", "sites", "train loss", "eval loss", "eval accuracy", "which", "stop"], per_round,
+               "rounds"),
+        f"<p class='muted'>Metrics the task reports: {html.escape(', '.join(metric_names) or '-')}.</p>",
+        "<h2>Participation</h2>",
+        f"<img id='participation' alt='participation per site and round' src='{participation_png}'>",
+        _table(["site", *[f"round {r}" for r in rounds]], [[s, *[grid[s].get(r, "-") for r in rounds]] for s in sites],
+               "participation-table"),
+        "<h2>Privacy</h2>",
+        (f"<img id='epsilon' alt='epsilon per site' src='{epsilon}'>" if epsilon else
+         "<p id='no-dp'>No site trained with DP-SGD in this run.</p>"),
+        _table(["site", "epsilon spent"], [[s, float(v)] for s, v in sorted(spent.items())], "epsilon-table")
+        if spent else "",
+        "<h2>Local-only vs federated vs centralized</h2>", f"<p>On {html.escape(basis)}.</p>",
+        _table(["model", "train examples", "accuracy", "loss"], compared, "comparison"),
+        "<h2>Audit</h2>",
+        f"<p id='audit-state' class='{'ok' if 'intact' in state and 'changed' not in state else 'bad'}'>"
+        f"{html.escape(state)}</p>",
+        _table(["events of this run, by kind", "count"], audit_rows, "audit"),
+        "</body></html>",
+    ]  # fmt: skip
+    target = out or out_dir / REPORT
+    target.write_text("\n".join(parts), encoding="utf-8")
+    return target
