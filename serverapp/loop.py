@@ -191,7 +191,6 @@ class FinalEval:
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # each site's own metrics
 
 
-
 @dataclass
 class BestModel:
     """The best evaluated model that was trained (the initial model never counts): one model in memory."""
