@@ -1,11 +1,12 @@
 """Benchmark 1, round time: the kit against plain Flower 1.42, Flower's simulation engine and pure compute.
 
 In one sitting, alternating, 3 sites, the same task and data (the demo's tabular MLP): each repetition
-runs every configuration once for ROUNDS rounds. The kit's sites share this machine, so each task gets
-one torch thread; the last configuration gives each task all cores (the setting for a site's own VM).
-A steady round leaves out round 1. Prints a table with
-seconds per steady round (min, median) and the ratio to plain Flower (median of the per-repetition
-ratios), writes docs/benchmarks/round_time.json and .png.
+runs every configuration once for ROUNDS rounds (the smoke size leaves out the executor and thread
+variants). The kit's sites share this machine, so each task gets one torch thread; one configuration
+gives each task all cores (the setting for a site's own VM), one runs the kit's default with secure
+aggregation (SecAgg+: four message exchanges per round). A steady round leaves out round 1. Prints a
+table with seconds per steady round (min, median) and the ratio to plain Flower (median of the
+per-repetition ratios), writes docs/benchmarks/round_time.json and .png.
 
     python -m benchmarks.round_time [--repeat 3] [--rounds 8] [--smoke] [--out DIR]
 """
@@ -21,23 +22,28 @@ from benchmarks import federations as fed
 from benchmarks.common import OUT, median, show, write
 
 CONFIGS = ["kit (warm executor, default)", "kit, subprocess executor", "plain Flower 1.42", "simulation (Ray)",
-           "compute floor", "kit, torch threads = cores"]  # fmt: skip
+           "compute floor", "kit, torch threads = cores", "kit, SecAgg+"]  # fmt: skip
+VARIANTS = {CONFIGS[1], CONFIGS[5]}  # left out of the smoke size
 
 
-def one_repetition(tmp: Path, rounds: int, rep: int) -> dict[str, list[float]]:
+def one_repetition(tmp: Path, rounds: int, rep: int, smoke: bool = False) -> dict[str, list[float]]:
     demo = fed.data(tmp / "data")
     settings = fed.settings(rounds)
     got: dict[str, list[float]] = {}
     with fed.kit(tmp / f"kit-{rep}", demo) as kit:
         got[CONFIGS[0]] = kit.run(settings, f"bench-{rep}")
-    with fed.kit(tmp / f"kit-sub-{rep}", demo, executor="subprocess") as kit:
-        got[CONFIGS[1]] = kit.run(settings, f"bench-sub-{rep}")
+        secure = settings.model_copy(update={"secure_aggregation": "secagg+"})
+        got[CONFIGS[6]] = kit.run(secure, f"bench-secagg-{rep}")
+    if not smoke:
+        with fed.kit(tmp / f"kit-sub-{rep}", demo, executor="subprocess") as kit:
+            got[CONFIGS[1]] = kit.run(settings, f"bench-sub-{rep}")
     with fed.plain(tmp / f"plain-{rep}", demo) as plain:
         got[CONFIGS[2]] = plain.run(settings, f"plain-{rep}")
     got[CONFIGS[3]] = fed.simulation(tmp / f"sim-{rep}", demo, settings)
     got[CONFIGS[4]] = fed.compute_floor(demo, settings, rounds)
-    with fed.kit(tmp / f"kit-threads-{rep}", demo, torch_threads=0) as kit:
-        got[CONFIGS[5]] = kit.run(settings, f"bench-threads-{rep}")
+    if not smoke:
+        with fed.kit(tmp / f"kit-threads-{rep}", demo, torch_threads=0) as kit:
+            got[CONFIGS[5]] = kit.run(settings, f"bench-threads-{rep}")
     return got
 
 
@@ -52,11 +58,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reps: list[dict[str, list[float]]] = []
     with tempfile.TemporaryDirectory(prefix="fb-bench-round-") as tmp:
         for rep in range(repeat):
-            reps.append(one_repetition(Path(tmp), rounds, rep))
-    steady = {c: [s for r in reps for s in r[c][1:]] for c in CONFIGS}
+            reps.append(one_repetition(Path(tmp), rounds, rep, args.smoke))
+    configs = [c for c in CONFIGS if c in reps[0]]
+    steady = {c: [s for r in reps for s in r[c][1:]] for c in configs}
     plain_key = CONFIGS[2]
     rows: list[list[Any]] = []
-    for c in CONFIGS:
+    for c in configs:
         ratios = [median(r[c][1:]) / median(r[plain_key][1:]) for r in reps]
         rows.append([c, min(steady[c]), median(steady[c]), median(ratios)])
     show(f"Seconds per steady round, 3 sites, {repeat} x {rounds} rounds", ["configuration", "min s", "median s",

@@ -11,8 +11,12 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from flowerbed.audit import ROUND, append_here, head_of
 from flowerbed.clientapp.builtin import task_name
@@ -26,13 +30,22 @@ from flowerbed.clientapp.privacy import (
     run_key,
     site_privacy,
 )
+from flowerbed.clientapp.secure import (
+    POLICY_CODE,
+    TRAIN_CONFIG,
+    clipped,
+    global_state,
+    inspect_change,
+    is_secure,
+    make_secure_mod,
+    secure_only_refusal,
+)
 from flowerbed.config import BASELINE_KEY, RunSettings
+from flowerbed.serverapp.secure import MAX_WEIGHT_KEY
 from flowerbed.supernode.events import site_event
 from flowerbed.task import Task, check_metrics, load_task, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
-
-app = ClientApp()
 
 
 def _settings(context: Context) -> RunSettings:
@@ -53,7 +66,11 @@ def update_digest(state: dict[str, Any]) -> tuple[int, str]:
     """Bytes and sha256 of a model update as it leaves the site (names and raw tensor bytes, in order)."""
     digest, size = hashlib.sha256(), 0
     for name, tensor in state.items():
-        data = tensor.detach().cpu().contiguous().numpy().tobytes()
+        data = (
+            tensor.detach().cpu().contiguous().numpy().tobytes()
+            if isinstance(tensor, torch.Tensor)
+            else tensor.tobytes()
+        )
         digest.update(name.encode())
         digest.update(data)
         size += len(data)
@@ -76,8 +93,10 @@ def _load(context: Context, task: Task, config: Any) -> tuple[Any, Any]:
 
 def _model(msg: Message, task: Task, config: Any) -> Any:
     model = task.model(config)
-    arrays = msg.content.array_records["arrays"]
-    model.load_state_dict(arrays.to_torch_state_dict())
+    if is_secure(msg):  # SecAgg+ train instructions: Flower's legacy layout, the arrays in model order
+        model.load_state_dict(global_state(msg, list(model.state_dict())))
+    else:
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return model
 
 
@@ -92,8 +111,14 @@ def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "loss") or "no metric"
 
 
+def _config(msg: Message) -> ConfigRecord | None:
+    """The instructions' config record (under SecAgg+ in Flower's legacy layout)."""
+    records = msg.content.config_records
+    return records.get("config") or records.get(TRAIN_CONFIG)
+
+
 def _round(msg: Message) -> str:
-    config = msg.content.config_records.get("config")
+    config = _config(msg)
     return str(config.get("server-round", "?")) if config is not None else "?"
 
 
@@ -124,10 +149,23 @@ def _refuse(msg: Message, exc: BudgetSpentError) -> Message:
     return Message(Error(code=PRIVACY_CODE, reason=str(exc)), reply_to=msg)
 
 
+def count_examples(context: Context) -> int:
+    """This site's number of training examples (its FedAvg weight), announced at SecAgg+'s setup."""
+    task, config = _task(context)
+    return len(_load(context, task, config)[0])
+
+
+app = ClientApp(mods=[make_secure_mod(count_examples, _site)])
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     """Evaluate the received global model, train it locally, reply with weights and metrics."""
     site_event(f"round {_round(msg)}: received a train task")
+    refusal = secure_only_refusal(msg, dict(context.node_config), _site(context))
+    if refusal is not None:
+        site_event(f"round {_round(msg)}: train task REFUSED: {refusal}")
+        return Message(Error(code=POLICY_CODE, reason=refusal), reply_to=msg)
     task, config = _task(context)
     try:
         private = _private(msg, context, task)
@@ -137,8 +175,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     except BudgetSpentError as exc:
         return _refuse(msg, exc)
     model = _model(msg, task, config)
+    secure = is_secure(msg)
+    start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()} if secure else {}
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
-    server_round = int(str(msg.content.config_records["config"].get("server-round", 0)))
+    server_round = int(_round(msg)) if _round(msg).isdigit() else 0
     if "seed" in type(config).model_fields:  # a different shuffle each round, the same at a rerun
         config = config.model_copy(update={"seed": config.seed + server_round})
     try:
@@ -153,8 +193,18 @@ def train_handler(msg: Message, context: Context) -> Message:
         return _refuse(msg, exc)
     trained = check_metrics(result, f"{task.name}.train")
     metrics = MetricRecord(_prefixed("train", trained) | _prefixed("eval", before) | {"num-examples": len(train_data)})
-    state = model.state_dict()
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    state: dict[str, Any] = model.state_dict()
+    masked = ""
+    if secure:  # the change of the model goes to Flower's SecAgg+ mod, which masks it before it leaves
+        state = {name: (tensor.detach() - start[name]).cpu().numpy() for name, tensor in state.items()}
+        content = fitres_to_recorddict(
+            FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(state.values())), len(train_data), {}), False
+        )
+        content["metrics"] = metrics
+        masked = _clipping_note(msg, context, list(state.values()), len(train_data))
+        inspect_change(_site(context), server_round, state)
+    else:
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     spent = ""
     if private is not None:
         if private.spent is None:  # nothing was reserved: the task trained without Opacus
@@ -169,12 +219,25 @@ def train_handler(msg: Message, context: Context) -> Message:
                           epsilon=private.spent if private is not None else None)  # fmt: skip
     content["site"] = _site_record(context, audited)
     amount = f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+    sent = f"masks its update of {amount} (sha256 {sha256[:12]}) with SecAgg+{masked}" if secure else (
+        f"sent an update of {amount} (sha256 {sha256[:12]})")  # fmt: skip
     site_event(
         f"round {server_round}: trained on {len(train_data)} examples; the global model scored "
-        f"{_summary(before)} on {len(validation)} local validation examples{spent}; "
-        f"sent an update of {amount} (sha256 {sha256[:12]})"
+        f"{_summary(before)} on {len(validation)} local validation examples{spent}; {sent}"
     )
     return Message(content=content, reply_to=msg)
+
+
+def _clipping_note(msg: Message, context: Context, change: list[np.ndarray], examples: int) -> str:
+    """A warning when SecAgg+ will clip part of this site's update (its values exceed the range)."""
+    config = _config(msg)
+    weight = float(config.get(MAX_WEIGHT_KEY, 0.0)) if config is not None else 0.0  # type: ignore[arg-type]
+    limit = _settings(context).secagg_clipping_range
+    count = clipped(change, examples, weight, limit)
+    if not count:
+        return ""
+    return (f" (WARNING: {count} value(s) of the weighted change exceed +-{limit:g} and are clipped: "
+            "raise secagg_clipping_range or lower the learning rate)")  # fmt: skip
 
 
 def local_baseline(task: Task, config: Any, train_data: Any, validation: Any, epochs: int) -> dict[str, float]:
@@ -201,11 +264,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     result = check_metrics(task.evaluate(_model(msg, task, config), validation, config), f"{task.name}.evaluate")
     site_event(f"round {_round(msg)}: evaluated the final model: {_summary(result)}")
     values = _prefixed("eval", result) | {"num-examples": len(validation)}
-    epochs = (
-        int(str(msg.content.config_records["config"].get(BASELINE_KEY, 0)))
-        if "config" in msg.content.config_records
-        else 0
-    )
+    config_record = _config(msg)
+    epochs = int(str(config_record.get(BASELINE_KEY, 0))) if config_record is not None else 0
     if epochs > 0:
         local = local_baseline(task, config, train_data, validation, epochs)
         values |= _prefixed("local", local)

@@ -170,11 +170,38 @@ class RunSettings(_Model):
         1.0, gt=0, description="dp: clipping norm (per example for sample, per update for client)"
     )
     dp_noise_multiplier: float = Field(1.0, gt=0, description="dp = client: Gaussian noise multiplier at the server")
+    secure_aggregation: Literal["off", "secagg+"] = Field(
+        "off",
+        description="secagg+: Flower's SecAgg+ masks every update; the ServerApp learns only their weighted sum "
+        "(metrics and evaluation stay in the clear)",
+    )
+    secagg_threshold: float = Field(
+        0.67, gt=0, le=1, description="secagg+: share of a site's key shares needed to unmask (at least 2 shares)"
+    )
+    secagg_clipping_range: float = Field(
+        8.0, gt=0, description="secagg+: each weighted update value is clipped to +-this before quantization"
+    )
+    secagg_inspect: str = Field(
+        "", description="secagg+: a folder on the coordinator for all the ServerApp received of the updates (audits)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSettings:
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("strategy 'fedprox' needs proximal_mu > 0 (e.g. 0.1)")
+        if self.secure_aggregation != "off":
+            if self.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(
+                    f"secure_aggregation = {self.secure_aggregation!r} gives the server only the sites' weighted "
+                    f"mean: strategy {self.strategy!r} needs each update; use fedavg or fedprox"
+                )
+            if self.dp == "client":
+                raise ValueError(
+                    "secure_aggregation hides each update, which dp = client clips at the server: "
+                    "use dp = sample (DP-SGD at each site) with secure aggregation"
+                )
+            if self.min_nodes < 2:
+                raise ValueError("secure_aggregation needs min_nodes >= 2 (the sum of one update is that update)")
         names = self.class_name_list()
         if names is not None and (len(names) != self.num_classes or len(set(names)) != len(names)):
             raise ValueError(f"class_names must list num_classes={self.num_classes} distinct names, got {names}")
@@ -288,6 +315,9 @@ class SiteKitConfig(_Model):
     torch_threads: int = Field(0, ge=0, description="torch threads per task; 0: all of this VM's cores")
     pull_s: float = Field(
         0.25, ge=0.05, le=3, description="After a reply, ask for the next task this often (3: Flower's own 3 s)"
+    )
+    require_secure_aggregation: bool = Field(
+        False, description="true: this site trains only in runs with secure aggregation (the coordinator sees sums)"
     )
     approved: list[Approval] = Field(
         default_factory=list, description="Task wheels and apps this site runs (`flowerbed supernode approve`)"

@@ -214,7 +214,8 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         ["rounds trained", len(rounds)], ["best round", summary.get("best_round")],
         ["best eval accuracy", summary.get("best_eval_accuracy")], ["task", settings.task or "built-in"],
         ["task sha256", settings.task_sha256 or "-"], ["strategy", settings.strategy],
-        ["differential privacy", settings.dp], ["sites", ", ".join(sites)],
+        ["differential privacy", settings.dp], ["secure aggregation", settings.secure_aggregation],
+        ["sites", ", ".join(sites)],
     ]  # fmt: skip
     metric_names = sorted({k for r in rows for k in r.get("metrics", {}) if k.startswith("eval-")})
     per_round = [[r["round"], r.get("kind"), r.get("nodes"), r.get("train_loss"), r.get("eval_loss"),

@@ -6,10 +6,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging import WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
 
 from flowerbed.audit import ROUND, append_here
 from flowerbed.clientapp.privacy import PRIVACY_CODE
@@ -17,6 +20,7 @@ from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
 from flowerbed.serverapp.history import FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
+from flowerbed.serverapp.secure import inspect_round, secure_round
 
 Clock = Callable[[], float]
 
@@ -121,6 +125,7 @@ class Replies:
     privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent, from the valid replies
     heads: dict[str, str] = field(default_factory=dict)  # site -> its audit trail's head after this task
     sites_unsorted: list[str] = field(default_factory=list)  # the site of each valid reply, in their order
+    masked: dict[str, str] = field(default_factory=dict)  # secure aggregation: site -> its masked vector's sha256
 
     @property
     def data_errors(self) -> bool:
@@ -228,10 +233,50 @@ class Absence:
         return max((now - t for t in self.since.values()), default=0.0)
 
 
-def audit_round(history: History, row: RoundRow, heads: dict[str, str]) -> None:
-    """The coordinator's audit event of a round: who took part, who failed, each site's trail head."""
+def audit_round(history: History, row: RoundRow, heads: dict[str, str], masked: dict[str, str] | None = None) -> None:
+    """The coordinator's audit event of a round: who took part, who failed, each site's trail head
+    (and under secure aggregation the sha256 of each masked update, all the ServerApp held of it)."""
+    extra = {"masked_updates": masked} if masked else {}
     append_here(ROUND, "serverapp", run=history.out_dir.name, round=row.round, kind=row.kind, sites=row.sites,
-                errors=row.errors, epsilon=row.privacy, site_audit_heads=heads)  # fmt: skip
+                errors=row.errors, epsilon=row.privacy, site_audit_heads=heads, **extra)  # fmt: skip
+
+
+Aggregate = tuple[ArrayRecord | None, MetricRecord | None]
+
+
+def secure_exchange(
+    grid: Grid, messages: list[Message], arrays: ArrayRecord, *, server_round: int, settings: RunSettings,
+    sites: SiteNames, clock: Clock = time.monotonic,
+) -> tuple[Replies, Aggregate]:  # fmt: skip
+    """One round under SecAgg+ (:mod:`flowerbed.serverapp.secure`): the replies as for a plain round
+    (each stage's failures named by site) and the new global model with the sites' metrics (in clear)."""
+    config = messages[0].content.config_records.get("config") if messages else None
+    nodes = [m.metadata.dst_node_id for m in messages]
+    result = secure_round(lambda sent, timeout: exchange(grid, sent, timeout, clock), nodes, arrays,
+                          config=config or ConfigRecord(), server_round=server_round, settings=settings)  # fmt: skip
+    inspect_round(result, server_round, settings.secagg_inspect)
+    train = result.train
+    got = _split(train.messages, train.replies, sites) if train is not None else Replies([], [], [])
+    for part in result.exchanges:
+        if part is train:
+            continue
+        other = _split(part.messages, part.replies, sites)
+        # a site that failed a key stage is named once, at the first stage it failed
+        named = {e.partition(":")[0] for e in got.errors}
+        got.errors += [e for e in other.errors if e.partition(":")[0] not in named]
+        got.absent += [a for a in other.absent if a not in got.absent]
+    if result.arrays is None:
+        log(WARNING, "round %s: %s", server_round, result.halted)
+        if not got.errors:  # nobody was away or out of budget: the protocol itself failed
+            got.errors.append(f"{result.halted}")
+        got.valid, got.sites, got.sites_unsorted, got.heads = [], [], [], {}
+        return got, (None, None)
+    by_node = {r.metadata.src_node_id: r for r in got.valid}
+    got.masked = {sites.by_node.get(node, f"node {node}"): sha for node, (_, sha) in result.received.items()
+                  if node in by_node}  # fmt: skip
+    records = [RecordDict({"metrics": r.content.metric_records["metrics"]}) for r in got.valid]
+    metrics = aggregate_metricrecords(records, "num-examples") if records else None
+    return got, (result.arrays, metrics)
 
 
 def run_rounds(
@@ -292,11 +337,17 @@ def run_rounds(
             wait_for_nodes(grid, settings, clock)
             got = None
         messages: list[Message] = []
+        secured: Aggregate | None = None
         if got is None:
             # A site out of privacy budget gets no more train tasks (it would only refuse them again).
             messages = [m for m in strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
                         if m.metadata.dst_node_id not in retired]  # fmt: skip
-            got = _split(messages, exchange(grid, messages, settings.round_timeout_s, clock), sites)
+            if settings.secure_aggregation != "off":
+                got, secured = secure_exchange(
+                    grid, messages, arrays, server_round=server_round, settings=settings, sites=sites, clock=clock
+                )
+            else:
+                got = _split(messages, exchange(grid, messages, settings.round_timeout_s, clock), sites)
             retired |= got.retired
             spent |= got.privacy
         can_go_on = len(set(sites.by_node) - set(retired))  # the sites seen that may still train
@@ -345,7 +396,7 @@ def run_rounds(
             audit_round(history, history.rows[-1], got.heads)
             raise RunFailedError(why)
         absence.update(got.absent, clock())
-        new_arrays, metrics = strategy.aggregate_train(server_round, got.valid)
+        new_arrays, metrics = secured if secured is not None else strategy.aggregate_train(server_round, got.valid)
         eval_loss = _metric(metrics, "eval-loss")
         eval_acc = _metric(metrics, "eval-accuracy")
         if eval_loss is not None:
@@ -375,7 +426,7 @@ def run_rounds(
                 privacy=dict(spent),
             )
         )
-        audit_round(history, history.rows[-1], got.heads)
+        audit_round(history, history.rows[-1], got.heads, got.masked)
     if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or best.arrays is None or settings.local_baseline:
         t0 = clock()
         baseline = server_round * settings.local_epochs if settings.local_baseline else 0

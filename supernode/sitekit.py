@@ -149,6 +149,7 @@ def site_spec(
             threads=config.torch_threads,
             pull_s=config.pull_s,
             privacy=config.privacy,
+            secure_only=config.require_secure_aggregation,
         )
     missing = [n for n, v in (("--superlink", superlink), ("--ca", ca), ("--key", key), ("--data", data)) if v is None]
     if missing or superlink is None or ca is None or key is None or data is None:

@@ -24,6 +24,7 @@ from flowerbed import audit
 from flowerbed.audit import AUDIT_ENV, AUDIT_FILE
 from flowerbed.certs.files import write_private
 from flowerbed.clientapp.privacy import node_config_of
+from flowerbed.clientapp.secure import SECURE_ONLY_KEY
 from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
@@ -86,6 +87,7 @@ class SupernodeSpec:
     threads: int = 0  # torch threads per task; 0: this machine's cores (give 1 when sites share a host)
     pull_s: float = 0.25  # after a reply, ask for the next task this often (3: Flower's own 3 s)
     privacy: SitePrivacy | None = None  # the site's own DP-SGD budget (site.toml [privacy]), given to every task
+    secure_only: bool = False  # site.toml require_secure_aggregation: train only in runs with secure aggregation
 
     def __post_init__(self) -> None:
         # The SuperNode runs in its work folder: relative paths from the user's folder would break.
@@ -141,6 +143,7 @@ class SupernodeSpec:
             "data-path": str(self.data),
             "site-name": self.site,
             **node_config_of(self.privacy, self.workdir / "privacy"),
+            **({SECURE_ONLY_KEY: "true"} if self.secure_only else {}),
             **self.extra_node_config,
         }
         return " ".join(f'{k}="{v}"' for k, v in items.items())

@@ -145,11 +145,13 @@ def supervised_sites(
     max_backoff_s: float = 30.0,
     site_files: dict[str, Path] | None = None,
     executor: str = WARM,
+    secure_only: frozenset[str] = frozenset(),
 ) -> Iterator[dict[str, Supervisor]]:
     """One real SuperNode per site, each under its supervisor in a thread; all stopped on exit.
 
     ``site_files``: a site's site.toml with its approvals (as a kit holds it). The sites share this
-    machine, so each task gets one torch thread.
+    machine, so each task gets one torch thread. ``secure_only``: sites that train only under secure
+    aggregation (site.toml ``require_secure_aggregation``).
     """
     stop = threading.Event()
     threads, supervisors = [], {}
@@ -158,7 +160,7 @@ def supervised_sites(
             spec = SupernodeSpec(site=site, superlink=gateway, ca=layout.ca_cert, key=layout.node_key(site),
                                  data=path, workdir=work / site, port=free_port(), nice=nice,
                                  site_file=(site_files or {}).get(site), executor=executor,
-                                 threads=1)  # fmt: skip
+                                 threads=1, secure_only=site in secure_only)  # fmt: skip
             supervisors[site] = Supervisor(spec, max_backoff_s=max_backoff_s)
             threads.append(threading.Thread(target=supervisors[site].run, args=(stop.is_set,), daemon=True))
             threads[-1].start()

@@ -159,11 +159,18 @@ def kit_folder(running: RunningFederation, site: str, dest: Path, privacy: str) 
     return folder
 
 
-def test_a_site_out_of_budget_stops_while_the_others_go_on(running: RunningFederation, tmp_path: Path) -> None:
+@pytest.mark.parametrize("secure", ["off", "secagg+"])
+def test_a_site_out_of_budget_stops_while_the_others_go_on(
+    running: RunningFederation, tmp_path: Path, secure: str
+) -> None:
     """inst-a allows epsilon 1.6 and inst-b 2.3 (both with noise 2.0: about 1.4, 1.84, 2.19, 2.49 after
     rounds 1-4 on their 137 examples); univ-hospital sets nothing, and the run asks for DP-SGD with
     epsilon 20, which the other two cannot loosen. inst-a trains round 1 and refuses round 2; inst-b
-    trains rounds 1-3 and refuses round 4, when only one site could go on: the run ends there, cleanly."""
+    trains rounds 1-3 and refuses round 4, when only one site could go on: the run ends there, cleanly.
+
+    Under secure aggregation a refusal comes at SecAgg+'s masking stage, after the keys were shared:
+    the refusing site counts as dropped out, its masks are removed with the others' shares of its key,
+    and in round 4 (one site left to mask) the protocol stops and the run ends for the same reason."""
     build_kits(running.layout, running.config, SITES)
     budgets = {
         "inst-a": "\n[privacy]\nepsilon = 1.6\nnoise_multiplier = 2.0\n",
@@ -171,10 +178,14 @@ def test_a_site_out_of_budget_stops_while_the_others_go_on(running: RunningFeder
         "univ-hospital": "",
     }
     stop = threading.Event()
-    sups = {
-        site: Supervisor(site_spec(kit_folder(running, site, tmp_path / "kits", privacy), port=free_port(), threads=1))
-        for site, privacy in budgets.items()
-    }
+    folders = {site: kit_folder(running, site, tmp_path / "kits", privacy) for site, privacy in budgets.items()}
+    if secure != "off":  # univ-hospital trains only under secure aggregation: it does here
+        toml = folders["univ-hospital"] / "site.toml"
+        toml.write_text(
+            toml.read_text().replace("require_secure_aggregation = false", "require_secure_aggregation = true")
+        )
+    sups = {site: Supervisor(site_spec(folder, port=free_port(), threads=1)) for site, folder in folders.items()}
+    assert sups["univ-hospital"].spec.secure_only == (secure != "off")
     threads = [threading.Thread(target=s.run, args=(stop.is_set,), daemon=True) for s in sups.values()]
     try:
         for thread in threads:
@@ -182,9 +193,10 @@ def test_a_site_out_of_budget_stops_while_the_others_go_on(running: RunningFeder
         assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
         settings = RunSettings.model_validate(
             running.config.run.model_dump()
-            | {"min_nodes": 2, "max_rounds": 8, "patience": 20, "node_wait_s": 120, "dp": "sample", "dp_epsilon": 20}
-        )
-        handle = submit(running.layout, settings, name="privacy")
+            | {"min_nodes": 2, "max_rounds": 8, "patience": 20, "node_wait_s": 120, "dp": "sample", "dp_epsilon": 20,
+               "secure_aggregation": secure}
+        )  # fmt: skip
+        handle = submit(running.layout, settings, name="privacy" if secure == "off" else "privacy-secagg")
         result = follow(running.layout, handle, timeout_s=400)
         check_result(result, handle)
     finally:

@@ -231,6 +231,10 @@ def run(
     ] = None,
     dp_epsilon: Annotated[float | None, typer.Option(help="dp = sample: epsilon per site for the run.")] = None,
     dp_delta: Annotated[float | None, typer.Option(help="dp = sample: delta per site for the run.")] = None,
+    secure_aggregation: Annotated[
+        str | None,
+        typer.Option(help="off; secagg+: Flower's SecAgg+, the coordinator learns only the sum of the updates."),
+    ] = None,
     local_baseline: Annotated[
         bool | None,
         typer.Option(
@@ -264,7 +268,7 @@ def run(
                  "--patience": patience, "--time-budget-s": time_budget_s, "--local-epochs": local_epochs,
                  "--learning-rate": learning_rate, "--proximal-mu": proximal_mu, "--resume": resume_name,
                  "--dp": dp, "--dp-epsilon": dp_epsilon, "--dp-delta": dp_delta,
-                 "--local-baseline": local_baseline}  # fmt: skip
+                 "--secure-aggregation": secure_aggregation, "--local-baseline": local_baseline}  # fmt: skip
         clash = [option for option, value in given.items() if value]
         if clash:
             raise FlowerbedError(f"--app runs the app's own ServerApp: leave out {', '.join(clash)} (use --app-config)")
@@ -288,6 +292,7 @@ def run(
             "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
             "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu,
             "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "local_baseline": local_baseline,
+            "secure_aggregation": secure_aggregation,
         },
     )  # fmt: skip
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
@@ -305,5 +310,8 @@ def run(
     else:
         handle = submit(layout, settings, name, control_port=port, task_wheel=chosen.wheel)
         out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
+    if settings.secure_aggregation != "off":
+        out.print(f"secure aggregation ({settings.secure_aggregation}): the coordinator learns only the sum of the "
+                  "sites' updates; metrics and evaluation stay in the clear")  # fmt: skip
     if follow_run:
         follow_and_report(layout, handle, settings.time_budget_s + settings.round_timeout_s + 300)
