@@ -34,6 +34,7 @@ from flowerbed.supernode.events import site_event
 TRAIN_ARRAYS = "fitins.parameters"  # where Flower's workflow puts the global model (legacy layout)
 TRAIN_CONFIG = "fitins.config"
 SECURE_ONLY_KEY = "secagg-required"  # node config: the site trains only under secure aggregation
+KEPT = "flowerbed-secagg"  # the node's run state: what the site keeps between SecAgg+ stages
 POLICY_CODE = 4003  # an application error code: the run's settings break the site's own policy
 
 
@@ -65,6 +66,17 @@ class _HandlerError(Exception):
         self.reply = reply
 
 
+def _examples(context: Context, count_examples: Callable[[Context], int]) -> int:
+    """The site's example count, read from its data once per run (the run's node state keeps it)."""
+    kept = context.state.config_records.get(KEPT)
+    value = kept.get(EXAMPLES_KEY) if kept is not None else None
+    if isinstance(value, int):
+        return value
+    count = count_examples(context)
+    context.state.config_records[KEPT] = ConfigRecord({EXAMPLES_KEY: count})
+    return count
+
+
 def make_secure_mod(count_examples: Callable[[Context], int], site: Callable[[Context], str]) -> Any:
     """A ClientApp mod: Flower's SecAgg+ for its messages, nothing for the others."""
 
@@ -93,7 +105,7 @@ def make_secure_mod(count_examples: Callable[[Context], int], site: Callable[[Co
             content.config_records["site"] = ConfigRecord({"site-name": site(context)})
         if stage == Stage.SETUP:
             with contextlib.suppress(DataError, OSError):  # the train stage reports it, with its reason
-                content.config_records[RECORD_KEY_CONFIGS][EXAMPLES_KEY] = count_examples(context)
+                content.config_records[RECORD_KEY_CONFIGS][EXAMPLES_KEY] = _examples(context, count_examples)
         elif stage == Stage.COLLECT_MASKED_VECTORS:
             size, sha256 = masked_digest(reply)
             server_round = msg.content.config_records[TRAIN_CONFIG].get("server-round")
