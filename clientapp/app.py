@@ -32,7 +32,6 @@ from flowerbed.clientapp.privacy import (
 )
 from flowerbed.clientapp.secure import (
     POLICY_CODE,
-    TRAIN_CONFIG,
     clipped,
     global_state,
     inspect_change,
@@ -41,7 +40,7 @@ from flowerbed.clientapp.secure import (
     secure_only_refusal,
 )
 from flowerbed.config import BASELINE_KEY, RunSettings
-from flowerbed.serverapp.secure import MAX_WEIGHT_KEY
+from flowerbed.serverapp.secure import MAX_WEIGHT_KEY, TRAIN_CONFIG
 from flowerbed.supernode.events import site_event
 from flowerbed.task import Task, check_metrics, load_task, task_config
 
@@ -178,7 +177,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     secure = is_secure(msg)
     start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()} if secure else {}
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
-    server_round = int(_round(msg)) if _round(msg).isdigit() else 0
+    label = _round(msg)
+    server_round = int(label) if label.isdigit() else 0
     if "seed" in type(config).model_fields:  # a different shuffle each round, the same at a rerun
         config = config.model_copy(update={"seed": config.seed + server_round})
     try:

@@ -28,11 +28,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from flowerbed.audit import ROUND, append_here
 from flowerbed.clientapp.data import DataError
-from flowerbed.serverapp.secure import EXAMPLES_KEY, INSPECT_ENV, MAX_WEIGHT_KEY, masked_digest
+from flowerbed.serverapp.secure import EXAMPLES_KEY, MAX_WEIGHT_KEY, TRAIN_ARRAYS, TRAIN_CONFIG, masked_digest
 from flowerbed.supernode.events import site_event
 
-TRAIN_ARRAYS = "fitins.parameters"  # where Flower's workflow puts the global model (legacy layout)
-TRAIN_CONFIG = "fitins.config"
+INSPECT_ENV = "FLOWERBED_SECAGG_INSPECT"  # at a site: where its ClientApp writes the changes it masked
 SECURE_ONLY_KEY = "secagg-required"  # node config: the site trains only under secure aggregation
 KEPT = "flowerbed-secagg"  # the node's run state: what the site keeps between SecAgg+ stages
 POLICY_CODE = 4003  # an application error code: the run's settings break the site's own policy

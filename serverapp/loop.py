@@ -271,9 +271,9 @@ def secure_exchange(
             got.errors.append(f"{result.halted}")
         got.valid, got.sites, got.sites_unsorted, got.heads = [], [], [], {}
         return got, (None, None)
-    by_node = {r.metadata.src_node_id: r for r in got.valid}
+    answered = {r.metadata.src_node_id for r in got.valid}
     got.masked = {sites.by_node.get(node, f"node {node}"): sha for node, (_, sha) in result.received.items()
-                  if node in by_node}  # fmt: skip
+                  if node in answered}  # fmt: skip
     records = [RecordDict({"metrics": r.content.metric_records["metrics"]}) for r in got.valid]
     metrics = aggregate_metricrecords(records, "num-examples") if records else None
     return got, (result.arrays, metrics)

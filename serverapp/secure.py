@@ -48,6 +48,8 @@ from flowerbed.config import RunSettings
 EXAMPLES_KEY = "flowerbed-examples"
 # What the ServerApp puts into each site's train instructions: the max_weight all sites use.
 MAX_WEIGHT_KEY = "secagg-max-weight"
+# Where Flower's workflow puts the train instructions (its legacy FitIns layout).
+TRAIN_ARRAYS, TRAIN_CONFIG = "fitins.parameters", "fitins.config"
 STAGES = ("setup", "share keys", "collect masked vectors", "unmask")
 
 Send = Callable[[list[Message], float], list[Message]]
@@ -69,7 +71,6 @@ class SecureRound:
     arrays: ArrayRecord | None
     exchanges: list[Exchange]
     halted: str | None = None  # the stage at which the protocol stopped, and why
-    max_weight: float = 0.0
     received: dict[int, tuple[int, str]] = field(default_factory=dict)  # node -> bytes, sha256 of its masked vector
 
     @property
@@ -95,7 +96,6 @@ class _Proxy:
 
     def __init__(self, node_id: int) -> None:
         self.node_id = node_id
-        self.cid = str(node_id)
 
 
 class _Strategy:
@@ -196,7 +196,7 @@ def secure_round(
     for index, stage in enumerate((workflow.setup_stage, workflow.share_keys_stage,
                                    workflow.collect_masked_vectors_stage, workflow.unmask_stage)):  # fmt: skip
         if index == 2:  # the sites announced their example counts at setup: one max_weight for all
-            out.max_weight = _set_max_weight(state, grid.exchanges[0].replies)
+            _set_max_weight(state, grid.exchanges[0].replies)
         if not stage(wire, legacy, state):
             got = len(state.active_node_ids)
             out.halted = (f"secure aggregation stopped at its {STAGES[index]} stage: {got} site(s) took part, "
@@ -217,7 +217,7 @@ def secure_round(
     return out
 
 
-def _set_max_weight(state: WorkflowState, setup_replies: list[Message]) -> float:
+def _set_max_weight(state: WorkflowState, setup_replies: list[Message]) -> None:
     """The largest example count any site announced (Flower's default 1000 if none did), into every
     site's train instructions: each site's weight / max_weight is then at most 1, as SecAgg+ needs."""
     counts = []
@@ -228,11 +228,7 @@ def _set_max_weight(state: WorkflowState, setup_replies: list[Message]) -> float
                 counts.append(value)
     max_weight = float(max(counts, default=1000))
     for content in state.nid_to_fitins.values():
-        content.config_records["fitins.config"][MAX_WEIGHT_KEY] = max_weight
-    return max_weight
-
-
-INSPECT_ENV = "FLOWERBED_SECAGG_INSPECT"  # at a site: where its ClientApp writes the changes it masked
+        content.config_records[TRAIN_CONFIG][MAX_WEIGHT_KEY] = max_weight
 
 
 def inspect_round(result: SecureRound, server_round: int, folder: str) -> Path | None:
