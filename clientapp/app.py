@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-from flowerbed.audit import ROUND, append_here, head_of
+from flowerbed.audit import ROUND, TASK, append_here, head_of
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.clientapp.data import DataError
 from flowerbed.clientapp.privacy import (
@@ -42,7 +42,7 @@ from flowerbed.clientapp.secure import (
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.serverapp.secure import MAX_WEIGHT_KEY, TRAIN_CONFIG
 from flowerbed.supernode.events import site_event
-from flowerbed.task import Task, check_metrics, load_task, task_config
+from flowerbed.task import Task, check_metrics, imported_code, load_task, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
 
@@ -80,7 +80,15 @@ def _task(context: Context) -> tuple[Task, Any]:
     """The run's task and its own settings (validated)."""
     settings = _settings(context)
     task = load_task(task_name(settings), settings.task_sha256)
+    code = imported_code(settings.task_sha256) if settings.task_sha256 else None
+    if code is not None and code.wheel_sha256 not in _RECORDED:  # once per task process
+        _RECORDED.add(code.wheel_sha256)
+        append_here(TASK, "clientapp", event="imported", task=task.name, task_sha256=code.wheel_sha256,
+                    code_sha256=code.sha256, files=sorted(code.files))  # fmt: skip
     return task, task_config(task, dict(context.run_config))
+
+
+_RECORDED: set[str] = set()  # wheels whose imported code this process has put into the site's trail
 
 
 def _load(context: Context, task: Task, config: Any) -> tuple[Any, Any]:

@@ -7,7 +7,9 @@ components, and the dependencies. Nothing here executes the package: zip members
 
 from __future__ import annotations
 
+import base64
 import configparser
+import csv
 import hashlib
 import io
 import tomllib
@@ -48,6 +50,9 @@ class WheelInfo:
     tasks: dict[str, str]  # task name -> "module:object"
     requires: list[str] = field(default_factory=list)
     pure: bool = True
+    modules: tuple[str, ...] = ()  # the top-level names it puts on the import path
+    record: dict[str, str] = field(default_factory=dict)  # file -> sha256 (hex), from its RECORD
+    autorun: tuple[tuple[str, str], ...] = ()  # (what, file or name): code that runs without the task being called
 
     def runtime_requires(self) -> list[str]:
         """The dependencies pip installs with it (no extras)."""
@@ -57,6 +62,51 @@ class WheelInfo:
         if name not in self.tasks:
             raise FlowerbedError(f"{self.path.name} has no task {name!r} (it has {', '.join(self.tasks) or 'none'})")
         return self.tasks[name]
+
+
+NATIVE = (".so", ".pyd", ".dylib", ".dll")
+
+
+def _record(text: str) -> dict[str, str]:
+    """RECORD's ``path,sha256=<urlsafe base64>,size`` rows as path -> hex sha256 (rows without a hash left out)."""
+    out = {}
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) >= 2 and row[1].startswith("sha256="):
+            raw = row[1].removeprefix("sha256=")
+            out[row[0]] = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
+    return out
+
+
+def _layout(
+    names: list[str], info_dir: str, points: configparser.ConfigParser
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The top-level import names of a wheel's files, and what in it runs on its own when installed or imported."""
+    modules: set[str] = set()
+    autorun: list[tuple[str, str]] = []
+    for name in names:
+        if name.endswith("/") or name.startswith(info_dir + "/"):
+            continue
+        parts = name.split("/")
+        if parts[0].endswith(".data"):
+            if len(parts) > 2 and parts[1] == "scripts":
+                autorun.append(("script", name))
+            parts = parts[2:] if len(parts) > 2 and parts[1] in ("purelib", "platlib") else []
+        if not parts:
+            continue
+        if len(parts) == 1 and parts[0].endswith(".pth"):
+            autorun.append((".pth file (runs at every Python start)", name))
+            continue
+        if name.endswith(NATIVE) or ".cpython-" in name or ".abi3." in name:
+            autorun.append(("native extension", name))
+        top = parts[0] if len(parts) > 1 else parts[0].split(".")[0]
+        if top and (len(parts) > 1 or parts[0].endswith((".py", *NATIVE)) or ".cpython-" in parts[0]):
+            modules.add(top)
+    for group in points.sections():
+        if group == TASK_GROUP:
+            continue
+        what = "console script" if group in ("console_scripts", "gui_scripts") else f"entry point ({group})"
+        autorun.extend((what, f"{key} = {value.strip()}") for key, value in points.items(group))
+    return tuple(sorted(modules)), tuple(autorun)
 
 
 def read_wheel(path: Path) -> WheelInfo:
@@ -78,12 +128,14 @@ def read_wheel(path: Path) -> WheelInfo:
             points.optionxform = str  # type: ignore[assignment,method-assign]
             if f"{info_dir}/entry_points.txt" in names:
                 points.read_string(archive.read(f"{info_dir}/entry_points.txt").decode("utf-8"))
+            record = _record(archive.read(f"{info_dir}/RECORD").decode("utf-8"))
     except zipfile.BadZipFile:
         raise FlowerbedError(f"{path.name} is damaged: not a zip archive; copy or build it again") from None
     except KeyError as exc:
         raise FlowerbedError(f"{path.name} is not a complete wheel: {exc.args[0]} is missing") from None
     tasks = dict(points.items(TASK_GROUP)) if points.has_section(TASK_GROUP) else {}
     tags = wheel_meta.get_all("Tag") or []
+    modules, autorun = _layout(names, info_dir, points)
     return WheelInfo(
         path=path,
         sha256=sha256_bytes(data),
@@ -92,6 +144,9 @@ def read_wheel(path: Path) -> WheelInfo:
         tasks={name: target.strip() for name, target in tasks.items()},
         requires=[str(r) for r in metadata.get_all("Requires-Dist") or []],
         pure=all(tag.endswith("-none-any") for tag in tags),
+        modules=modules,
+        record=record,
+        autorun=autorun,
     )
 
 

@@ -14,18 +14,21 @@ never from whatever else is installed: at a site, only a wheel its data steward 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
 import math
 import os
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from flowerbed.artifacts import read_task_wheel, sha256_bytes
+from flowerbed.artifacts import WheelInfo, read_task_wheel, sha256_bytes
 from flowerbed.config import ConfigError, format_validation_error, task_settings_of
 from flowerbed.errors import FlowerbedError
 
@@ -63,8 +66,6 @@ class Task(Protocol):
 
 
 def _load_object(target: str) -> Any:
-    import importlib
-
     module_name, _, attr = target.partition(":")
     obj = importlib.import_module(module_name)
     for part in attr.split("."):
@@ -80,11 +81,31 @@ def available() -> dict[str, str]:
 _APPROVED: dict[str, Path] = {}  # sha256 -> wheel, filled by a site's gate after its approval check
 _WARM: dict[tuple[str, str], Any] = {}  # (sha256, name) -> task imported up front by a site's warm executor
 _COPIES: list[tuple[int, str]] = []  # (pid, path) of the private wheel copies this process imports from
+_ON_PATH: dict[str, WheelInfo] = {}  # wheel copy on sys.path -> what it is (its top-level modules)
+_IMPORTED: dict[str, ImportedCode] = {}  # wheel sha256 -> the files its task was imported from
+
+
+@dataclass(frozen=True)
+class ImportedCode:
+    """What a task's import read: each file of the wheel that was imported, with its sha256 as RECORD lists it."""
+
+    wheel_sha256: str
+    files: dict[str, str]  # path in the wheel -> sha256
+
+    @property
+    def sha256(self) -> str:
+        """One digest over the imported files (``path sha256`` lines, sorted): the code that actually runs."""
+        return sha256_bytes("".join(f"{path} {digest}\n" for path, digest in sorted(self.files.items())).encode())
 
 
 def allow_wheel(sha256: str, wheel: Path) -> None:
     """Let :func:`load_task` import the task of ``wheel`` (a site's gate calls it for an approved wheel)."""
     _APPROVED[sha256] = wheel
+
+
+def imported_code(sha256: str) -> ImportedCode | None:
+    """The files the task of wheel ``sha256`` was imported from in this process (None: not imported here)."""
+    return _IMPORTED.get(sha256)
 
 
 def load_task(name: str, sha256: str = "", wheel: Path | None = None) -> Task:
@@ -109,13 +130,25 @@ def load_task(name: str, sha256: str = "", wheel: Path | None = None) -> Task:
             )
         # The warm executor imported the approved wheel of this hash already; the gate said yes again.
         warm = _WARM.get((sha256, name)) if wheel is None else None
-        task = warm if warm is not None else load_wheel_task(path, name, sha256)
+        task = warm if warm is not None and _still_loaded(sha256) else load_wheel_task(path, name, sha256)
     check_interface(task, name)
     return task  # type: ignore[no-any-return]
 
 
 def preload_wheel_task(path: Path, name: str, sha256: str) -> None:
-    """Import an approved task before any run asks for it (the site's warm executor, at its start)."""
+    """Import an approved task before any run asks for it (the site's warm executor, at its start).
+
+    A wheel whose top-level modules another preloaded wheel has already is not preloaded: each of
+    the two is imported from its own wheel when a run asks for it.
+    """
+    info = read_task_wheel(path)
+    for other in _ON_PATH.values():
+        shared = set(other.modules) & set(info.modules)
+        if shared:
+            raise FlowerbedError(
+                f"it shares module {', '.join(sorted(shared))} with approved {other.dist} {other.version} "
+                f"(sha256 {other.sha256}): it is imported from its own wheel when a run asks for it"
+            )
     _WARM[(sha256, name)] = load_wheel_task(path, name, sha256)
 
 
@@ -130,11 +163,73 @@ def remove_wheel_copies() -> None:
 atexit.register(remove_wheel_copies)
 
 
+def _inside(module: Any, copy: str) -> bool:
+    file = getattr(module, "__file__", None) or ""
+    return file.startswith(copy + os.sep) or file.startswith(copy + "/")
+
+
+def _isolate(copy: str, info: WheelInfo) -> None:
+    """Before importing from ``copy``: forget every module of its top-level names that came from elsewhere.
+
+    Another wheel with the same top-level module (a later version of the same task, or another task
+    reusing its name) leaves its copy on sys.path and its modules in sys.modules; neither may stand
+    in for this wheel's code.
+    """
+    tops = set(info.modules)
+    for other, other_info in list(_ON_PATH.items()):
+        if other != copy and tops & set(other_info.modules):
+            with contextlib.suppress(ValueError):
+                sys.path.remove(other)
+            del _ON_PATH[other]
+            _IMPORTED.pop(other_info.sha256, None)
+    for loaded in [m for m in sys.modules if m.split(".")[0] in tops]:
+        if not _inside(sys.modules[loaded], copy):
+            del sys.modules[loaded]
+    importlib.invalidate_caches()
+
+
+def _verify_imported(copy: str, info: WheelInfo, name: str) -> ImportedCode:
+    """Every loaded module of the wheel's top-level names came from ``copy``, byte for byte as its RECORD says."""
+    files: dict[str, str] = {}
+    with zipfile.ZipFile(copy) as archive:
+        for loaded, module in list(sys.modules.items()):
+            if loaded.split(".")[0] not in info.modules or getattr(module, "__file__", None) is None:
+                continue
+            if not _inside(module, copy):
+                raise FlowerbedError(
+                    f"task {name}: module {loaded} was loaded from {module.__file__}, not from the approved wheel "
+                    f"(sha256 {info.sha256}): refused; restart the SuperNode"
+                )
+            inner = str(module.__file__)[len(copy) + 1 :].replace(os.sep, "/")
+            digest = sha256_bytes(archive.read(inner))
+            if info.record.get(inner) != digest:
+                raise FlowerbedError(
+                    f"task {name}: {inner} in the wheel (sha256 {info.sha256}) does not match the wheel's RECORD: "
+                    "the wheel was altered; build it again"
+                )
+            files[inner] = digest
+    return ImportedCode(info.sha256, files)
+
+
+def _still_loaded(sha256: str) -> bool:
+    """The preloaded task of wheel ``sha256`` is still what sys.modules holds for its modules."""
+    copy = next((c for c, i in _ON_PATH.items() if i.sha256 == sha256), None)
+    if copy is None:
+        return False
+    try:
+        _IMPORTED[sha256] = _verify_imported(copy, _ON_PATH[copy], "")
+    except FlowerbedError:
+        return False
+    return True
+
+
 def load_wheel_task(path: Path, name: str, sha256: str) -> Any:
     """Import task ``name`` from the wheel at ``path``, which must have ``sha256``.
 
     The bytes are read once, hashed, and the import runs from a private copy of exactly those
-    bytes: a file swapped after the check is never imported.
+    bytes: a file swapped after the check is never imported. Modules of the same top-level names
+    from another wheel are forgotten first, and afterwards every loaded module of those names must
+    come from this copy and match the wheel's RECORD (:func:`imported_code` says which files).
     """
     data = path.read_bytes()
     if sha256_bytes(data) != sha256:
@@ -145,12 +240,17 @@ def load_wheel_task(path: Path, name: str, sha256: str) -> Any:
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     _COPIES.append((os.getpid(), copy))
-    target = read_task_wheel(Path(copy)).task_target(name)
+    info = read_task_wheel(Path(copy))
+    target = info.task_target(name)
+    _isolate(copy, info)
     sys.path.insert(0, copy)
+    _ON_PATH[copy] = info
     try:
-        return _load_object(target)
+        task = _load_object(target)
     except Exception as exc:  # noqa: BLE001 - the task's own code: said in one line
         raise FlowerbedError(f"task {name}: importing {target} failed: {type(exc).__name__}: {exc}") from None
+    _IMPORTED[sha256] = _verify_imported(copy, info, name)
+    return task
 
 
 def check_interface(task: Any, name: str) -> None:

@@ -41,7 +41,8 @@ class Candidate:
     wheel: WheelInfo | None = None
 
     def lines(self) -> list[tuple[str, str]]:
-        return [
+        """What the data steward reads before saying yes: one (label, value) a line, nothing shortened."""
+        rows = [
             ("kind", "task wheel" if self.kind == "task" else "Flower App"),
             ("name", self.name),
             ("version", self.version),
@@ -49,6 +50,48 @@ class Candidate:
             ("dependencies", ", ".join(self.requires) or "none beyond flowerbed"),
             ("file", str(self.source)),
         ]
+        if self.wheel is not None:
+            rows.append(("modules", ", ".join(_module_notes(self.wheel.modules)) or "none"))
+            rows.append(
+                (
+                    "runs on its own",
+                    "nothing" if not self.wheel.autorun else f"{len(self.wheel.autorun)} file(s), marked !",
+                )
+            )
+            rows.extend(("  ! " + what, name) for what, name in self.wheel.autorun)
+        return rows
+
+
+def _module_notes(modules: tuple[str, ...]) -> list[str]:
+    """Each top-level module, marked where an installed module of that name would be shadowed by it."""
+    import importlib.util
+
+    notes = []
+    for name in modules:
+        try:
+            installed = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            installed = False
+        notes.append(f"{name} (! shadows an installed module)" if installed else name)
+    return notes
+
+
+def sharing_modules(kit_root: Path, chosen: Candidate) -> list[tuple[Approval, list[str]]]:
+    """The approved task wheels of another hash that have a top-level module of ``chosen`` too."""
+    if chosen.wheel is None:
+        return []
+    found = []
+    for entry in load_site(kit_root).approved:
+        if entry.kind != "task" or entry.sha256 == chosen.sha256 or not (kit_root / entry.file).is_file():
+            continue
+        try:
+            modules = read_task_wheel(kit_root / entry.file).modules
+        except FlowerbedError:
+            continue
+        shared = sorted(set(modules) & set(chosen.wheel.modules))
+        if shared:
+            found.append((entry, shared))
+    return found
 
 
 def candidate(path: Path) -> Candidate:

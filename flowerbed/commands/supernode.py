@@ -14,7 +14,7 @@ from flowerbed.commands.common import stop_on_signals
 from flowerbed.config import SITE_FILE
 from flowerbed.console import info, out, table, warn
 from flowerbed.errors import FlowerbedError
-from flowerbed.supernode.approval import approve, candidate, load_site, revoke
+from flowerbed.supernode.approval import approve, candidate, load_site, revoke, sharing_modules
 from flowerbed.supernode.preflight import clock_probe, link_probe, require, run_preflight
 from flowerbed.supernode.sitekit import site_spec
 from flowerbed.supernode.supervisor import Supervisor
@@ -104,7 +104,13 @@ def approve_cmd(
     yes: Annotated[bool, typer.Option("--yes", help="Approve without asking (for scripts).")] = False,
 ) -> None:
     chosen = candidate(path)
-    out.print(table("To approve", ["", ""], chosen.lines()))
+    out.print("To approve")
+    for label, value in chosen.lines():  # plain lines: a hash is never shortened to fit a table
+        out.print(f"  {label:<16} {value}")
+    for entry, shared in sharing_modules(kit, chosen):
+        revoke_hint = f"`flowerbed supernode revoke {entry.sha256[:12]}` removes the old one"
+        warn(f"it has module {', '.join(shared)} like approved {entry.name} {entry.version} (sha256 {entry.sha256}): "
+             f"each run imports only its own wheel; {revoke_hint}")  # fmt: skip
     missing = _missing_dependencies(chosen.requires)
     if missing:
         warn(f"not installed here: {', '.join(missing)}; install them from the kit's wheels before a run")
