@@ -21,8 +21,9 @@ import pytest
 
 from flowerbed.artifacts import read_task_wheel, sha256_file
 from flowerbed.demodata import make_demo_data
+from flowerbed.errors import ExitCode
 from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites
+from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
 from tests.test_taskpkg import site_toml
 
 MODULE = "flowerbed_task_ct_triage"
@@ -55,7 +56,7 @@ def _variant(base: Path, out: Path, build: str, *, version: str = "0.1.0", task:
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """v1 (0.1.0), v2 (0.2.0) and `other-study`: three wheels, one top-level module."""
+    """v1 (0.1.0), v2 (0.2.0), `other-study` and v1b (0.1.0 again): four wheels, one top-level module."""
     root = tmp_path_factory.mktemp("variants")
     assert run_cli("task", "new", "ct-triage", "--dir", str(root)).returncode == 0
     base = root / "ct-triage"
@@ -63,6 +64,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "v1": _variant(base, root, "v1"),
         "v2": _variant(base, root, "v2", version="0.2.0"),
         "other": _variant(base, root, "other", task="other-study"),
+        "v1b": _variant(base, root, "v1b"),  # another build of 0.1.0: the same file name, other bytes
     }
 
 
@@ -80,7 +82,7 @@ from pathlib import Path
 from flowerbed.task import load_wheel_task, imported_code
 from flowerbed.artifacts import sha256_file
 out = {{}}
-for build, path in {json.dumps({k: str(v) for k, v in variants.items()})}.items():
+for build, path in {json.dumps({k: str(v) for k, v in variants.items() if k != "v1b"})}.items():
     name = "other-study" if build == "other" else "ct-triage"
     task = load_wheel_task(Path(path), name, sha256_file(Path(path)))
     out[build] = [task.name, task.train.__code__.co_filename, imported_code(sha256_file(Path(path))).sha256]
@@ -91,7 +93,7 @@ print(json.dumps(out))
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout)
     assert loaded["v1"][0] == "ct-triage" and loaded["v2"][0] == "ct-triage" and loaded["other"][0] == "other-study"
-    for build, path in variants.items():  # each task's code lives in the private copy of its own wheel
+    for build, path in list(variants.items())[:3]:  # each task's code lives in the private copy of its own wheel
         assert f"task-{sha256_file(path)[:12]}-" in loaded[build][1], loaded
     assert len({v[2] for v in loaded.values()}) == 3  # three different code digests
     assert _builds(tmp_path) == {"v1", "v2", "other"}
@@ -208,3 +210,34 @@ def test_approve_shows_every_file_that_runs_on_its_own(tmp_path: Path) -> None:
                    "! script flowerbed_task_tricky-0.1.0.data/scripts/tricky-setup",
                    "json (! shadows an installed module)", "runs on its own 5 file(s), marked !"):  # fmt: skip
         assert needle in text, (needle, shown.stdout)
+
+
+def test_the_coordinator_keeps_the_wheel_it_announced(variants: dict[str, Path], tmp_path: Path) -> None:
+    """Another build under the same file name is refused with both hashes; --replace is audited; tampering is named."""
+    config = make_config("store", [SITES[0]], min_nodes=1)
+    layout = make_federation(tmp_path / "fed", config)
+    v1, v1b = variants["v1"], variants["v1b"]
+    assert v1.name == v1b.name and sha256_file(v1) != sha256_file(v1b)
+    first = run_cli("run", "-d", str(layout.root), "--task", str(v1), cwd=tmp_path)  # stored, then: no SuperLink
+    assert_clean_error(first, ExitCode.ERROR, "was never started")
+    stored = layout.tasks / v1.name
+    assert sha256_file(stored) == sha256_file(v1)
+    for args in (("run", "-d", str(layout.root), "--task", str(v1b)), ("kit", "build", "-d", str(layout.root),
+                                                                        "--task", str(v1b))):  # fmt: skip
+        assert_clean_error(run_cli(*args, cwd=tmp_path), ExitCode.ERROR,
+                           f"is another build of flowerbed-task-ct-triage 0.1.0 (stored sha256 {sha256_file(v1)}, "
+                           f"given {sha256_file(v1b)})", "--replace")  # fmt: skip
+        assert sha256_file(stored) == sha256_file(v1)  # untouched
+    assert not (layout.root / "kits").exists()  # the refused kit build wrote nothing
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "ct-triage", "--replace", cwd=tmp_path),
+                       ExitCode.ERROR, "--replace goes with --task FILE.whl")  # fmt: skip
+    replaced = run_cli("run", "-d", str(layout.root), "--task", str(v1b), "--replace", cwd=tmp_path)
+    assert_clean_error(replaced, ExitCode.ERROR, "was never started")
+    assert sha256_file(stored) == sha256_file(v1b)
+    trail = [json.loads(line)["details"] for line in layout.audit.read_text().splitlines()]
+    assert {"event": "task wheel replaced", "old_sha256": sha256_file(v1), "sha256": sha256_file(v1b)}.items() <= {
+        k: v for r in trail if r.get("event") == "task wheel replaced" for k, v in r.items()
+    }.items()
+    stored.write_bytes(v1.read_bytes())  # swapped on disk behind the kit's back
+    assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "ct-triage", cwd=tmp_path), ExitCode.ERROR,
+                       f"changed after it was added (sha256 then {sha256_file(v1b)}, now {sha256_file(v1)})")  # fmt: skip

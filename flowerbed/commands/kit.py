@@ -32,12 +32,14 @@ def build(
     task: Annotated[
         list[Path] | None, typer.Option("--task", help="An own task's wheel to ship for approval (repeat it).")
     ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace stored task wheels of the same name and version.")
+    ] = False,
 ) -> None:
     config = load_federation(fed_dir)
     layout = FederationLayout(fed_dir)
-    kits = build_kits(layout, config, site or None, wheel=wheel, bundle=bundle, tasks=task or [], report=info)
-    for path in task or []:  # the federation's runs name it: `flowerbed run --task NAME`
-        taskstore.add(layout, path)
+    stored = [taskstore.add(layout, path, replace=replace).path for path in task or []]  # runs name it: --task NAME
+    kits = build_kits(layout, config, site or None, wheel=wheel, bundle=bundle, tasks=stored, report=info)
     out.print(
         table("Site kits", ["site", "folder", "archives"],
               ([k.site, k.folder, f"{k.tarball.name}, {k.zipfile.name}"] for k in kits))

@@ -207,6 +207,10 @@ def run(
             help="A built-in task, an own task's wheel (TASK.whl), or its name once used (default: run.task)."
         ),
     ] = None,
+    replace: Annotated[
+        bool,
+        typer.Option("--replace", help="With --task FILE.whl: replace a stored wheel of the same name and version."),
+    ] = False,
     task_setting: Annotated[
         list[str] | None,
         typer.Option(help="The own task's setting KEY=VALUE (repeat it); adds to [run.task_settings]."),
@@ -282,7 +286,11 @@ def run(
     if resume_name is not None and (task is not None or task_setting):
         raise FlowerbedError("a resumed run keeps its task and task settings: leave out --task and --task-setting")
     base = stored_settings(run_folder(layout, resume_name)) if resume_name is not None else config.run
-    chosen = taskstore.choose(layout, task or task_name(base), "" if task else base.task_sha256)
+    if replace and not (task or "").endswith(".whl"):
+        raise FlowerbedError(
+            "--replace goes with --task FILE.whl: it replaces the stored wheel of its name and version"
+        )
+    chosen = taskstore.choose(layout, task or task_name(base), "" if task else base.task_sha256, replace=replace)
     own = base.task_settings | parse_settings(task_setting or [])
     run_settings = resolve(
         base,
