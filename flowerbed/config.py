@@ -135,6 +135,9 @@ class RunSettings(_Model):
         600, ge=0, description="How long a round short of min_nodes waits for absent sites before the run fails"
     )
     absence_retry_s: float = Field(15, gt=0, description="Pause before a round short of absent sites is retried")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Drop a site's update whose change to the global model has a larger L2 norm"
+    )
     keep_checkpoints: int = Field(3, ge=0, description="Round checkpoints kept (the last N); best.pt is always kept")
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)

@@ -21,6 +21,7 @@ from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET,
 from flowerbed.serverapp.history import FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
 from flowerbed.serverapp.secure import inspect_round, secure_round
+from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
 
 Clock = Callable[[], float]
 
@@ -168,6 +169,22 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
     return out
 
 
+def screen(got: Replies, expected: ArrayRecord, max_update_norm: float | None) -> Replies:
+    """``got`` without the replies whose update may not be aggregated, each dropped with a line naming its site."""
+    keep: list[Message] = []
+    kept_sites: list[str] = []
+    for reply, site in zip(got.valid, got.sites_unsorted, strict=True):
+        problem = update_problem(reply, expected, max_update_norm)
+        if problem is None:
+            keep.append(reply)
+            kept_sites.append(site)
+        else:
+            got.errors.append(f"site {site}: {problem}; dropped")
+            log(WARNING, "site %s: %s; dropped from this round", site, problem)
+    got.valid, got.sites_unsorted, got.sites = keep, kept_sites, sorted(kept_sites)
+    return got
+
+
 def all_metrics(metrics: MetricRecord | None) -> dict[str, float]:
     """Every aggregated metric by name (``train-*``, ``eval-*``), without the example counts."""
     if metrics is None:
@@ -208,6 +225,8 @@ class BestModel:
     def offer(
         self, server_round: int, loss: float, accuracy: float | None, arrays: ArrayRecord, min_delta: float
     ) -> bool:
+        if not math.isfinite(loss):  # a model whose loss is NaN or infinite is never the best
+            return False
         if self.loss is None or loss < self.loss - min_delta:
             self.round, self.loss, self.accuracy, self.arrays = server_round, loss, accuracy, arrays
             return True
@@ -348,6 +367,7 @@ def run_rounds(
                 )
             else:
                 got = _split(messages, exchange(grid, messages, settings.round_timeout_s, clock), sites)
+                got = screen(got, arrays, settings.max_update_norm)
             retired |= got.retired
             spent |= got.privacy
         can_go_on = len(set(sites.by_node) - set(retired))  # the sites seen that may still train
@@ -397,6 +417,17 @@ def run_rounds(
             raise RunFailedError(why)
         absence.update(got.absent, clock())
         new_arrays, metrics = secured if secured is not None else strategy.aggregate_train(server_round, got.valid)
+        broken = non_finite_values(new_arrays) if new_arrays is not None else 0
+        if broken:  # e.g. a sum that overflowed, or masked updates that held NaN: never a global model
+            why = (f"{NON_FINITE}: round {server_round}'s aggregated model has {broken:,} NaN or infinite values; "
+                   "lower the learning rate or set max_update_norm, then `flowerbed run --resume` from the last "
+                   "finite checkpoint")  # fmt: skip
+            history.append(
+                RoundRow(server_round, len(got.valid), len(got.errors), None, None, None, round(clock() - t0, 2),
+                         f"failed: {why}", got.errors, kind=FAILED, sites=got.sites)
+            )  # fmt: skip
+            audit_round(history, history.rows[-1], got.heads, got.masked)
+            raise RunFailedError(why)
         eval_loss = _metric(metrics, "eval-loss")
         eval_acc = _metric(metrics, "eval-accuracy")
         if eval_loss is not None:
