@@ -50,7 +50,7 @@ def submit_app(
     if app.is_kit_app:
         raise FlowerbedError(f"{app_dir} is flowerbed's own app: run it with `flowerbed run`, without --app")
     check_superlink(layout, control_port)
-    out_dir = layout.runs / (name or dt.datetime.now().strftime("app-%Y%m%d-%H%M%S"))
+    out_dir = layout.run_dir(name or dt.datetime.now().strftime("app-%Y%m%d-%H%M%S"))
     if out_dir.exists():
         raise FlowerbedError(f"{out_dir} already exists: choose another --name")
     out_dir.mkdir(parents=True)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from flowerbed.errors import FlowerbedError
+
+RUN_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")  # a run folder's name: never a path, never hidden
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,15 @@ class FederationLayout:
     @property
     def runs(self) -> Path:
         return self.root / "runs"
+
+    def run_dir(self, name: str) -> Path:
+        """``runs/NAME``; a name that is a path (``../x``, ``/abs``) or hidden is refused in one line."""
+        if not RUN_NAME.fullmatch(name) or ".." in name:
+            raise FlowerbedError(
+                f"run name {name!r}: use lower-case letters, digits, hyphens, dots and underscores (at most 100, "
+                "starting with a letter or digit), e.g. --name study-2026-q1"
+            )
+        return self.runs / name
 
     @property
     def tasks(self) -> Path:

@@ -111,7 +111,7 @@ def submit(
     """
     check_superlink(layout, control_port)
     stamp = name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    out_dir = layout.runs / stamp
+    out_dir = layout.run_dir(stamp)
     if out_dir.exists():
         raise FlowerbedError(f"{out_dir} already exists: choose another --name, or `--resume {stamp}` to go on")
     try:
@@ -136,7 +136,7 @@ def _run_folders(layout: FederationLayout) -> list[Path]:
 
 def run_folder(layout: FederationLayout, name: str) -> Path:
     """``runs/NAME`` of this federation, or a one-line error listing the runs there are."""
-    out_dir = layout.runs / name
+    out_dir = layout.run_dir(name)
     if not (out_dir / "app" / "pyproject.toml").is_file():
         known = sorted(p.name for p in _run_folders(layout))
         raise FlowerbedError(

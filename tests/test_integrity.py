@@ -241,3 +241,18 @@ def test_the_coordinator_keeps_the_wheel_it_announced(variants: dict[str, Path],
     stored.write_bytes(v1.read_bytes())  # swapped on disk behind the kit's back
     assert_clean_error(run_cli("run", "-d", str(layout.root), "--task", "ct-triage", cwd=tmp_path), ExitCode.ERROR,
                        f"changed after it was added (sha256 then {sha256_file(v1b)}, now {sha256_file(v1)})")  # fmt: skip
+
+
+def test_a_run_name_never_leaves_runs(tmp_path: Path) -> None:
+    """`--name ../escape`, an absolute name or a hidden one: one line, nothing written, nothing submitted."""
+    config = make_config("names", [SITES[0]], min_nodes=1)
+    layout = make_federation(tmp_path / "fed", config)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for bad in ("../escape", str(tmp_path / "elsewhere"), ".hidden", "a/b", "Run 1"):
+        result = run_cli("run", "-d", str(layout.root), "--name", bad, cwd=tmp_path)
+        assert_clean_error(result, ExitCode.ERROR, f"run name {bad!r}: use lower-case letters")
+    bad = "../escape"
+    for args in (("run", "--resume", bad), ("run", "--app", str(tmp_path), "--name", bad), ("runs", "follow", bad),
+                 ("report", bad)):  # fmt: skip
+        assert_clean_error(run_cli(*args, "-d", str(layout.root), cwd=tmp_path), ExitCode.ERROR, f"run name {bad!r}")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

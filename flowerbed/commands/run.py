@@ -265,6 +265,9 @@ def run(
     timeout_s: Annotated[float, typer.Option(help="With --app: stop following after this long.")] = 24 * 3600,
 ) -> None:
     layout = FederationLayout(fed_dir)
+    for given_name in (name, resume_name):  # a name that would leave runs/ is refused before anything starts
+        if given_name is not None:
+            layout.run_dir(given_name)
     config = load_federation(fed_dir)
     if app is not None:
         given = {"--task": task, "--task-setting": task_setting, "--strategy": strategy, "--max-rounds": max_rounds,
