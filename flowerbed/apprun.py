@@ -67,6 +67,26 @@ def submit_app(
     return AppRun(run_id, out_dir, app)
 
 
+@dataclass(frozen=True)
+class ReplyTally:
+    """What the sites answered in a run, as the SuperLink stored it."""
+
+    trained: int = 0
+    refused: int = 0
+    failed: int = 0
+    reasons: tuple[str, ...] = ()
+
+
+def reply_tally(layout: FederationLayout, run_id: int) -> ReplyTally:
+    """The SuperLink's count of run ``run_id``'s replies (none yet: all zero)."""
+    try:
+        data = json.loads((layout.replies / f"{run_id}.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return ReplyTally()
+    return ReplyTally(int(data.get("trained", 0)), int(data.get("refused", 0)), int(data.get("failed", 0)),
+                      tuple(str(r) for r in data.get("reasons", [])))  # fmt: skip
+
+
 def follow_app(
     layout: FederationLayout,
     run: AppRun,

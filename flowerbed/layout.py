@@ -60,6 +60,11 @@ class FederationLayout:
         return self.root / "superlink"
 
     @property
+    def replies(self) -> Path:
+        """Each run's reply tally, kept by the SuperLink (``RUN_ID.json``: trained, refused, failed)."""
+        return self.state / "replies"
+
+    @property
     def database(self) -> Path:
         return self.state / "state.db"
 

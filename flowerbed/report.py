@@ -167,13 +167,15 @@ def comparison_rows(out_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, lis
             "have)", table)  # fmt: skip
 
 
-def audit_summary(layout: FederationLayout, run: str) -> tuple[str, list[list[Any]]]:
-    """The chain's verdict and this run's events by kind."""
+def audit_summary(layout: FederationLayout, run: str) -> tuple[str, bool, list[list[Any]]]:
+    """The chain's verdict, whether it is sound (chain intact and every anchored log unchanged), and this run's
+    events by kind."""
     if not layout.audit.exists():
-        return "no audit trail at the coordinator", []
+        return "no audit trail at the coordinator", False, []
     verdict = audit.verify(layout.audit)
     broken = audit.check_anchors(layout.audit)
     state = verdict.describe() + (f"; {broken[0]}" if broken else "; anchored gateway logs unchanged")
+    sound = verdict.intact and not broken
     events = audit.read(layout.audit)
     mine = [e for e in events if e.get("details", {}).get("run") == run]
     counts: dict[str, int] = {}
@@ -188,7 +190,7 @@ def audit_summary(layout: FederationLayout, run: str) -> tuple[str, list[list[An
     rows += [[f"gateway requests from {address}", count] for address, count in sorted(clients.items())]
     if events:
         rows.append(["trail head", f"event {events[-1]['seq']} {events[-1]['hash'][:16]}"])
-    return state, rows
+    return state, sound, rows
 
 
 def write_report(layout: FederationLayout, name: str, out: Path | None = None) -> Path:
@@ -204,7 +206,7 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
     settings = stored_settings(out_dir)
     sites, rounds, grid = participation(rows)
     basis, compared = comparison_rows(out_dir, rows)
-    state, audit_rows = audit_summary(layout, name)
+    state, sound, audit_rows = audit_summary(layout, name)
     epsilon = _epsilon_png(rows)
     spent: dict[str, float] = summary.get("privacy") or next(
         (r["privacy"] for r in reversed(rows) if r.get("privacy")), {}
@@ -246,7 +248,7 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         "<h2>Local-only vs federated vs centralized</h2>", f"<p>On {html.escape(basis)}.</p>",
         _table(["model", "train examples", "accuracy", "loss"], compared, "comparison"),
         "<h2>Audit</h2>",
-        f"<p id='audit-state' class='{'ok' if 'intact' in state and 'changed' not in state else 'bad'}'>"
+        f"<p id='audit-state' class='{'ok' if sound else 'bad'}'>"
         f"{html.escape(state)}</p>",
         _table(["events of this run, by kind", "count"], audit_rows, "audit"),
         "</body></html>",

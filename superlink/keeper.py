@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flowerbed.apprun import APP_RUN_FILE
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import resume
@@ -51,8 +52,8 @@ def interrupted_runs(layout: FederationLayout, *, unknown_too: bool = False) -> 
     found = []
     for out_dir in sorted(layout.runs.glob("*/run-id"), key=lambda p: p.stat().st_mtime):
         folder = out_dir.parent
-        if ended(folder) is not None or (folder / RESUMING_FILE).exists():
-            continue
+        if ended(folder) is not None or (folder / RESUMING_FILE).exists() or (folder / APP_RUN_FILE).exists():
+            continue  # ended, being resumed, or a Flower App's run (its own ServerApp: nothing to resume from)
         alive = serverapp_alive(folder)
         if alive is False or (alive is None and unknown_too):
             found.append(folder)

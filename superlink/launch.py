@@ -14,7 +14,11 @@ the lock), and the busy timeout is 60 s. It edits no Flower file but wraps
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 BUSY_TIMEOUT_MS = "60000"
@@ -47,8 +51,61 @@ def patch_sqlite() -> None:
     sql_mixin.create_engine = create_engine  # type: ignore[attr-defined]
 
 
+REPLIES_ENV = "FLOWERBED_REPLIES_DIR"  # where the SuperLink tallies each run's replies (set by the stack)
+
+
+def patch_reply_tally(folder: Path) -> None:
+    """Count each run's replies as the SuperLink stores them: trained, refused by a site, or failed.
+
+    A Flower App's own ServerApp may finish "completed" though every site refused it; the tally
+    (``folder/RUN_ID.json``) lets ``flowerbed run --app`` say so. Hooks
+    ``SqlLinkState.store_message_res`` (flwr 1.42 internal): a hook that cannot be installed stops the
+    SuperLink with the Flower version named, instead of leaving the coordinator blind.
+    """
+    import flwr
+    from flwr.server.superlink.linkstate import sql_linkstate
+
+    cls = getattr(sql_linkstate, "SqlLinkState", None)
+    original = getattr(cls, "store_message_res", None)
+    if cls is None or original is None:
+        raise SystemExit(f"flowerbed cannot count replies with Flower {flwr.__version__}: install flwr 1.42")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def store_message_res(self: Any, message: Any) -> Any:
+        stored = original(self, message)
+        if stored is not None:
+            _tally(folder, message)
+        return stored
+
+    cls.store_message_res = store_message_res
+
+
+def _tally(folder: Path, message: Any) -> None:
+    path = folder / f"{message.metadata.run_id}.json"
+    try:
+        tally = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        tally = {"trained": 0, "refused": 0, "failed": 0, "reasons": []}
+    from flowerbed.supernode.approval import REFUSED_CODE  # a site's approval gate refused the run's code
+
+    if not message.has_error():
+        tally["trained"] += 1
+    else:
+        tally["refused" if message.error.code == REFUSED_CODE else "failed"] += 1
+        reason = str(message.error.reason)
+        if reason not in tally["reasons"] and len(tally["reasons"]) < 20:
+            tally["reasons"].append(reason)
+    tmp = path.with_suffix(".tmp")
+    with contextlib.suppress(OSError):  # a full disk loses a count, never a reply
+        tmp.write_text(json.dumps(tally), encoding="utf-8")
+        tmp.replace(path)
+
+
 def main() -> int:
     patch_sqlite()
+    replies = os.environ.get(REPLIES_ENV)
+    if replies:
+        patch_reply_tally(Path(replies))
     from flwr.superlink.cli import flower_superlink
 
     flower_superlink()

@@ -24,6 +24,7 @@ from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, stop_all, tail
 from flowerbed.superlink import flwrcli, gateway, sites
 from flowerbed.superlink.keeper import RunKeeper
+from flowerbed.superlink.launch import REPLIES_ENV
 from flowerbed.warmexec import can_fork
 
 EXECUTOR = "ServerApp executor"
@@ -114,7 +115,8 @@ def start_stack(
                 "stop it or change the ports in federation.toml"
             )
     stack = CoordinatorStack(layout=layout, config=config)
-    env = child_env(layout.flwr_home) | {AUDIT_ENV: str(layout.audit), GATEWAY_LOG_ENV: str(layout.gateway_access_log)}
+    env = child_env(layout.flwr_home) | {AUDIT_ENV: str(layout.audit), GATEWAY_LOG_ENV: str(layout.gateway_access_log),
+                                         REPLIES_ENV: str(layout.replies)}  # fmt: skip
     layout.logs.mkdir(parents=True, exist_ok=True)
     try:
         superlink = ManagedProcess(

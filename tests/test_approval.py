@@ -19,6 +19,7 @@ from flowerbed.config import SITE_FILE, RunSettings, SiteKitConfig, load_toml_mo
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.runner import write_app_manifest
+from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.approval import approve, candidate, decide, revoke
 from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
@@ -212,15 +213,25 @@ def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeyp
                               work, site_files=kits):  # fmt: skip
             ran = run_cli("run", "-d", str(layout.root), "--app", str(app_dir), "--name", "rogue",
                           "--timeout-s", "300", timeout=400)  # fmt: skip
+            replies = json.loads(out.read_text())  # what the app's ServerApp received (the next run rewrites it)
+            assert run_cli("supernode", "revoke", "rogue-app", "--kit", str(kits[a].parent)).returncode == 0
+            nobody = run_cli("run", "-d", str(layout.root), "--app", str(app_dir), "--name", "refused-everywhere",
+                             "--timeout-s", "300", timeout=400)  # fmt: skip
+            reports: list[str] = []
+            RunKeeper(layout, reports.append, control_port=config.superlink.internal_port).tick(startup=True)
     finally:
         stack.stop()
+    assert reports == []  # App runs, done: nothing to resume, nothing to name
+    text = " ".join((nobody.stdout + nobody.stderr).split())
+    assert_clean_error(nobody, ExitCode.RUN_FAILED, "no site trained (2 refusal(s), no result; the app's ServerApp "
+                       "still said completed)", f"site {a} refused app rogue-app 1.0.0")  # fmt: skip
+    assert f"site {b} refused app rogue-app 1.0.0" in text
     text = " ".join((ran.stdout + ran.stderr).split())
     assert ran.returncode == 0, text
     assert f"submitted app rogue-app 1.0.0 (sha256 {digest})" in text and "finished:completed" in text
     record = json.loads((layout.runs / "rogue" / "app-run.json").read_text())
     assert record["sha256"] == digest and record["kind"] == "app"
     assert (layout.runs / "rogue" / "serverapp.log").is_file()
-    replies = json.loads(out.read_text())
     assert sorted(error for error, _ in replies) == [False, True], replies
     reason = next(r for error, r in replies if error)
     assert reason.startswith(f"site {b} refused app rogue-app 1.0.0 (sha256 {digest}): not approved here"), reason

@@ -52,6 +52,17 @@ def test_the_report_of_a_run_opens_in_a_browser(running: RunningFederation, tmp_
                    "the chain is intact", "data:image/png;base64,"):  # fmt: skip
         assert needle in page, needle
     assert page.count("<tr>") > 10 and "inst-a" in page and "inst-b" in page
+    # Judged from the verification, not its wording: "unchanged" holds "changed".
+    assert '<p id="audit-state" class="ok">' in page and "anchored gateway logs unchanged" in page
+    copy = tmp_path / "copy"  # the same run with its coordinator trail altered: the line turns red
+    shutil.copytree(handle.out_dir, copy / "runs" / "evidence")
+    shutil.copyfile(running.layout.config, copy / "federation.toml")
+    lines = running.layout.audit.read_text().splitlines()
+    lines[1] = lines[1].replace('"coordinator"', '"someone else"', 1)
+    (copy / "audit.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_cli("report", "evidence", "-d", str(copy)).returncode == 0
+    altered = headless("--dump-dom", (copy / "runs" / "evidence" / "report.html").as_uri(), cwd=tmp_path).stdout
+    assert '<p id="audit-state" class="bad">' in altered and "line 2:" in altered
     shot = tmp_path / "report.png"
     taken = headless(f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri(), cwd=tmp_path)
     assert taken.returncode == 0 and shot.exists(), taken.stderr[-2000:]

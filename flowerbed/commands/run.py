@@ -11,7 +11,7 @@ import typer
 from rich.live import Live
 
 from flowerbed import taskstore
-from flowerbed.apprun import APP_LOG, follow_app, submit_app
+from flowerbed.apprun import APP_LOG, follow_app, reply_tally, submit_app
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation, resolve
@@ -178,6 +178,16 @@ def run_app(
         )  # fmt: skip
     log = started.out_dir / APP_LOG
     out.print(f"run {started.run_id} {final}; the ServerApp's log: {log}")
+    tally = reply_tally(layout, started.run_id)
+    for reason in tally.reasons:
+        warn(reason)
+    if final.endswith("completed") and tally.trained == 0:
+        refused = f"{tally.refused} refusal(s)" + (f" and {tally.failed} error(s)" if tally.failed else "")
+        raise FlowerbedError(
+            f"run {started.run_id}: no site trained ({refused}, no result; the app's ServerApp still said completed): "
+            f"see the lines above; the ServerApp's log: {log}",
+            exit_code=ExitCode.RUN_FAILED,
+        )
     if not final.endswith("completed"):
         raise FlowerbedError(
             f"run {started.run_id} {final}: see the ServerApp's log {log}", exit_code=ExitCode.RUN_FAILED
