@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 import tempfile
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import BinaryIO
 
 import tomli_w
 
@@ -24,7 +26,7 @@ from flowerbed.deploy.render import fill, template
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 
-EXECUTABLE = 0o755
+EXECUTABLE = 0o700  # the kit is its owner's alone: scripts too
 DEFAULT_KIT_DIR = "/opt/flowerbed/kit"
 DEFAULT_FLOWERBED = "/opt/conda/envs/flowerbed-supernode-cpu/bin/flowerbed"
 
@@ -123,12 +125,17 @@ def _write_site(
     (stage / "README.md").write_text(fill("kit-README.md", values), encoding="utf-8")
 
 
+def _private(path: Path) -> BinaryIO:
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE), "wb")
+
+
 def _archive(folder: Path, out_dir: Path) -> tuple[Path, Path]:
     tarball = out_dir / f"{folder.name}.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tar:  # keeps the key's 0600 mode
+    # Each archive holds the site's private key: created 0600, whatever the umask.
+    with _private(tarball) as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:  # keeps the key's 0600
         tar.add(folder, arcname=folder.name)
     zipped = out_dir / f"{folder.name}.zip"
-    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+    with _private(zipped) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             info = zipfile.ZipInfo.from_file(path, arcname=f"{folder.name}/{path.relative_to(folder)}")
             if path.is_file():
@@ -217,7 +224,7 @@ def build_kits(
         if not layout.node_key(name).is_file():
             service.make_node_key(layout, config, name)
     out_dir = layout.root / "kits"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     built: list[BuiltKit] = []
     with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
         stage_root = Path(tmp)

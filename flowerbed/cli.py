@@ -30,6 +30,7 @@ from flowerbed.commands import (
 from flowerbed.config import ConfigError, format_validation_error
 from flowerbed.console import error
 from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.filemodes import private_umask
 
 app = typer.Typer(
     name="flowerbed",
@@ -75,6 +76,7 @@ app.add_typer(task.app, name="task")
 
 def main() -> None:
     """Entry point: every known error is one line (plus field bullets), never a traceback."""
+    private_umask()  # keys, kits, models, databases and trails: the owner's alone, in this process and its children
     try:
         code = app(prog_name="flowerbed", standalone_mode=False)
         if isinstance(code, int) and code:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowerbed.certs.files import check_private_mode
-from flowerbed.certs.nodekeys import load_private_key
+from flowerbed.certs.nodekeys import load_private_key, load_public_key, public_fingerprint
 from flowerbed.certs.service import read_cert
 from flowerbed.deploy.firewall_checklist import FAIL, PASS, check_gateway
 from flowerbed.errors import ExitCode, FlowerbedError
@@ -51,18 +51,29 @@ def check_ca(ca: Path) -> Check:
     return Check("CA certificate", True, cert.subject.rfc4514_string())
 
 
-def check_key(key: Path) -> Check:
+def check_key(key: Path, site: str = "") -> Check:
+    """The node key: this site's own (not a link out of its folder), private, and the pair of its ``.pub``."""
     if not key.is_file():
         return Check("node key", False, f"{key} is missing: use the SITE.key from the site kit")
+    if key.is_symlink() and key.resolve().parent != key.parent.resolve():
+        return Check("node key", False, f"{key} is a link to {key.resolve()}, outside its kit: put this site's own "
+                     "key from its kit there")  # fmt: skip
     problem = check_private_mode(key)
     if problem:
         return Check("node key", False, problem)
-    if not key.with_name(key.name + ".pub").is_file():
+    pub = key.with_name(key.name + ".pub")
+    if not pub.is_file():
         return Check("node key", False, f"{key}.pub is missing: keep the .pub file next to the key")
     try:
-        load_private_key(key)
+        private, public = load_private_key(key), load_public_key(pub)
     except FlowerbedError as exc:
         return Check("node key", False, exc.message)
+    if private.public_key().public_numbers() != public.public_numbers():
+        return Check("node key", False, f"{key} is not the private half of {pub} ({public_fingerprint(public)}): "
+                     "use the key pair from this site's own kit")  # fmt: skip
+    made_for = (pub.read_text("utf-8", errors="replace").split()[2:] or [""])[0]
+    if site and made_for and made_for != site and not made_for.endswith("/" + site):
+        return Check("node key", False, f"{pub} was made for {made_for}, not site {site}: use this site's own kit")
     return Check("node key", True, f"{key} (mode 600)")
 
 
@@ -110,10 +121,10 @@ def clock_probe(spec: SupernodeSpec) -> Callable[[], float | None]:
     return probe
 
 
-def run_preflight(superlink: str, ca: Path, key: Path, data: Path) -> list[Check]:
+def run_preflight(superlink: str, ca: Path, key: Path, data: Path, site: str = "") -> list[Check]:
     """Every check, in order; network checks only run when CA and key are fine."""
     host, port = parse_address(superlink)
-    checks = [check_data(data), check_ca(ca), check_key(key)]
+    checks = [check_data(data), check_ca(ca), check_key(key, site)]
     if checks[1].ok:
         checks.extend(check_tls(host, port, ca))
     return checks

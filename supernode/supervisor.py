@@ -91,8 +91,10 @@ class SupernodeSpec:
 
     def __post_init__(self) -> None:
         # The SuperNode runs in its work folder: relative paths from the user's folder would break.
-        for name in ("ca", "key", "data", "workdir"):
+        for name in ("ca", "data", "workdir"):
             object.__setattr__(self, name, Path(getattr(self, name)).expanduser().resolve())
+        # The key keeps its own name: a link to another site's key is named as such by the preflight.
+        object.__setattr__(self, "key", Path(self.key).expanduser().absolute())
         if self.site_file is not None:
             object.__setattr__(self, "site_file", Path(self.site_file).expanduser().resolve())
 

@@ -9,7 +9,8 @@ import typer
 
 from flowerbed.commands.common import FedDir, stop_on_signals
 from flowerbed.config import load_federation, resolve
-from flowerbed.console import info, out
+from flowerbed.console import info, out, warn
+from flowerbed.filemodes import exposure_warning
 from flowerbed.layout import FederationLayout
 from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.stack import start_stack, supervise
@@ -36,6 +37,9 @@ def start(
     config = resolve(config, {"superlink": resolve(config.superlink, {"gateway_host": gateway_host, "port": port})})
     stop = stop_on_signals()
     layout = FederationLayout(fed_dir)
+    exposed = exposure_warning(layout.root)
+    if exposed:
+        warn(exposed)
     stack = start_stack(layout, config, deadline_s=deadline_s, report=info)
     try:
         sl = config.superlink
