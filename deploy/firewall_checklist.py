@@ -13,6 +13,7 @@ code is 0 only when every required row passes.
 from __future__ import annotations
 
 import argparse
+import base64
 import email.utils
 import json
 import os
@@ -21,9 +22,10 @@ import ssl
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"
 MAX_AHEAD_S = 4.0  # Flower refuses a node more than 5 s ahead of the SuperLink
@@ -74,6 +76,34 @@ def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
     return value, default_port
 
 
+def find_kit(here: Path | None = None) -> Path | None:
+    """The site kit this checklist runs in: its own folder, else the working folder, if it holds site.toml."""
+    for folder in (here or Path(__file__).resolve().parent, Path.cwd()):
+        if (folder / "site.toml").is_file():
+            return folder
+    return None
+
+
+def kit_defaults(kit: Path) -> dict[str, str]:
+    """What the kit knows: the gateway (``superlink``), its CA (``ca``) and the install path.
+
+    site.toml is read line by line (the VM's bare Python may be older than tomllib): only the
+    ``superlink_address`` and ``superlink_port`` keys the kit builder writes are needed.
+    """
+    values: dict[str, str] = {}
+    for line in (kit / "site.toml").read_text(encoding="utf-8").splitlines():
+        key, eq, value = line.partition("=")
+        if eq and key.strip() in ("superlink_address", "superlink_port"):
+            values[key.strip()] = value.strip().strip('"')
+    out: dict[str, str] = {}
+    if "superlink_address" in values:
+        out["superlink"] = f"{values['superlink_address']}:{values.get('superlink_port', '9092')}"
+    if (kit / "ca.crt").is_file():
+        out["ca"] = str(kit / "ca.crt")
+    out["install_path"] = "offline" if any((kit / "wheels").glob("*.whl")) else "conda"
+    return out
+
+
 def load_destinations(path: Path, install_path: str, os_packages: str) -> list[dict[str, Any]]:
     """The destinations for the chosen install path and OS package source, without repeats."""
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -100,8 +130,20 @@ class HopError(OSError):
         self.fix = fix
 
 
-def proxy_for(host: str, env: dict[str, str] | None = None) -> tuple[str, int] | None:
-    """The HTTPS proxy that applies to ``host`` (HTTPS_PROXY minus NO_PROXY), read as urllib, pip and httpx read it."""
+class Proxy(NamedTuple):
+    """The HTTPS proxy for a host. ``auth`` (``user:password``, percent-decoded) is sent, never shown."""
+
+    host: str
+    port: int
+    auth: str = ""
+
+
+def proxy_for(host: str, env: dict[str, str] | None = None) -> Proxy | None:
+    """The HTTPS proxy that applies to ``host`` (HTTPS_PROXY minus NO_PROXY), read as urllib, pip and httpx read it.
+
+    Credentials in the URL (``http://USER:PASSWORD@HOST:PORT``, special characters percent-encoded)
+    are kept for the proxy's Basic authentication, as httpx (the SuperNode's client) and pip use them.
+    """
     if env is None:
         proxies = urllib.request.getproxies_environment()
     else:  # the same rule as getproxies_environment: lower-case names win
@@ -112,11 +154,16 @@ def proxy_for(host: str, env: dict[str, str] | None = None) -> tuple[str, int] |
     if not proxy or bypass(host, proxies):
         return None
     rest = proxy.split("://", 1)[-1].rstrip("/")
-    rest = rest.rsplit("@", 1)[-1]
-    return parse_host_port(rest, 3128)
+    userinfo, _, hostport = rest.rpartition("@")
+    name, port = parse_host_port(hostport, 3128)
+    auth = ""
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        auth = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return Proxy(name, port, auth)
 
 
-def open_connection(host: str, port: int, timeout: float, proxy: tuple[str, int] | None) -> socket.socket:
+def open_connection(host: str, port: int, timeout: float, proxy: Proxy | None) -> socket.socket:
     """A TCP connection to host:port, through an HTTP CONNECT proxy when one applies.
 
     Raises :class:`HopError` naming the hop that failed, so that a site's IT admin knows whom to ask.
@@ -131,9 +178,9 @@ def open_connection(host: str, port: int, timeout: float, proxy: tuple[str, int]
             raise HopError(
                 "tcp", f"cannot connect to {host}:{port} ({reason})", f"allow outbound TCP {port} to {host}"
             ) from None
-    where = "{}:{}".format(*proxy)
+    where = f"{proxy.host}:{proxy.port}"
     try:
-        sock = socket.create_connection(proxy, timeout=timeout)
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=timeout)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise HopError(
@@ -141,7 +188,10 @@ def open_connection(host: str, port: int, timeout: float, proxy: tuple[str, int]
             f"the proxy {where} (HTTPS_PROXY) is unreachable ({reason})",
             "check HTTPS_PROXY, and that the proxy runs (ask the team that runs it)",
         ) from None
-    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    if proxy.auth:  # Basic authentication, as httpx and curl send it
+        request += f"Proxy-Authorization: Basic {base64.b64encode(proxy.auth.encode('utf-8')).decode('ascii')}\r\n"
+    request += "\r\n"
     reply = b""
     try:
         sock.sendall(request.encode("ascii"))
@@ -158,10 +208,16 @@ def open_connection(host: str, port: int, timeout: float, proxy: tuple[str, int]
     if code == "200":
         return sock
     sock.close()
-    if code == "407":
+    if code in ("407", "401") and proxy.auth:  # tinyproxy answers a wrong password with 401
         raise HopError(
             "proxy-auth",
-            f"the proxy {where} wants credentials (407)",
+            f"the proxy {where} refused the user name or password in HTTPS_PROXY ({code})",
+            "check them (percent-encode special characters: @ as %40, : as %3A, / as %2F), or ask IT",
+        )
+    if code in ("407", "401"):
+        raise HopError(
+            "proxy-auth",
+            f"the proxy {where} wants credentials ({code}) and HTTPS_PROXY has none",
             "put them into HTTPS_PROXY as http://USER:PASSWORD@HOST:PORT, or ask IT for an exemption",
         )
     raise HopError(
@@ -196,7 +252,7 @@ def check_destination(host: str, port: int, why: str, timeout: float) -> list[Ro
     try:
         with open_connection(host, port, timeout, proxy):
             pass
-        via = " via proxy {}:{}".format(*proxy) if proxy else ""
+        via = f" via proxy {proxy.host}:{proxy.port}" if proxy else ""
         rows.append(Row("tcp " + name, PASS, f"reachable{via} ({why})"))
     except HopError as exc:
         rows.append(Row(hop_check(exc.hop, host, port), FAIL, f"{exc.message} ({why})", exc.fix))
@@ -237,7 +293,7 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
     """TCP and TLS to the SuperLink gateway: identity, interception, expiry, clock skew."""
     name = f"gateway {host}:{port}"
     proxy = proxy_for(host)
-    via = " via proxy {}:{}".format(*proxy) if proxy else ""
+    via = f" via proxy {proxy.host}:{proxy.port}" if proxy else ""
     try:
         raw = open_connection(host, port, timeout, proxy)
     except HopError as exc:
@@ -352,7 +408,7 @@ def explain_untrusted(check: str, host: str, port: int, ca: Path | None, peer: d
 def hop_check(hop: str, host: str, port: int, what: str = "") -> str:
     """The checklist row a failed hop belongs to (``what``: e.g. ``gateway `` before the address)."""
     proxy = proxy_for(host)
-    proxy_name = "{}:{}".format(*proxy) if proxy else "?"
+    proxy_name = f"{proxy.host}:{proxy.port}" if proxy else "?"
     return {
         "dns": f"dns {host}",
         "tcp": f"tcp {what}{host}:{port}",
@@ -369,7 +425,7 @@ def _decode_pem_file(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _fetch_unverified(host: str, port: int, timeout: float, proxy: tuple[str, int] | None) -> dict[str, Any]:
+def _fetch_unverified(host: str, port: int, timeout: float, proxy: Proxy | None) -> dict[str, Any]:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -488,13 +544,13 @@ def render_allowlist(superlink: tuple[str, int] | None, destinations: list[dict[
 
 def build_parser(prog: str = "firewall_checklist.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--superlink", help="gateway address HOST:PORT (port 9092 if left out)")
-    parser.add_argument("--ca", type=Path, help="federation ca.crt (detects TLS interception)")
+    parser.add_argument("--superlink", help="gateway address HOST:PORT (port 9092 if left out; default: the kit's)")
+    parser.add_argument("--ca", type=Path, help="federation ca.crt (detects TLS interception; default: the kit's)")
     parser.add_argument(
         "--install-path",
         choices=INSTALL_PATHS,
-        default="conda",
-        help="how packages reach this VM (default: conda)",
+        default=None,
+        help="how packages reach this VM (default in a site kit: offline when it carries wheels/, else conda)",
     )
     parser.add_argument(
         "--os-packages",
@@ -517,7 +573,28 @@ def build_parser(prog: str = "firewall_checklist.py") -> argparse.ArgumentParser
     return parser
 
 
+def apply_kit(args: argparse.Namespace) -> Row:
+    """Fill what was not given from the site kit this runs in; the row that says where each came from."""
+    kit = find_kit()
+    known = kit_defaults(kit) if kit is not None else {}
+    taken = []
+    if args.superlink is None and "superlink" in known:
+        args.superlink = known["superlink"]
+        taken.append(f"gateway {args.superlink}")
+    if args.ca is None and "ca" in known and args.superlink == known.get("superlink"):
+        args.ca = Path(known["ca"])
+        taken.append("ca.crt")
+    if args.install_path is None:
+        args.install_path = known.get("install_path", "conda")
+        why = {"offline": "the kit carries wheels/", "conda": "the kit has no wheels/"}[args.install_path]
+        taken.append(f"install path {args.install_path} ({why})" if kit is not None else "")
+    detail = ", ".join(t for t in taken if t)
+    where = f"from the site kit {kit}: {detail}" if kit is not None and detail else "no site kit here: options only"
+    return Row("kit", INFO, where, required=False)
+
+
 def run_checks(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, Any]], tuple[str, int] | None]:
+    kit_row = apply_kit(args)
     destinations = load_destinations(args.domains_file, args.install_path, args.os_packages)
     for extra in args.extra_domain:
         host, port = parse_host_port(extra, 443)
@@ -525,7 +602,7 @@ def run_checks(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, Any]
     superlink = parse_host_port(args.superlink, 9092) if args.superlink else None
     if args.allowlist:
         return [], destinations, superlink
-    rows: list[Row] = []
+    rows: list[Row] = [kit_row]
     for dest in destinations:
         rows.extend(check_destination(dest["host"], int(dest["port"]), dest.get("why", ""), args.timeout))
     if superlink is not None:

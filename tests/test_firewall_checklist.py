@@ -229,3 +229,40 @@ def test_cli_wrapper_passes_arguments_and_exit_code() -> None:
     assert ok.returncode == 0 and "localhost (127.0.0.1)\t9092" in ok.stdout
     bad = run_cli("check", "firewall", "--install-path", "offline", "--superlink", f"127.0.0.1:{free_port()}")
     assert bad.returncode == 1 and "FAIL" in bad.stdout
+
+
+def test_in_a_site_kit_it_checks_what_that_kit_needs(fed: FederationLayout, tmp_path: Path) -> None:
+    """`python3 firewall_checklist.py` in an unpacked kit: gateway, CA and install path come from the kit.
+
+    A kit that carries `wheels/` installs offline, so only the gateway is needed (no package
+    destination is checked); without `wheels/` the conda destinations are listed.
+    """
+    built = run_cli("kit", "build", "-d", str(fed.root), "--site", "inst-a", timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    kit = tmp_path / "inst-a"
+    shutil.copytree(fed.root / "kits" / "inst-a", kit)
+    base = {k: v for k, v in os.environ.items() if k.lower() not in ("https_proxy", "no_proxy")}
+    with tls_server(fed.server_cert, fed.server_key) as port:
+        site = kit / "site.toml"
+        site.write_text(site.read_text().replace(f"superlink_port = {fed_port(site)}", f"superlink_port = {port}"))
+        (kit / "wheels").mkdir()
+        shutil.copy(next(kit.glob("flowerbed-*.whl")), kit / "wheels")  # an offline kit holds its wheels here
+        offline = subprocess.run([sys.executable, "-I", "-S", "firewall_checklist.py", "--json"], cwd=kit,
+                                 capture_output=True, text=True, timeout=60, env=base, check=False)  # fmt: skip
+        shutil.rmtree(kit / "wheels")
+        online = subprocess.run([sys.executable, "-I", "-S", "firewall_checklist.py", "--allowlist"],
+                                cwd=kit, capture_output=True, text=True, timeout=60, env=base, check=False)  # fmt: skip
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    by = rows(offline)
+    assert by["kit"]["detail"] == (f"from the site kit {kit}: gateway localhost:{port}, ca.crt, install path offline "
+                                   "(the kit carries wheels/)")  # fmt: skip
+    assert by[f"tls gateway localhost:{port}"]["status"] == "PASS"
+    assert "verified against ca.crt" in str(by[f"tls gateway localhost:{port}"]["detail"])
+    assert not any(name.startswith(("dns pypi", "tcp pypi", "dns repo")) for name in by)
+    assert online.returncode == 0, online.stderr  # no wheels/: the conda install path's destinations too
+    assert "repo.anaconda.com" in online.stdout and "localhost" in online.stdout
+
+
+def fed_port(site_toml: Path) -> str:
+    return next(line.split("=")[1].strip() for line in site_toml.read_text().splitlines()
+                if line.startswith("superlink_port"))  # fmt: skip

@@ -23,6 +23,8 @@ from tests.hosts.netns import Host, available, network
 
 DOCS = Path(__file__).parent.parent.parent / "docs"
 PROXY = "proxy.example.org"
+PROXY_USER, PROXY_PASSWORD = "inst-b", "hospital.proxy-pass"
+PROXY_PASSWORD_URL = PROXY_PASSWORD.replace(".", "%2E").replace("-", "%2D")  # percent-encoded, as for '@' or ':'
 GATEWAY = "link.example.org"
 LOOPBACK = ("127.", "[::1]", "[::ffff:127.")  # as `ss` prints loopback listeners
 
@@ -84,7 +86,7 @@ def start_proxy(proxy: Host, subnet: str) -> None:
     conf = proxy.home / "tinyproxy.conf"
     conf.write_text(
         f"User nobody\nGroup nogroup\nPort 3128\nListen {proxy.address}\nTimeout 600\n"
-        f"Allow {subnet}\nConnectPort 9092\nLogLevel Info\n"
+        f"Allow {subnet}\nConnectPort 9092\nLogLevel Info\nBasicAuth {PROXY_USER} {PROXY_PASSWORD}\n"
         f'PidFile "{logs}/tinyproxy.pid"\nMaxClients 64\n'
     )
     proc = proxy.start("tinyproxy", f"exec tinyproxy -d -c {conf}")
@@ -112,7 +114,8 @@ def test_from_nothing_to_a_converged_run_on_three_hosts(tmp_path: Path) -> None:
     with network(tmp_path / "hosts") as net:
         coordinator = net.add("coordinator")
         site_a = net.add("inst-a")
-        site_b = net.add("inst-b", env={"HTTPS_PROXY": f"http://{PROXY}:3128"})
+        # The hospital's proxy wants a password (tinyproxy BasicAuth); the URL carries it percent-encoded.
+        site_b = net.add("inst-b", env={"HTTPS_PROXY": f"http://{PROXY_USER}:{PROXY_PASSWORD_URL}@{PROXY}:3128"})
         proxy = net.add("proxy")
         net.name(GATEWAY, coordinator)
         net.name(PROXY, proxy)
@@ -149,6 +152,18 @@ def test_from_nothing_to_a_converged_run_on_three_hosts(tmp_path: Path) -> None:
         assert after[f"tls gateway {GATEWAY}:9092"]["status"] == "PASS"
         assert after[f"tcp {PROXY}:3128"]["status"] == "FAIL"
         assert after["inbound"]["status"] == "PASS"
+        # The IT admin's page, as written, on this gateway-only VM with an offline kit (it carries wheels/).
+        verify = [b for b in blocks(DOCS / "it-admin.md") if b.section == "Verify"]
+        kit_a = site_a.home / "inst-a"
+        (kit_a / "wheels").mkdir()
+        shutil.copy(next(kit_a.glob("flowerbed-*.whl")), kit_a / "wheels")
+        as_written = site_a.run(verify[0].command, cwd=kit_a)
+        assert as_written.returncode == 0, as_written.stdout + as_written.stderr
+        assert "install path offline (the kit carries wheels/)" in " ".join(as_written.stdout.split())
+        offline_line, conda_line, _pip_line = verify[1].command.splitlines()
+        assert site_a.run(offline_line, cwd=kit_a).returncode == 0
+        conda = site_a.run(conda_line, cwd=kit_a)  # a conda install needs more than this allowlist: said so
+        assert conda.returncode == 1 and "does not resolve" in conda.stdout, conda.stdout
         shutil.rmtree(site_a.home / "inst-a")
 
         # Each site follows its page exactly (inst-b's text is the same with its own name).
@@ -182,6 +197,9 @@ def test_from_nothing_to_a_converged_run_on_three_hosts(tmp_path: Path) -> None:
         exposed = [a for a in coordinator.listeners() if not a.startswith(LOOPBACK)]
         assert exposed == ["0.0.0.0:9092"], coordinator.listeners()
         assert f"{GATEWAY}:9092" in proxy.procs[0].text()  # inst-b's traffic went through the proxy
+        for secret in (PROXY_PASSWORD, PROXY_PASSWORD_URL):  # the proxy's password is never shown or logged
+            assert secret not in supernodes["inst-b"].text()
+            assert not any(secret in p.read_text(errors="replace") for p in (site_b.home / "inst-b").rglob("*.log"))
 
         # The proxy goes down: the site behind it says so, naming the proxy; preflight fails.
         proxy.procs[0].stop()
