@@ -314,6 +314,9 @@ def check_gateway(host: str, port: int, ca: Path | None, timeout: float) -> list
             received = time.time()
     except ssl.SSLCertVerificationError as exc:
         peer = _fetch_unverified(host, port, timeout, proxy)
+        early = not_yet_valid(peer, _decode_pem_file(ca) if ca is not None else {}, time.time())
+        if early is not None or exc.verify_code == 9:  # X509_V_ERR_CERT_NOT_YET_VALID
+            return [*rows, clock_behind_row("tls " + name, early, _gateway_clock(host, port, timeout, proxy))]
         if exc.verify_code in (62, 64) or "mismatch" in str(exc.verify_message).lower():
             return [
                 *rows,
@@ -434,6 +437,48 @@ def _fetch_unverified(host: str, port: int, timeout: float, proxy: Proxy | None)
             return decode_der(tls.getpeercert(binary_form=True) or b"")
     except OSError:
         return {}
+
+
+def not_yet_valid(peer: dict[str, Any], ca: dict[str, Any], now: float) -> str | None:
+    """The ``notBefore`` of the gateway's certificate or the CA that lies ahead of ``now``, if one does."""
+    for cert in (peer, ca):
+        start = cert.get("notBefore")
+        if start and ssl.cert_time_to_seconds(start) > now:
+            return str(start)
+    return None
+
+
+def _span(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} s"
+
+
+def _gateway_clock(host: str, port: int, timeout: float, proxy: Proxy | None) -> float | None:
+    """Seconds this VM's clock is ahead of the gateway's (its Date header, over unverified TLS); None: unknown."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with open_connection(host, port, timeout, proxy) as raw, ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            head, received = tls.recv(4096).decode("latin-1"), time.time()
+    except OSError:
+        return None
+    return check_clock(head, received).value
+
+
+def clock_behind_row(check: str, starts: str | None, ahead: float | None) -> Row:
+    """A certificate that is not valid yet on this VM's clock: a clock problem, with the offset."""
+    valid = f"the gateway's certificate chain is valid from {starts}" if starts else "the certificate is not valid yet"
+    if ahead is not None and ahead < 0:
+        what = f"this VM's clock is {_span(ahead)} behind the gateway's ({valid} on the gateway's clock)"
+    else:
+        what = f"this VM's clock says the certificate is not valid yet ({valid}): the clock is behind"
+    return Row(check, FAIL, what, "set this VM's clock (NTP); the certificate itself is fine", value=ahead)
 
 
 def check_clock(head: str, received: float) -> Row:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,10 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 from flowerbed.audit import RUN, anchor_here, append_here
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import RunSettings
+from flowerbed.layout import FederationLayout
 from flowerbed.serverapp.history import SUMMARY, History
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row
 from flowerbed.serverapp.strategies import make_strategy
+from flowerbed.superlink.sites import load_registry
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
 app = ServerApp()
@@ -41,9 +44,8 @@ def main(grid: Grid, context: Context) -> None:
     if resume is not None:
         summary["resumed_from_round"] = resume.round
     try:
-        outcome = run_rounds(
-            grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history, resume=resume
-        )
+        outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history,
+                             resume=resume, revoked=revoked_sites(FederationLayout(out_dir.parent.parent)))  # fmt: skip
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
@@ -72,6 +74,19 @@ def main(grid: Grid, context: Context) -> None:
     )
     history.finish(outcome.final_arrays.to_torch_state_dict(), summary)
     _audit_end(out_dir, summary)
+
+
+def revoked_sites(layout: FederationLayout) -> Callable[[], dict[int, str]]:
+    """node id -> site for the sites the coordinator revoked (its site registry), read when asked."""
+
+    def revoked() -> dict[int, str]:
+        try:
+            registry = load_registry(layout)
+        except (OSError, ValueError):
+            return {}
+        return {int(e["node_id"]): name for name, e in registry.items() if e.get("revoked") and e.get("node_id")}
+
+    return revoked
 
 
 def _audit_end(out_dir: Path, summary: dict[str, object]) -> None:

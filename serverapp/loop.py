@@ -46,23 +46,50 @@ class Outcome:
 PULL_S, PULL_SLOW_S, PULL_QUICK_FOR_S = 0.2, 1.0, 60.0  # replies polled 5x a second, after a minute 1x
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, clock: Clock = time.monotonic) -> list[Message]:
+REVOKED_CHECK_S = 2.0  # how often an exchange asks whether a site it waits for was revoked
+
+Revoked = Callable[[], dict[int, str]]  # node id -> site, for the sites revoked by the coordinator
+
+
+def exchange(
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    clock: Clock = time.monotonic,
+    *,
+    revoked: Revoked | None = None,
+    dropped: dict[int, str] | None = None,
+) -> list[Message]:
     """Flower's ``grid.send_and_receive``, polling for replies every 0.2 s (1 s after a minute), not every 3 s.
 
     flwr 1.42's HttpGrid sleeps 3 s between pulls (flwr/superlink/grid/http_grid.py), up to 3 s added
-    to every exchange; this uses the same public ``push_messages``/``pull_messages``.
+    to every exchange; this uses the same public ``push_messages``/``pull_messages``. ``revoked``:
+    a site revoked while the exchange waits for it is not waited for (Flower would only answer after
+    minutes); its node goes into ``dropped`` with the reason.
     """
     waiting = set(grid.push_messages(messages))
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
     start = clock()
+    next_check = start + REVOKED_CHECK_S
     replies: list[Message] = []
     while waiting:
         got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
         elapsed = clock() - start
+        if revoked is not None and waiting and clock() >= next_check:
+            next_check = clock() + REVOKED_CHECK_S
+            gone = revoked()
+            for message_id in [m for m in waiting if node_of.get(m) in gone]:
+                waiting.discard(message_id)  # named below
         if not waiting or elapsed >= timeout:
             break
         time.sleep(min(PULL_S if elapsed < PULL_QUICK_FOR_S else PULL_SLOW_S, timeout - elapsed))
+    if revoked is not None and dropped is not None:  # Flower's own error replies for a revoked node, named
+        gone = revoked()
+        for node in set(node_of.values()) & set(gone):
+            dropped.setdefault(node, f"site {gone[node]} was revoked by the coordinator (`flowerbed certs revoke`); "
+                               "dropped from this round")  # fmt: skip
     return replies
 
 
@@ -134,13 +161,17 @@ class Replies:
         return len(self.errors) > len(self.absent) + len(self.retired)
 
 
-def _split(messages: list[Message], replies: list[Message], sites: SiteNames) -> Replies:
+def _split(
+    messages: list[Message], replies: list[Message], sites: SiteNames, dropped: dict[int, str] | None = None
+) -> Replies:
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     out = Replies([], [], [])
     for reply in replies:
         node_id = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         sites.learn(node_id, reply)
-        if reply.has_error():
+        if reply.has_error() and dropped and node_id in dropped:  # revoked: gone for good, not away
+            out.errors.append(dropped[node_id])
+        elif reply.has_error():
             reason = str(reply.error.reason)
             who = sites.name(node_id)
             # Our ClientApp's own errors already start with "site NAME:"; Flower's do not.
@@ -163,9 +194,13 @@ def _split(messages: list[Message], replies: list[Message], sites: SiteNames) ->
     out.sites.sort()
     answered = {dst.get(r.metadata.reply_to_message_id) for r in replies}
     for node in dst.values():
-        if node not in answered:
-            out.errors.append(f"{sites.name(node)}: no reply before round-timeout-s")
-            out.absent.append(sites.name(node))
+        if node in answered:
+            continue
+        if dropped and node in dropped:  # not absent: gone for good, never waited for
+            out.errors.append(dropped[node])
+            continue
+        out.errors.append(f"{sites.name(node)}: no reply before round-timeout-s")
+        out.absent.append(sites.name(node))
     return out
 
 
@@ -308,6 +343,7 @@ def run_rounds(
     clock: Clock = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     resume: ResumePoint | None = None,
+    revoked: Revoked | None = None,
 ) -> Outcome:
     """Train until target/plateau/max-rounds/time-budget.
 
@@ -317,6 +353,7 @@ def run_rounds(
 
     ``resume``: go on after the round it names, with the convergence state its history implies
     (the time budget counts the time already spent in rounds, not the time the coordinator was down).
+    ``revoked``: the sites revoked by the coordinator (node id -> site), asked while a round waits.
     """
     tracker = ConvergenceTracker(settings)
     sites = SiteNames()
@@ -366,7 +403,9 @@ def run_rounds(
                     grid, messages, arrays, server_round=server_round, settings=settings, sites=sites, clock=clock
                 )
             else:
-                got = _split(messages, exchange(grid, messages, settings.round_timeout_s, clock), sites)
+                dropped: dict[int, str] = {}
+                replies = exchange(grid, messages, settings.round_timeout_s, clock, revoked=revoked, dropped=dropped)
+                got = _split(messages, replies, sites, dropped)
                 got = screen(got, arrays, settings.max_update_norm)
             retired |= got.retired
             spent |= got.privacy

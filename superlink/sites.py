@@ -176,6 +176,10 @@ def revoke_site(layout: FederationLayout, name: str) -> tuple[str | None, bool]:
                 f"the SuperLink registered {name}'s key before flowerbed kept node ids: "
                 f"find it with `flwr supernode ls` and unregister it with `flwr supernode unregister ID`"
             )
+        # Recorded first: a round waiting for this node reads the registry and names it revoked.
+        registry[name] = {**(entry or {}), "node_id": node_id, "revoked": True, "revoked_at": _now(),
+                          "pending_unregister": True}  # fmt: skip
+        save_registry(layout, registry)
         flwrcli.unregister_node(layout.flwr_home, int(node_id))
         now_done = True
     revoked_dir = layout.nodes / "revoked"
@@ -184,7 +188,8 @@ def revoke_site(layout: FederationLayout, name: str) -> tuple[str | None, bool]:
     for path in (layout.node_key(name), layout.node_pub(name)):
         if path.exists():
             shutil.move(str(path), revoked_dir / f"{stamp}-{path.name}")
-    registry[name] = {**(entry or {}), "node_id": node_id, "revoked": True, "revoked_at": _now(),
+    registry[name] = {**(entry or {}), **registry.get(name, {}), "node_id": node_id, "revoked": True,
+                      "revoked_at": registry.get(name, {}).get("revoked_at") or _now(),
                       "pending_unregister": not now_done}  # fmt: skip
     save_registry(layout, registry)
     audit.append(layout.audit, audit.CERT, "coordinator", event="site revoked", site=name, node_id=node_id,

@@ -25,6 +25,7 @@ from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, st
 from flowerbed.superlink import flwrcli, gateway, sites
 from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.launch import REPLIES_ENV
+from flowerbed.superlink.refusals import RefusalWatch
 from flowerbed.warmexec import can_fork
 
 EXECUTOR = "ServerApp executor"
@@ -235,6 +236,7 @@ def supervise(
     window_s: float = 600.0,
     deadline_s: float = 90.0,
     keeper: RunKeeper | None = None,
+    refusals: RefusalWatch | None = None,
 ) -> None:
     """Block until ``should_stop``; a child that dies is restarted with backoff while the others run on.
 
@@ -242,7 +244,7 @@ def supervise(
     would hold the port); a dead executor's group is left running, because the ServerApp it started
     goes on with the run, and is ended when the coordinator stops. More than ``max_restarts`` deaths
     of one child within ``window_s`` is an error naming its log. ``keeper`` resumes runs whose
-    ServerApp died.
+    ServerApp died; ``refusals`` names node keys the SuperLink refused as unknown.
     """
     deaths: dict[str, list[float]] = {}
     while not should_stop():
@@ -250,6 +252,8 @@ def supervise(
         if dead is None:
             if keeper is not None:
                 keeper.tick()
+            for line in refusals.tick() if refusals is not None else []:
+                report(line)
             time.sleep(poll_s)
             continue
         now = time.monotonic()

@@ -39,3 +39,32 @@ def sign_off(superlink: str, ca: Path, key: Path, node_id: int) -> str | None:
     except (httpx.HTTPError, OSError) as exc:
         return str(exc) or type(exc).__name__
     return None
+
+
+def is_registered(superlink: str, ca: Path, key: Path) -> bool | None:
+    """Whether the SuperLink knows this node key; None when the probe got no clear answer.
+
+    Flower answers every refused activation alike ("Failed to activate SuperNode"), whether the key
+    is unknown or its previous session is still online. An activation with an out-of-range
+    heartbeat interval tells them apart without side effects: Flower looks the key up first (an
+    unknown key: 412, activation failed) and checks the interval next (a known key: 400, invalid
+    heartbeat interval), and activates nothing in either case (flwr 1.42, ``activate_node``).
+    """
+    import httpx
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    private_key = load_private_key(key)
+    public_key = private_key.public_key()
+    try:
+        with FleetHttpClient.from_server_address(
+            superlink, False, ca.read_bytes(), interceptors=[NodeAuthHttpInterceptor(private_key, public_key)]
+        ) as client:
+            client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(public_key), heartbeat_interval=-1))
+    except httpx.HTTPStatusError as exc:
+        return {400: True, 412: False}.get(exc.response.status_code)
+    except (httpx.HTTPError, OSError):
+        return None
+    return None  # activated with an invalid interval: not what flwr 1.42 does

@@ -23,6 +23,7 @@ from typing import IO
 from flowerbed import audit
 from flowerbed.audit import AUDIT_ENV, AUDIT_FILE
 from flowerbed.certs.files import write_private
+from flowerbed.certs.nodekeys import load_public_key, public_fingerprint
 from flowerbed.clientapp.privacy import node_config_of
 from flowerbed.clientapp.secure import SECURE_ONLY_KEY
 from flowerbed.config import SitePrivacy
@@ -32,7 +33,7 @@ from flowerbed.proc import ManagedProcess, child_env, executable
 from flowerbed.supernode.events import TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
 from flowerbed.supernode.node import FLOWER_IDLE_S, PULL_ENV
-from flowerbed.supernode.signoff import sign_off
+from flowerbed.supernode.signoff import is_registered, sign_off
 from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork
 
 CONNECTED = "SuperNode ID:"
@@ -488,6 +489,18 @@ class Supervisor:
                 if attempt.rejected and not attempt.connected:
                     now = time.monotonic()
                     first_refusal = first_refusal or now
+                    unknown = now == first_refusal and is_registered(self.spec.superlink, self.spec.ca,
+                                                                     self.spec.key) is False  # fmt: skip
+                    if unknown:
+                        fingerprint = public_fingerprint(
+                            load_public_key(self.spec.key.with_name(self.spec.key.name + ".pub"))
+                        )
+                        raise FlowerbedError(
+                            f"the SuperLink does not know node key {self.spec.key.name} ({fingerprint}): it is not "
+                            f"registered; ask the coordinator to register {self.spec.key.name}.pub (`flowerbed "
+                            "superlink start` registers every site key in the federation)",
+                            exit_code=ExitCode.REJECTED,
+                        )
                     if now - first_refusal >= self.rejected_window_s:
                         raise FlowerbedError(
                             f"the SuperLink refused node key {self.spec.key.name} for "

@@ -266,3 +266,17 @@ def test_in_a_site_kit_it_checks_what_that_kit_needs(fed: FederationLayout, tmp_
 def fed_port(site_toml: Path) -> str:
     return next(line.split("=")[1].strip() for line in site_toml.read_text().splitlines()
                 if line.startswith("superlink_port"))  # fmt: skip
+
+
+def test_a_clock_days_behind_is_named_as_a_clock_problem(fed: FederationLayout) -> None:
+    """A site clock 2 days behind sees the kit's certificates as not yet valid: said so, with the offset."""
+    from tests.test_clock import faketime_library
+
+    env = {"LD_PRELOAD": faketime_library(), "FAKETIME": "-2d", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    with tls_server(fed.server_cert, fed.server_key) as port:
+        result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert), "--json", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    row = rows(result)[f"tls gateway localhost:{port}"]
+    assert row["status"] == "FAIL"
+    assert str(row["detail"]).startswith("this VM's clock is 2.0 days behind the gateway's"), row
+    assert "signed by another key" not in str(row["detail"]) and "set this VM's clock (NTP)" in str(row["fix"])

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flowerbed.probes import tcp_open
@@ -102,3 +103,38 @@ def test_nginx_location_override_is_checked(tmp_path: Path) -> None:
     assert f"FLOWERBED_NGINX is {tmp_path / 'no-nginx'}, which does not exist" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     assert not layout.pidfile.exists()
+
+
+def test_refused_node_keys_are_named_at_both_ends(tmp_path: Path) -> None:
+    """A key the SuperLink does not know: the site says "not registered" at once, the coordinator names it."""
+    from flowerbed.certs.nodekeys import NodeKeyPair, load_public_key, public_fingerprint
+    from flowerbed.demodata import make_demo_data
+    from flowerbed.probes import free_port
+    from tests.conftest import SITES, run_cli
+
+    config = make_config("refused")
+    layout = make_federation(tmp_path / "fed", config)
+    data = make_demo_data(tmp_path / "data", SITES)
+    key = tmp_path / "stranger.key"
+    NodeKeyPair.generate("stranger").write(key, tmp_path / "stranger.key.pub")
+    fingerprint = public_fingerprint(load_public_key(tmp_path / "stranger.key.pub"))
+    proc = subprocess.Popen([sys.executable, "-m", "flowerbed", "superlink", "start", "-d", str(layout.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert wait_for(layout.pidfile.exists, 120), "the coordinator did not start"
+        started = time.monotonic()
+        site = run_cli("supernode", "start", "--superlink", f"localhost:{config.superlink.port}", "--ca",
+                       str(layout.ca_cert), "--key", str(key), "--data", str(data.site_files["inst-a"]), "--workdir",
+                       str(tmp_path / "work"), "--port", str(free_port()), timeout=200)  # fmt: skip
+        took = time.monotonic() - started
+        time.sleep(3)  # the coordinator reads its SuperLink's log each second
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    text = " ".join((site.stdout + site.stderr).split())
+    assert site.returncode == 4 and "Traceback" not in text, text  # ExitCode.REJECTED
+    assert f"the SuperLink does not know node key stranger.key ({fingerprint}): it is not registered" in text, text
+    assert "previous session" not in text and took < 60, (took, text)  # at once, not after 150 s of retries
+    flat = " ".join(output.split())
+    assert f"the SuperLink refused node key {fingerprint} (a key this federation does not know)" in flat, flat
+    assert flat.count(fingerprint) == 1  # once, not for every retry

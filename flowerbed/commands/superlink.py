@@ -13,6 +13,7 @@ from flowerbed.console import info, out, warn
 from flowerbed.filemodes import exposure_warning
 from flowerbed.layout import FederationLayout
 from flowerbed.superlink.keeper import RunKeeper
+from flowerbed.superlink.refusals import RefusalWatch
 from flowerbed.superlink.stack import start_stack, supervise
 
 app = typer.Typer(help="Run the coordinator: SuperLink, ServerApp executor and Fleet gateway.",
@@ -51,7 +52,8 @@ def start(
         out.print(f"logs: {layout.logs}; submit a run with `flowerbed run -d {fed_dir}`; Ctrl-C stops")
         keeper = RunKeeper(layout, info, enabled=resume_runs, control_port=sl.internal_port)
         keeper.tick(why="; the coordinator had stopped", startup=True)
-        supervise(stack, should_stop=stop.is_set, report=info, keeper=keeper)
+        refusals = RefusalWatch(layout, layout.logs / "superlink.log")
+        supervise(stack, should_stop=stop.is_set, report=info, keeper=keeper, refusals=refusals)
     finally:
         stack.stop()
         info("stopped SuperLink, executor and gateway")

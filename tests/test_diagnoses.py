@@ -1,0 +1,62 @@
+"""Diagnoses that name the real cause: a site revoked while a round waits for it is dropped at once.
+
+Real SuperLink, gateway and SuperNodes on loopback; the revoked site's SuperNode is frozen
+(SIGSTOP) so that the round has to wait for it, as for a site that is still training.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from flowerbed.config import RunSettings
+from flowerbed.demodata import make_demo_data
+from flowerbed.runner import check_result, follow, submit
+from flowerbed.serverapp.history import read_rows
+from flowerbed.superlink.stack import start_stack
+from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for
+
+
+def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:
+    a, b = SITES[:2]
+    config = make_config("revoke", [a, b], min_nodes=1, max_rounds=2, round_timeout_s=150, patience=10)
+    layout = make_federation(tmp_path / "fed", config)
+    data = make_demo_data(tmp_path / "data", SITES)
+    stack = start_stack(layout, config)
+    frozen: list[int] = []
+    try:
+        with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
+                              tmp_path / "work") as sups:  # fmt: skip
+            assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
+            for proc in (sups[b].process, sups[b].executor):  # b takes the task but never answers
+                if proc is not None and proc.pid is not None:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    frozen.append(proc.pid)
+            settings = RunSettings.model_validate(config.run.model_dump())
+            handle = submit(layout, settings, name="revoked-mid-round")
+            time.sleep(8)  # round 1 is out, a has answered, b is frozen
+            assert not any(r.get("kind") == "train" for r in read_rows(handle.out_dir))  # still waiting for b
+            revoked = run_cli("certs", "revoke", b, "-d", str(layout.root))
+            assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+            at = time.monotonic()
+            assert wait_for(lambda: any(r.get("kind") == "train" for r in read_rows(handle.out_dir)), 60)
+            dropped_after = time.monotonic() - at
+            result = follow(layout, handle, timeout_s=300)
+            check_result(result, handle)
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            frozen.clear()
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        stack.stop()
+    first = next(r for r in result.rows if r["kind"] == "train")
+    assert first["round"] == 1 and first["sites"] == [a], first
+    assert (
+        f"site {b} was revoked by the coordinator (`flowerbed certs revoke`); dropped from this round"
+        in first["errors"]
+    ), first
+    assert dropped_after < 20, dropped_after  # not the 150 s round timeout
+    assert all(r["sites"] == [a] for r in result.rows if r["kind"] == "train")
