@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flowerbed.audit import RUN, anchor_here, append_here
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import RunSettings
+from flowerbed.diskspace import DiskFullError, write_atomic
+from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
-from flowerbed.serverapp.history import SUMMARY, History
+from flowerbed.serverapp.history import SUMMARY, History, repair
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row
 from flowerbed.serverapp.strategies import make_strategy
@@ -29,6 +35,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run rounds until convergence and write history, checkpoints, final model and plot."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     out_dir = Path(str(context.run_config.get("output-dir", "flowerbed-run"))).expanduser()
+    if context.run_config.get(RESUME_KEY):
+        for note in repair(out_dir):  # a torn last line (a kill or a full disk mid-write) is cut off, kept aside
+            log(WARNING, "%s", note)
     resume = load_resume_point(out_dir) if context.run_config.get(RESUME_KEY) else None
     history = History(out_dir, resume.rows if resume else None)
     mark_serverapp(out_dir, context.run_id)
@@ -54,6 +63,13 @@ def main(grid: Grid, context: Context) -> None:
         # (not SystemExit, which flwr's run_serverapp does not catch) sets the run's status at once,
         # instead of when the task heartbeat expires a minute later.
         raise RuntimeError(f"flowerbed run failed: {exc}") from None
+    except DiskFullError as exc:
+        # The run ends, said why; the coordinator and its other runs go on. `run --resume` after freeing space.
+        summary.update(status="failed", stop_reason=exc.message, seconds=round(time.time() - started, 1))
+        with contextlib.suppress(OSError, FlowerbedError):  # the summary is small; it may still fit
+            write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=2).encode("utf-8"))
+            _audit_end(out_dir, summary)
+        raise RuntimeError(f"flowerbed run failed: {exc.message}") from None
     except Exception as exc:
         # A fault of the ServerApp itself: recorded as the end of the run, so that nothing resumes
         # it over and over; `flowerbed run --resume` goes on once it is mended.

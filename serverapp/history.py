@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from flowerbed.diskspace import append_whole, ensure_space, is_disk_full, write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -61,50 +64,101 @@ class History:
         self.rows: list[RoundRow] = list(rows or [])
 
     def append(self, row: RoundRow) -> None:
-        self.rows.append(row)
-        with (self.out_dir / HISTORY_JSONL).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(asdict(row)) + "\n")
+        """Write ``row`` to history.jsonl and history.csv, each line whole or not at all (a full disk raises)."""
+        line = io.StringIO()
+        writer = csv.writer(line, lineterminator="\n")  # one kind of line ending, as in the JSON lines
         path = self.out_dir / HISTORY_CSV
-        new = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(COLUMNS)
-            writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
+        if not path.exists():
+            writer.writerow(COLUMNS)
+        writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
+        append_whole(self.out_dir / HISTORY_JSONL, (json.dumps(asdict(row)) + "\n").encode("utf-8"))
+        append_whole(path, line.getvalue().encode("utf-8"))
+        self.rows.append(row)
 
     def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor], keep: int = 3) -> Path | None:
-        """Save this round's aggregated model; keep only the last ``keep`` round checkpoints (0: none)."""
-        import torch
+        """Save this round's aggregated model; keep only the last ``keep`` round checkpoints (0: none).
 
+        The space it needs is checked first; a full disk raises :class:`DiskFullError` and leaves no
+        partial file (a crash mid-write never leaves a half checkpoint either).
+        """
         folder = self.out_dir / "checkpoints"
         path = checkpoint_path(self.out_dir, server_round)
         if keep > 0:
-            tmp = path.with_suffix(".tmp")
-            torch.save(state_dict, tmp)
-            tmp.replace(path)  # a crash mid-write never leaves a half checkpoint
+            _save(state_dict, path)
         for old in sorted(folder.glob("round-*.pt"))[: -keep or None]:
             old.unlink()
         return path if keep > 0 else None
 
     def save_best(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> Path:
         """The best evaluated trained model so far, as checkpoints/best.pt (kept whatever ``keep`` is)."""
-        import torch
-
         path = self.out_dir / "checkpoints" / BEST
-        tmp = path.with_suffix(".tmp")
-        torch.save({"round": server_round, "state_dict": state_dict}, tmp)
-        tmp.replace(path)
+        _save({"round": server_round, "state_dict": state_dict}, path)
         return path
 
     def finish(self, state_dict: dict[str, torch.Tensor] | None, summary: dict[str, Any]) -> None:
-        """Write the final model, summary.json and the plot."""
+        """Write the final model, summary.json and the plot (each whole, or not at all)."""
         if state_dict is not None:
-            import torch
-
-            torch.save(state_dict, self.out_dir / FINAL_MODEL)
-        (self.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            _save(state_dict, self.out_dir / FINAL_MODEL)
+        write_atomic(self.out_dir / SUMMARY, json.dumps(summary, indent=2).encode("utf-8"))
         if self.rows:
-            plot_history(self.rows, self.out_dir / PLOT)
+            try:
+                plot_history(self.rows, self.out_dir / PLOT)
+            except OSError as exc:  # the plot is a view of the history: a full disk costs only it
+                (self.out_dir / PLOT).unlink(missing_ok=True)
+                if not is_disk_full(exc):
+                    raise
+
+
+def _save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file: whole, or nothing; the space needed is checked first."""
+    import torch
+
+    data = io.BytesIO()
+    torch.save(obj, data)
+    ensure_space(path.parent, len(data.getbuffer()))
+    write_atomic(path, data.getvalue())
+
+
+def repair(out_dir: Path) -> list[str]:
+    """Cut a torn last line off history.jsonl and history.csv (kept in ``NAME.torn``); one line per repair.
+
+    A coordinator killed mid-write, or a disk that filled up, can leave a half line; a resumed run
+    must not append onto it. Lines are checked from the end: a JSON line must parse, a CSV line must
+    have the history's columns. CRLF endings of older files become LF.
+    """
+    notes = []
+    for name, good in ((HISTORY_JSONL, _json_line), (HISTORY_CSV, _csv_line)):
+        path = out_dir / name
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        *complete, tail = data.replace(b"\r\n", b"\n").split(b"\n")  # tail: what follows the last newline
+        cut = [tail] if tail else []
+        while complete and not good(complete[-1]):
+            cut.insert(0, complete.pop())
+        kept = b"".join(line + b"\n" for line in complete)
+        if cut:
+            with (out_dir / (name + ".torn")).open("ab") as torn:
+                torn.write(b"\n".join(cut) + b"\n")
+            notes.append(f"{name}: cut a torn last line of {sum(map(len, cut))} bytes (kept in {name}.torn)")
+        if kept != data:
+            write_atomic(path, kept)
+    return notes
+
+
+def _json_line(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def _csv_line(line: bytes) -> bool:
+    try:
+        rows = list(csv.reader(io.StringIO(line.decode("utf-8"))))
+    except (UnicodeDecodeError, csv.Error):
+        return False
+    return len(rows) == 1 and len(rows[0]) == len(COLUMNS) and "\0" not in line.decode("utf-8")
 
 
 def checkpoint_path(out_dir: Path, server_round: int) -> Path:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowerbed.apprun import APP_RUN_FILE
+from flowerbed.diskspace import free_bytes, is_disk_full, no_space, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import resume
@@ -60,9 +61,16 @@ def interrupted_runs(layout: FederationLayout, *, unknown_too: bool = False) -> 
     return found
 
 
+MIN_FREE = 16 * 1024 * 1024  # below this, an interrupted run is not resumed (its next checkpoint would not fit)
+
+
+def _disk_line(out_dir: Path, exc: OSError) -> str:
+    return no_space(out_dir, MIN_FREE).message if is_disk_full(exc) else f"{out_dir}: {exc.strerror or exc}"
+
+
 def _end(out_dir: Path, status: str, reason: str) -> None:
     data = {"status": status, "stop_reason": reason, "ended": time.time()}
-    (out_dir / SUMMARY).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    write_atomic(out_dir / SUMMARY, json.dumps(data, indent=2).encode("utf-8"))
 
 
 @dataclass
@@ -79,6 +87,7 @@ class RunKeeper:
     _next_unknown: float = 0.0
     _named: set[str] = field(default_factory=set)
     _attempts: dict[str, tuple[int, int]] = field(default_factory=dict)  # per run: (from round, resumes)
+    _said: set[tuple[str, str]] = field(default_factory=set)
 
     def tick(self, *, why: str = "; its ServerApp had died", startup: bool = False) -> list[str]:
         """Check now if ``check_s`` has passed; the names of the runs resumed."""
@@ -88,7 +97,19 @@ class RunKeeper:
         unknown_too = startup or time.monotonic() >= self._next_unknown
         if unknown_too:
             self._next_unknown = time.monotonic() + UNKNOWN_CHECK_S
-        return [d.name for d in interrupted_runs(self.layout, unknown_too=unknown_too) if self._handle(d, why)]
+        resumed = []
+        for out_dir in interrupted_runs(self.layout, unknown_too=unknown_too):
+            try:
+                if self._handle(out_dir, why):
+                    resumed.append(out_dir.name)
+            except OSError as exc:  # a full disk pauses that run; the coordinator and the other runs go on
+                self._say_once(out_dir.name, f"run {out_dir.name} waits to be resumed: {_disk_line(out_dir, exc)}")
+        return resumed
+
+    def _say_once(self, name: str, line: str) -> None:
+        if (name, line) not in self._said:
+            self._said.add((name, line))
+            self.report(line)
 
     def _handle(self, out_dir: Path, why: str) -> bool:
         name = out_dir.name
@@ -125,6 +146,9 @@ class RunKeeper:
             )
             self.report(f"run {name}: {reason}")
             _end(out_dir, "failed", reason)
+            return False
+        if free_bytes(out_dir) < MIN_FREE:  # it would only die again: paused until there is space
+            self._say_once(name, f"run {name} waits to be resumed: {no_space(out_dir, MIN_FREE).message}")
             return False
         try:
             handle = resume(self.layout, name, control_port=self.control_port, why=why)

@@ -14,8 +14,9 @@ from flowerbed import taskstore
 from flowerbed.apprun import APP_LOG, follow_app, reply_tally, submit_app
 from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
-from flowerbed.config import load_federation, resolve
+from flowerbed.config import RunSettings, load_federation, resolve
 from flowerbed.console import err, out, table, warn
+from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
@@ -159,6 +160,18 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
     )
     score = f"best eval accuracy {acc:.4f}" if acc is not None else f"best eval loss {loss:.4f}"
     return line + f"; {score} ({where})"
+
+
+def space_warning(runs: Path, model: Any, settings: RunSettings) -> str | None:
+    """A warning when the run's checkpoints may not fit where runs/ lives (None: they fit)."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    copies = settings.keep_checkpoints + 3  # the round checkpoints kept, the one being written, best.pt, final
+    free = free_bytes(runs)
+    if free >= size * copies + 16 * MB:
+        return None
+    return (f"only {free / MB:.1f} MB free on {device_of(runs)} ({runs}): this run's checkpoints need about "
+            f"{size * copies / MB:.1f} MB ({copies} models of {size / MB:.1f} MB); free space, or lower "
+            "keep_checkpoints in federation.toml")  # fmt: skip
 
 
 def run_app(
@@ -321,7 +334,10 @@ def run(
     if dp_warning:
         warn(dp_warning)
     if resume_name is None:  # a task that cannot load, or a setting it has not, is refused here, not at every site
-        task_config(load_task(chosen.name, chosen.sha256, chosen.wheel), settings.to_run_config())
+        loaded = load_task(chosen.name, chosen.sha256, chosen.wheel)
+        space = space_warning(layout.runs, loaded.model(task_config(loaded, settings.to_run_config())), settings)
+        if space:
+            warn(space)
         if chosen.sha256:
             out.print(f"task {chosen.name} from {chosen.wheel} (sha256 {chosen.sha256})")
     port = config.superlink.internal_port

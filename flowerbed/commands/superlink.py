@@ -10,12 +10,14 @@ import typer
 from flowerbed.commands.common import FedDir, stop_on_signals
 from flowerbed.config import load_federation, resolve
 from flowerbed.console import info, out, warn
+from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.filemodes import exposure_warning
 from flowerbed.layout import FederationLayout
 from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.refusals import RefusalWatch
 from flowerbed.superlink.stack import start_stack, supervise
 
+LOW_SPACE = 200 * MB  # below it, `superlink start` warns
 app = typer.Typer(help="Run the coordinator: SuperLink, ServerApp executor and Fleet gateway.",
                   no_args_is_help=True)  # fmt: skip
 
@@ -41,6 +43,10 @@ def start(
     exposed = exposure_warning(layout.root)
     if exposed:
         warn(exposed)
+    if free_bytes(layout.root) < LOW_SPACE:
+        warn(f"only {free_bytes(layout.root) / MB:.1f} MB free on {device_of(layout.root)} ({layout.root}): runs "
+             "write checkpoints, histories and the SuperLink's state there; a run that finds no space ends, "
+             "said why")  # fmt: skip
     stack = start_stack(layout, config, deadline_s=deadline_s, report=info)
     try:
         sl = config.superlink
