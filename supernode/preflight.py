@@ -12,6 +12,7 @@ from flowerbed.certs.nodekeys import load_private_key, load_public_key, public_f
 from flowerbed.certs.service import read_cert
 from flowerbed.deploy.firewall_checklist import FAIL, PASS, check_gateway
 from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.supernode.datacheck import check_site_data
 from flowerbed.supernode.supervisor import SupernodeSpec
 
 
@@ -32,13 +33,18 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_data(path: Path) -> Check:
+def check_data(path: Path, site_file: Path | None = None) -> Check:
+    """The data path exists, is readable, and loads as round 1 would (a task the site may run reads it)."""
     if not path.exists():
         return Check("data path", False, f"{path} does not exist: pass the folder or CSV with --data")
     mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
     if not os.access(path, mode):
         return Check("data path", False, f"{path} is not readable by this user")
-    return Check("data path", True, f"{path} ({'folder' if path.is_dir() else 'file'})")
+    try:
+        ok, detail = check_site_data(path, site_file)
+    except FlowerbedError as exc:  # an unreadable site.toml
+        return Check("data path", False, exc.message)
+    return Check("data path", ok, detail if ok else f"{path} cannot be trained on: {detail}")
 
 
 def check_ca(ca: Path) -> Check:
@@ -121,10 +127,12 @@ def clock_probe(spec: SupernodeSpec) -> Callable[[], float | None]:
     return probe
 
 
-def run_preflight(superlink: str, ca: Path, key: Path, data: Path, site: str = "") -> list[Check]:
+def run_preflight(
+    superlink: str, ca: Path, key: Path, data: Path, *, site: str = "", site_file: Path | None = None
+) -> list[Check]:
     """Every check, in order; network checks only run when CA and key are fine."""
     host, port = parse_address(superlink)
-    checks = [check_data(data), check_ca(ca), check_key(key, site)]
+    checks = [check_data(data, site_file), check_ca(ca), check_key(key, site)]
     if checks[1].ok:
         checks.extend(check_tls(host, port, ca))
     return checks

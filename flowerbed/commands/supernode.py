@@ -55,7 +55,7 @@ def start(
         kit, superlink=superlink, ca=ca, key=key, data=data, site=site, workdir=workdir, port=port,
         executor=executor, threads=threads,
     )  # fmt: skip
-    checks = run_preflight(spec.superlink, spec.ca, spec.key, spec.data, spec.site)
+    checks = run_preflight(spec.superlink, spec.ca, spec.key, spec.data, site=spec.site, site_file=spec.site_file)
     out.print(table("Preflight", ["check", "ok", "detail"],
                     ([c.name, "yes" if c.ok else "NO", c.detail] for c in checks)))  # fmt: skip
     require(checks)
