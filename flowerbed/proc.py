@@ -72,6 +72,16 @@ def tail(path: Path, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGTERM when the parent dies (even by SIGKILL)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 @dataclass
 class ManagedProcess:
     """One child process with its log file."""
@@ -82,6 +92,7 @@ class ManagedProcess:
     env: dict[str, str] = field(default_factory=child_env)
     cwd: Path | None = None
     pipe: bool = False  # True: output goes to ``popen.stdout`` for the caller to read (and log)
+    die_with_parent: bool = False  # Linux: SIGTERM when the starting thread dies (a killed supervisor orphans none)
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,6 +107,8 @@ class ManagedProcess:
         kwargs: dict[str, object] = {}
         if os.name == "posix":
             kwargs["start_new_session"] = True
+            if self.die_with_parent and sys.platform == "linux":
+                kwargs["preexec_fn"] = _terminate_with_parent
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         with self.log_path.open("ab") as log:

@@ -88,4 +88,5 @@ def gateway_process(nginx: str, prefix: Path, log_path: Path) -> ManagedProcess:
         argv=[*_args(nginx, prefix), "-g", "daemon off;"],
         log_path=log_path,
         env=child_env(),
+        die_with_parent=True,
     )

@@ -139,6 +139,7 @@ def start_stack(
             log_path=layout.logs / "superlink.log",
             env=env,
             cwd=layout.state,
+            die_with_parent=True,  # never an orphan holding the ports (a supervisor killed with SIGKILL)
         )  # fmt: skip
         stack.processes.append(superlink.start())
         report(f"starting flower-superlink on 127.0.0.1:{sl.internal_port} (pid {superlink.pid})")
@@ -157,6 +158,7 @@ def start_stack(
             log_path=layout.logs / "serverapp-executor.log",
             env=env,
             cwd=layout.state,
+            die_with_parent=True,
         )  # fmt: skip
         stack.processes.append(executor.start())
         report(f"starting the ServerApp executor (pid {executor.pid})")

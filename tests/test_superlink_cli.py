@@ -138,3 +138,27 @@ def test_refused_node_keys_are_named_at_both_ends(tmp_path: Path) -> None:
     flat = " ".join(output.split())
     assert f"the SuperLink refused node key {fingerprint} (a key this federation does not know)" in flat, flat
     assert flat.count(fingerprint) == 1  # once, not for every retry
+
+
+def test_a_killed_coordinator_leaves_no_child_behind(tmp_path: Path) -> None:
+    """SIGKILL to `flowerbed superlink start`: SuperLink, executor and gateway end with it, the ports are free."""
+    config = make_config("orphans")
+    layout = make_federation(tmp_path / "fed", config)
+    proc = subprocess.Popen([sys.executable, "-m", "flowerbed", "superlink", "start", "-d", str(layout.root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    pids: dict[str, int] = {}
+    try:
+        assert wait_for(layout.pidfile.exists, 120), "the coordinator did not start"
+        pids = json.loads(layout.pidfile.read_text())["processes"]
+        proc.kill()
+        proc.wait(timeout=30)
+        assert wait_for(lambda: not any(pid_alive(p) for p in pids.values()), 30), pids
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        for pid in pids.values():  # never left behind, even when the test fails
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    sl = config.superlink
+    assert wait_for(lambda: not tcp_open("127.0.0.1", sl.internal_port) and not tcp_open("127.0.0.1", sl.port), 20)
