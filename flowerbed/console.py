@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -14,8 +15,12 @@ from rich.text import Text
 # fingerprint such as ``ab:cd:ef`` holds ``:cd:``, which rich would turn into an emoji.
 # soft_wrap=True: a line is never folded by rich, so a long path or command stays one piece to copy
 # (a narrow or unknown terminal width folded `logs: /long/path` in the middle of the path).
-out = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+# Without a terminal (a pipe, a log file) there is no width to fit: tables are printed whole.
+FILE_WIDTH = 10_000
+out = Console(highlight=False, markup=False, emoji=False, soft_wrap=True,
+              width=None if sys.stdout.isatty() else FILE_WIDTH)  # fmt: skip
+err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True,
+              width=None if sys.stderr.isatty() else FILE_WIDTH)  # fmt: skip
 
 
 def fmt(value: Any, digits: int = 4) -> str:

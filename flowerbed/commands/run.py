@@ -115,8 +115,45 @@ def site_errors(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def plain_row(row: dict[str, Any]) -> str:
+    """One round as one plain line, every figure the table has (for a pipe or a log file)."""
+    parts = [f"{row.get('nodes', 0)} node(s)", f"{row.get('failures', 0)} failure(s)"]
+    if row.get("missing"):
+        parts.append("missing " + ", ".join(row["missing"]))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss"), ("eval_accuracy", "accuracy")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {float(row[key]):.4f}")
+    parts += [f"{name.removeprefix('eval-')} {_value(row['metrics'][name])}" for name in extra_metrics([row])]
+    parts += [f"eps {site} {_epsilon(eps)}" for site, eps in row.get("privacy", {}).items()]
+    parts.append(f"{_seconds(row.get('seconds'))} s")
+    line = f"round {_round_label(row)}: " + ", ".join(parts)
+    return line + (f"; {row['stop_reason']}" if row.get("stop_reason") else "")
+
+
+def follow_plain(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
+    """Without a terminal (a pipe, a log file): each round as one plain line when it ends, then the table whole."""
+    shown = [0]
+    said: set[str] = set()
+
+    def update(rows: list[dict[str, Any]]) -> None:
+        for line in site_errors(rows):
+            if line not in said:
+                said.add(line)
+                err.print(f"  {line}", soft_wrap=True)
+        for row in rows[shown[0] :]:
+            err.print(plain_row(row), soft_wrap=True)
+        shown[0] = len(rows)
+
+    result = follow(layout, handle, on_rows=update, on_note=err.print, timeout_s=timeout_s)
+    rows = result.rows
+    err.print(history_table(rows, f"run {result.run_id}: {len(_trained(rows))} round(s)"))  # whole: no terminal
+    return result
+
+
 def follow_live(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
-    """Follow a run with a live table (round, nodes, losses, accuracy, elapsed)."""
+    """Follow a run with a live table (round, nodes, losses, accuracy, elapsed); plain lines without a terminal."""
+    if not err.is_terminal:
+        return follow_plain(layout, handle, timeout_s)
     started = time.monotonic()
     run_id = [handle.run_id]
     with Live(console=err, refresh_per_second=2, transient=False) as live:
