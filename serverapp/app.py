@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable
 from logging import WARNING
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from flowerbed.serverapp.history import SUMMARY, History, repair
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row
 from flowerbed.serverapp.strategies import make_strategy
+from flowerbed.superlink.launch import CONTACTS_FILE
 from flowerbed.superlink.sites import load_registry
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
@@ -54,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         summary["resumed_from_round"] = resume.round
     try:
         outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history,
-                             resume=resume, revoked=revoked_sites(FederationLayout(out_dir.parent.parent)))  # fmt: skip
+                             resume=resume, watch=SiteWatch(FederationLayout(out_dir.parent.parent)))  # fmt: skip
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
@@ -92,17 +92,34 @@ def main(grid: Grid, context: Context) -> None:
     _audit_end(out_dir, summary)
 
 
-def revoked_sites(layout: FederationLayout) -> Callable[[], dict[int, str]]:
-    """node id -> site for the sites the coordinator revoked (its site registry), read when asked."""
+class SiteWatch:
+    """What the coordinator knows of the sites beyond Flower's replies: revocations and last contacts."""
 
-    def revoked() -> dict[int, str]:
+    def __init__(self, layout: FederationLayout) -> None:
+        self.layout = layout
+
+    def _registry(self) -> dict[str, dict[str, object]]:
         try:
-            registry = load_registry(layout)
+            return load_registry(self.layout)
         except (OSError, ValueError):
             return {}
-        return {int(e["node_id"]): name for name, e in registry.items() if e.get("revoked") and e.get("node_id")}
 
-    return revoked
+    def revoked(self) -> dict[int, str]:
+        """node id -> site for the sites the coordinator revoked (its site registry), read when asked."""
+        return {int(str(e["node_id"])): name for name, e in self._registry().items()
+                if e.get("revoked") and e.get("node_id")}  # fmt: skip
+
+    def registered(self) -> dict[int, str]:
+        """node id -> site for every site the coordinator registered."""
+        return {int(str(e["node_id"])): name for name, e in self._registry().items() if e.get("node_id")}
+
+    def last_contact(self) -> dict[int, float]:
+        """node id -> when the SuperLink last heard from it (epoch seconds), as its contact log says."""
+        try:
+            data = json.loads((self.layout.replies / CONTACTS_FILE).read_text("utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {int(node): float(at) for node, at in data.items()}
 
 
 def _audit_end(out_dir: Path, summary: dict[str, object]) -> None:

@@ -24,6 +24,7 @@ FINAL_EVAL = "final-eval"  # the last model's own evaluation, after max-rounds o
 WAITING = "waiting"  # a round short of min-nodes because sites are away, retried after a wait
 FAILED = "failed"  # the round that ended the run (a resumed run trains this round again)
 STOPPED = "stopped"  # a round that too few sites could train in (their privacy budgets are spent)
+AWAY = "away"  # a site a round waits for has not reached the SuperLink for a while (named, with since when)
 RESUMED = "resumed"  # the run went on from its last checkpoint (after a coordinator crash or a failed run)
 PLOTTED = (TRAIN, FINAL_EVAL)
 BEST = "best.pt"

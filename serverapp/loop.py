@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
+from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -18,7 +20,7 @@ from flowerbed.audit import ROUND, append_here
 from flowerbed.clientapp.privacy import PRIVACY_CODE
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
+from flowerbed.serverapp.history import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
 from flowerbed.serverapp.secure import inspect_round, secure_round
 from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
@@ -46,9 +48,25 @@ class Outcome:
 PULL_S, PULL_SLOW_S, PULL_QUICK_FOR_S = 0.2, 1.0, 60.0  # replies polled 5x a second, after a minute 1x
 
 
-REVOKED_CHECK_S = 2.0  # how often an exchange asks whether a site it waits for was revoked
+WATCH_S = 2.0  # how often an exchange asks whether a site it waits for was revoked or has gone dark
+DARK_S = 25.0  # no contact for this long (a heartbeat is due every ~20 s, pulls every few seconds): dark
+DARK_ROW_EVERY_S = 60.0
 
-Revoked = Callable[[], dict[int, str]]  # node id -> site, for the sites revoked by the coordinator
+
+class Watch(Protocol):
+    """The coordinator's view of the sites beyond Flower's replies (see ``serverapp.app.SiteWatch``)."""
+
+    def revoked(self) -> dict[int, str]:
+        """node id -> site, for the sites revoked by the coordinator."""
+        ...
+
+    def last_contact(self) -> dict[int, float]:
+        """node id -> when the SuperLink last heard from it (epoch seconds)."""
+        ...
+
+    def registered(self) -> dict[int, str]:
+        """node id -> site, for every site the coordinator registered."""
+        ...
 
 
 def exchange(
@@ -57,36 +75,43 @@ def exchange(
     timeout: float,
     clock: Clock = time.monotonic,
     *,
-    revoked: Revoked | None = None,
+    watch: Watch | None = None,
     dropped: dict[int, str] | None = None,
+    on_dark: Callable[[int, float, float], None] | None = None,
 ) -> list[Message]:
     """Flower's ``grid.send_and_receive``, polling for replies every 0.2 s (1 s after a minute), not every 3 s.
 
     flwr 1.42's HttpGrid sleeps 3 s between pulls (flwr/superlink/grid/http_grid.py), up to 3 s added
-    to every exchange; this uses the same public ``push_messages``/``pull_messages``. ``revoked``:
-    a site revoked while the exchange waits for it is not waited for (Flower would only answer after
-    minutes); its node goes into ``dropped`` with the reason.
+    to every exchange; this uses the same public ``push_messages``/``pull_messages``. ``watch``: a
+    site revoked while the exchange waits for it is not waited for (Flower would only answer after
+    minutes), its node goes into ``dropped`` with the reason; a site with no contact for ``DARK_S``
+    is passed to ``on_dark(node, seconds since its last contact, seconds the round still waits)``.
     """
     waiting = set(grid.push_messages(messages))
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
     start = clock()
-    next_check = start + REVOKED_CHECK_S
+    next_check = start + WATCH_S
     replies: list[Message] = []
     while waiting:
         got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
         elapsed = clock() - start
-        if revoked is not None and waiting and clock() >= next_check:
-            next_check = clock() + REVOKED_CHECK_S
-            gone = revoked()
+        if watch is not None and waiting and clock() >= next_check:
+            next_check = clock() + WATCH_S
+            gone = watch.revoked()
             for message_id in [m for m in waiting if node_of.get(m) in gone]:
                 waiting.discard(message_id)  # named below
+            contacts = watch.last_contact() if on_dark is not None else {}
+            for node in {node_of.get(m) for m in waiting} & set(contacts):
+                age = time.time() - contacts[node]  # type: ignore[index]
+                if age >= DARK_S and on_dark is not None and node is not None:
+                    on_dark(node, age, timeout - elapsed)
         if not waiting or elapsed >= timeout:
             break
         time.sleep(min(PULL_S if elapsed < PULL_QUICK_FOR_S else PULL_SLOW_S, timeout - elapsed))
-    if revoked is not None and dropped is not None:  # Flower's own error replies for a revoked node, named
-        gone = revoked()
+    if watch is not None and dropped is not None:  # Flower's own error replies for a revoked node, named
+        gone = watch.revoked()
         for node in set(node_of.values()) & set(gone):
             dropped.setdefault(node, f"site {gone[node]} was revoked by the coordinator (`flowerbed certs revoke`); "
                                "dropped from this round")  # fmt: skip
@@ -269,6 +294,34 @@ class BestModel:
 
 
 @dataclass
+class DarkSites:
+    """Names a site that has gone dark while a round waits for it: an ``away`` row, at most once a minute."""
+
+    history: History
+    sites: SiteNames
+    watch: Watch | None
+    said: dict[int, float] = field(default_factory=dict)
+
+    def noted(self, server_round: int) -> Callable[[int, float, float], None]:
+        def on_dark(node: int, age: float, left: float) -> None:
+            if time.monotonic() - self.said.get(node, -math.inf) < DARK_ROW_EVERY_S:
+                return
+            self.said[node] = time.monotonic()
+            last = dt.datetime.fromtimestamp(time.time() - age, dt.UTC).strftime("%H:%M:%S UTC")
+            line = (f"{self.label(node)}: no contact for {age:.0f} s (last {last}); round {server_round} waits for "
+                    f"it {max(left, 0):.0f} s more (round-timeout-s)")  # fmt: skip
+            self.history.append(RoundRow(server_round, 0, 0, None, None, None, 0.0, line, [line], kind=AWAY))
+
+        return on_dark
+
+    def label(self, node: int) -> str:
+        if node in self.sites.by_node:
+            return self.sites.name(node)
+        known = self.watch.registered() if self.watch is not None else {}
+        return f"site {known[node]} (node {node})" if node in known else self.sites.name(node)
+
+
+@dataclass
 class Absence:
     """Since when each absent site has been away (monotonic seconds)."""
 
@@ -343,7 +396,7 @@ def run_rounds(
     clock: Clock = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     resume: ResumePoint | None = None,
-    revoked: Revoked | None = None,
+    watch: Watch | None = None,
 ) -> Outcome:
     """Train until target/plateau/max-rounds/time-budget.
 
@@ -353,10 +406,12 @@ def run_rounds(
 
     ``resume``: go on after the round it names, with the convergence state its history implies
     (the time budget counts the time already spent in rounds, not the time the coordinator was down).
-    ``revoked``: the sites revoked by the coordinator (node id -> site), asked while a round waits.
+    ``watch``: revocations and last contacts of the sites, asked while a round waits: a revoked site
+    is dropped at once, a dark one named in an ``away`` row within half a minute.
     """
     tracker = ConvergenceTracker(settings)
     sites = SiteNames()
+    dark = DarkSites(history, sites, watch)
     best = BestModel()
     absence = Absence({})
     start = clock()
@@ -404,7 +459,8 @@ def run_rounds(
                 )
             else:
                 dropped: dict[int, str] = {}
-                replies = exchange(grid, messages, settings.round_timeout_s, clock, revoked=revoked, dropped=dropped)
+                replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
+                                   on_dark=dark.noted(server_round))  # fmt: skip
                 got = _split(messages, replies, sites, dropped)
                 got = screen(got, arrays, settings.max_update_norm)
             retired |= got.retired

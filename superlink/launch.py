@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,47 @@ def patch_reply_tally(folder: Path) -> None:
     cls.store_message_res = store_message_res
 
 
+CONTACTS_FILE = "contacts.json"  # node id -> when the SuperLink last heard from it (epoch seconds)
+
+
+def patch_contact_log(folder: Path, every_s: float = 1.0) -> None:
+    """Note when each node last reached the SuperLink (a heartbeat or a pull), in ``folder/contacts.json``.
+
+    The ServerApp reads it to name a site that has gone dark while a round waits for it, with the
+    time since its last contact. Hooks ``SqlLinkState.acknowledge_node_heartbeat`` and
+    ``get_message_ins`` (flwr 1.42 internals); one that cannot be installed stops the SuperLink.
+    """
+    import flwr
+    from flwr.server.superlink.linkstate import sql_linkstate
+
+    cls = getattr(sql_linkstate, "SqlLinkState", None)
+    names = ("acknowledge_node_heartbeat", "get_message_ins")
+    if cls is None or not all(callable(getattr(cls, n, None)) for n in names):
+        raise SystemExit(f"flowerbed cannot note node contacts with Flower {flwr.__version__}: install flwr 1.42")
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, float] = {}
+    written = [0.0]
+
+    def note(node_id: int) -> None:
+        now = time.time()
+        seen[str(node_id)] = now
+        if now - written[0] >= every_s:
+            written[0] = now
+            tmp = folder / (CONTACTS_FILE + ".tmp")
+            with contextlib.suppress(OSError):
+                tmp.write_text(json.dumps(seen), encoding="utf-8")
+                tmp.replace(folder / CONTACTS_FILE)
+
+    for name in names:
+        original = getattr(cls, name)
+
+        def hooked(self: Any, node_id: int, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            note(node_id)
+            return _original(self, node_id, *args, **kwargs)
+
+        setattr(cls, name, hooked)
+
+
 def _tally(folder: Path, message: Any) -> None:
     path = folder / f"{message.metadata.run_id}.json"
     try:
@@ -106,6 +148,7 @@ def main() -> int:
     replies = os.environ.get(REPLIES_ENV)
     if replies:
         patch_reply_tally(Path(replies))
+        patch_contact_log(Path(replies))
     from flwr.superlink.cli import flower_superlink
 
     flower_superlink()

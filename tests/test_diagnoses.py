@@ -17,6 +17,7 @@ from flowerbed.runner import check_result, follow, submit
 from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink.stack import start_stack
 from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for
+from tests.faults import record
 
 
 def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:
@@ -60,3 +61,45 @@ def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> 
     ), first
     assert dropped_after < 20, dropped_after  # not the 150 s round timeout
     assert all(r["sites"] == [a] for r in result.rows if r["kind"] == "train")
+    record("a site revoked while a round waits for it", "the round went on without it at once: 'site inst-b was "
+           "revoked by the coordinator'", injected="SuperNode frozen (SIGSTOP) mid-round, then `certs revoke`",
+           noticed_s=dropped_after, rounds_lost=0, replies_lost=0)  # fmt: skip
+
+
+def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Path) -> None:
+    """A site that stops answering while a round waits for it is named within half a minute of its last contact."""
+    a, b = SITES[:2]
+    config = make_config("dark", [a, b], min_nodes=1, max_rounds=1, round_timeout_s=70, patience=10)
+    layout = make_federation(tmp_path / "fed", config)
+    data = make_demo_data(tmp_path / "data", SITES)
+    stack = start_stack(layout, config)
+    frozen: list[int] = []
+    try:
+        with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
+                              tmp_path / "work") as sups:  # fmt: skip
+            assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
+            handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="dark")
+            for proc in (sups[b].process, sups[b].executor):  # b goes dark (a VM paused, a proxy gone)
+                if proc is not None:
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    frozen.append(proc.pid)
+            dark_at = time.monotonic()
+            assert wait_for(lambda: any(r.get("kind") == "away" for r in read_rows(handle.out_dir)), 60)
+            named_after = time.monotonic() - dark_at
+            result = follow(layout, handle, timeout_s=300)
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            frozen.clear()
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        stack.stop()
+    away = next(r for r in result.rows if r["kind"] == "away")
+    assert f"site {b} (node " in away["stop_reason"] and "no contact for" in away["stop_reason"], away
+    age = int(away["stop_reason"].split("no contact for ")[1].split(" s")[0])
+    assert 25 <= age <= 40, away  # measured from its last contact, not from when the round noticed
+    assert named_after < 40, named_after
+    assert "round 1 waits for it" in away["stop_reason"]
+    record("a site gone dark mid-round (no heartbeat, no pull)", "an 'away' row naming the site and the seconds "
+           "since its last contact", injected="SuperNode frozen (SIGSTOP) right after the round went out",
+           noticed_s=named_after, rounds_lost=0, replies_lost=0)  # fmt: skip

@@ -20,6 +20,7 @@ from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
 from flowerbed.superlink.stack import start_stack
 from tests.conftest import SITES, RunningFederation, make_config, make_federation, run_cli, supervised_sites
+from tests.faults import record
 
 MB = 1024 * 1024
 
@@ -83,6 +84,9 @@ def test_a_full_disk_ends_the_run_said_why_and_resume_goes_on(tmp_path: Path, sm
     _check_run_folder(out_dir)
     rows = [json.loads(line) for line in (out_dir / "history.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    record("a full disk under runs/", "the run ended: no space left on DEVICE (path), MB free and needed; "
+           "`run --resume` went on after space was freed", injected="runs/ on a 12 MB tmpfs filled to 3 MB free",
+           rounds_lost=0, replies_lost=0)  # fmt: skip
 
 
 def test_a_torn_history_line_is_cut_off_and_kept_aside_on_resume(running: RunningFederation, tmp_path: Path) -> None:
@@ -113,3 +117,6 @@ def test_a_torn_history_line_is_cut_off_and_kept_aside_on_resume(running: Runnin
         c for c in ([x.strip() for x in line.split("│")] for line in listed.splitlines()) if c[1:2] == ["torn"]
     )
     assert cells[3:6] == ["completed", "4", "1"], (listed, before.stdout)  # status, rounds, resumes
+    record("a torn history line (killed mid-write)", "on resume the line was cut off into NAME.torn; the "
+           "files parse, `flowerbed runs` counts right", injected="garbage without a newline after round 2",
+           rounds_lost=0, replies_lost=0)  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flowerbed.probes import tcp_open
 from tests.conftest import make_config, make_federation, wait_for
+from tests.faults import record
 
 
 def pid_alive(pid: int) -> bool:
@@ -138,6 +139,8 @@ def test_refused_node_keys_are_named_at_both_ends(tmp_path: Path) -> None:
     flat = " ".join(output.split())
     assert f"the SuperLink refused node key {fingerprint} (a key this federation does not know)" in flat, flat
     assert flat.count(fingerprint) == 1  # once, not for every retry
+    record("a node key the SuperLink does not know", "site: 'not registered' at the first refusal; coordinator: "
+           "the key's fingerprint", injected="a SuperNode started with an unregistered key", noticed_s=took)  # fmt: skip
 
 
 def test_a_killed_coordinator_leaves_no_child_behind(tmp_path: Path) -> None:
@@ -162,3 +165,5 @@ def test_a_killed_coordinator_leaves_no_child_behind(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
     sl = config.superlink
     assert wait_for(lambda: not tcp_open("127.0.0.1", sl.internal_port) and not tcp_open("127.0.0.1", sl.port), 20)
+    record("the coordinator's supervisor killed (SIGKILL)", "SuperLink, executor and gateway ended with it; the ports "
+           "were free", injected="kill -9 of `flowerbed superlink start`")  # fmt: skip

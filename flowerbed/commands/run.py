@@ -20,7 +20,7 @@ from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
-from flowerbed.serverapp.history import FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING
+from flowerbed.serverapp.history import AWAY, FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING
 from flowerbed.serverapp.resume import run_id_of
 from flowerbed.serverapp.strategies import client_dp_warning
 from flowerbed.task import load_task, task_config
@@ -29,7 +29,7 @@ HELP = "Submit a federated run to the local SuperLink and follow it until it sto
 COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "eval acc", "s", "stop"]
 
 
-LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait", STOPPED: "stop"}
+LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait", STOPPED: "stop", AWAY: "away"}
 
 
 def _round_label(row: dict[str, Any]) -> str:
@@ -98,7 +98,7 @@ def _epsilon(value: Any) -> str:
 def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> str:
     """``run 7: round 3 done, 41 s elapsed`` (or waiting for the first round)."""
     done = _trained(rows)
-    if rows and rows[-1].get("kind") == WAITING:
+    if rows and rows[-1].get("kind") in (WAITING, AWAY):
         return f"run {run_id}: round {rows[-1]['round']} waits for absent sites, {elapsed:.0f} s elapsed"
     if not done:
         return f"run {run_id}: waiting for the first round, {elapsed:.0f} s elapsed"
