@@ -1,7 +1,7 @@
-"""Diagnoses that name the real cause: a site revoked while a round waits for it is dropped at once.
+"""Diagnoses that name the real cause: a site revoked or gone dark while a round waits for it.
 
-Real SuperLink, gateway and SuperNodes on loopback; the revoked site's SuperNode is frozen
-(SIGSTOP) so that the round has to wait for it, as for a site that is still training.
+Real SuperLink, gateway and SuperNodes on loopback; the site's SuperNode is frozen (SIGSTOP) so that
+the round has to wait for it, as for a site that is still training, or a VM that stopped answering.
 """
 
 from __future__ import annotations
@@ -9,58 +9,73 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from flowerbed.config import RunSettings
+from flowerbed.config import FederationConfig, RunSettings
 from flowerbed.demodata import make_demo_data
+from flowerbed.layout import FederationLayout
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink.stack import start_stack
 from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for
 from tests.faults import record
 
+A, B = SITES[:2]
 
-def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:
-    a, b = SITES[:2]
-    config = make_config("revoke", [a, b], min_nodes=1, max_rounds=2, round_timeout_s=150, patience=10)
+
+@contextmanager
+def two_sites(tmp_path: Path, name: str, **run: object) -> Iterator[tuple[FederationLayout, FederationConfig,
+                                                                          Callable[[], None]]]:  # fmt: skip
+    """A coordinator and sites A and B, connected; ``freeze()`` stops B's SuperNode and executor (SIGSTOP).
+
+    Everything frozen is continued and everything started is stopped on the way out.
+    """
+    config = make_config(name, [A, B], min_nodes=1, patience=10, **run)
     layout = make_federation(tmp_path / "fed", config)
     data = make_demo_data(tmp_path / "data", SITES)
     stack = start_stack(layout, config)
     frozen: list[int] = []
     try:
-        with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
+        with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (A, B)},
                               tmp_path / "work") as sups:  # fmt: skip
             assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
-            for proc in (sups[b].process, sups[b].executor):  # b takes the task but never answers
-                if proc is not None and proc.pid is not None:
-                    os.kill(proc.pid, signal.SIGSTOP)
-                    frozen.append(proc.pid)
-            settings = RunSettings.model_validate(config.run.model_dump())
-            handle = submit(layout, settings, name="revoked-mid-round")
-            time.sleep(8)  # round 1 is out, a has answered, b is frozen
-            assert not any(r.get("kind") == "train" for r in read_rows(handle.out_dir))  # still waiting for b
-            revoked = run_cli("certs", "revoke", b, "-d", str(layout.root))
-            assert revoked.returncode == 0, revoked.stdout + revoked.stderr
-            at = time.monotonic()
-            assert wait_for(lambda: any(r.get("kind") == "train" for r in read_rows(handle.out_dir)), 60)
-            dropped_after = time.monotonic() - at
-            result = follow(layout, handle, timeout_s=300)
-            check_result(result, handle)
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
-            frozen.clear()
+
+            def freeze() -> None:
+                for proc in (sups[B].process, sups[B].executor):
+                    if proc is not None:
+                        os.kill(proc.pid, signal.SIGSTOP)
+                        frozen.append(proc.pid)
+
+            try:
+                yield layout, config, freeze
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
         stack.stop()
+
+
+def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:
+    with two_sites(tmp_path, "revoke", max_rounds=2, round_timeout_s=150) as (layout, config, freeze):
+        freeze()  # B takes the task but never answers
+        handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="revoked-mid-round")
+        time.sleep(8)  # round 1 is out, A has answered, B is frozen
+        assert not any(r.get("kind") == "train" for r in read_rows(handle.out_dir))  # still waiting for B
+        revoked = run_cli("certs", "revoke", B, "-d", str(layout.root))
+        assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+        at = time.monotonic()
+        assert wait_for(lambda: any(r.get("kind") == "train" for r in read_rows(handle.out_dir)), 60)
+        dropped_after = time.monotonic() - at
+        result = follow(layout, handle, timeout_s=300)
+        check_result(result, handle)
     first = next(r for r in result.rows if r["kind"] == "train")
-    assert first["round"] == 1 and first["sites"] == [a], first
-    assert (
-        f"site {b} was revoked by the coordinator (`flowerbed certs revoke`); dropped from this round"
-        in first["errors"]
-    ), first
+    assert first["round"] == 1 and first["sites"] == [A], first
+    line = f"site {B} was revoked by the coordinator (`flowerbed certs revoke`); dropped from this round"
+    assert line in first["errors"], first
     assert dropped_after < 20, dropped_after  # not the 150 s round timeout
-    assert all(r["sites"] == [a] for r in result.rows if r["kind"] == "train")
+    assert all(r["sites"] == [A] for r in result.rows if r["kind"] == "train")
     record("a site revoked while a round waits for it", "the round went on without it at once: 'site inst-b was "
            "revoked by the coordinator'", injected="SuperNode frozen (SIGSTOP) mid-round, then `certs revoke`",
            noticed_s=dropped_after, rounds_lost=0, replies_lost=0)  # fmt: skip
@@ -68,34 +83,15 @@ def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> 
 
 def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Path) -> None:
     """A site that stops answering while a round waits for it is named within half a minute of its last contact."""
-    a, b = SITES[:2]
-    config = make_config("dark", [a, b], min_nodes=1, max_rounds=1, round_timeout_s=70, patience=10)
-    layout = make_federation(tmp_path / "fed", config)
-    data = make_demo_data(tmp_path / "data", SITES)
-    stack = start_stack(layout, config)
-    frozen: list[int] = []
-    try:
-        with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
-                              tmp_path / "work") as sups:  # fmt: skip
-            assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
-            handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="dark")
-            for proc in (sups[b].process, sups[b].executor):  # b goes dark (a VM paused, a proxy gone)
-                if proc is not None:
-                    os.kill(proc.pid, signal.SIGSTOP)
-                    frozen.append(proc.pid)
-            dark_at = time.monotonic()
-            assert wait_for(lambda: any(r.get("kind") == "away" for r in read_rows(handle.out_dir)), 60)
-            named_after = time.monotonic() - dark_at
-            result = follow(layout, handle, timeout_s=300)
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
-            frozen.clear()
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
-        stack.stop()
+    with two_sites(tmp_path, "dark", max_rounds=1, round_timeout_s=70) as (layout, config, freeze):
+        handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="dark")
+        freeze()  # B goes dark (a VM paused, a proxy gone)
+        dark_at = time.monotonic()
+        assert wait_for(lambda: any(r.get("kind") == "away" for r in read_rows(handle.out_dir)), 60)
+        named_after = time.monotonic() - dark_at
+        result = follow(layout, handle, timeout_s=300)
     away = next(r for r in result.rows if r["kind"] == "away")
-    assert f"site {b} (node " in away["stop_reason"] and "no contact for" in away["stop_reason"], away
+    assert f"site {B} (node " in away["stop_reason"] and "no contact for" in away["stop_reason"], away
     age = int(away["stop_reason"].split("no contact for ")[1].split(" s")[0])
     assert 25 <= age <= 40, away  # measured from its last contact, not from when the round noticed
     assert named_after < 40, named_after

@@ -201,8 +201,14 @@ def test_from_nothing_to_a_converged_run_on_three_hosts(tmp_path: Path) -> None:
             assert secret not in supernodes["inst-b"].text()
             assert not any(secret in p.read_text(errors="replace") for p in (site_b.home / "inst-b").rglob("*.log"))
 
-        # The proxy goes down: the site behind it says so, naming the proxy; preflight fails.
+        # The proxy goes down as a run starts: the coordinator's console names inst-b, with the time since
+        # its last contact, within a minute; the site behind the proxy names the proxy; preflight fails.
         proxy.procs[0].stop()
+        cut = coordinator.start(
+            "run-cut", "flowerbed run --name proxy-cut --max-rounds 1", cwd=coordinator.home / "fed"
+        )
+        assert cut.saw("site inst-b (node", 90) and cut.saw("no contact for", 5), cut.text()
+        cut.stop()
         down = f"the proxy {PROXY}:3128 (HTTPS_PROXY) is unreachable"
         assert supernodes["inst-b"].saw(down, 120), supernodes["inst-b"].text()
         preflight = site_b.run("flowerbed supernode start --kit . --preflight-only", cwd=site_b.home / "inst-b")
