@@ -16,11 +16,14 @@ Relies on flwr 1.42 internals (the module's ``time`` and ``_push_messages``), pi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 PULL_ENV = "FLOWERBED_PULL_S"
+ALIVE_ENV = "FLOWERBED_ALIVE_FILE"  # touched on each turn of the pull loop: its supervisor sees it go silent
 FLOWER_IDLE_S = 3  # the sleep Flower's pull loop takes when there is no task (flwr 1.42)
 FLOWER_REPLY_WAIT_S = 0.5  # how often Flower looks for the task's reply (and its objects) to send
 REPLY_WAIT_S = 0.05
@@ -36,9 +39,11 @@ class PullClock:
     to Flower's 3 s), and every 3 s once ``QUICK_FOR_S`` passed.
     """
 
-    def __init__(self, quick_s: float) -> None:
+    def __init__(self, quick_s: float, alive: str = "") -> None:
         self.quick_s = quick_s
         self.replied_at = -1e9
+        self.alive = alive
+        self.touched = 0.0
 
     def idle_sleep(self, since_reply: float) -> float:
         """How long to wait before asking again, ``since_reply`` seconds after this site's last reply."""
@@ -53,6 +58,11 @@ class PullClock:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
+        now = time.monotonic()
+        if self.alive and now - self.touched >= 1.0:  # the loop turns: it asked, or it waits for a task's reply
+            self.touched = now
+            with contextlib.suppress(OSError):
+                Path(self.alive).touch()
         if seconds == FLOWER_IDLE_S:
             seconds = self.idle_sleep(time.monotonic() - self.replied_at)
         elif seconds == FLOWER_REPLY_WAIT_S:  # a task runs: its reply is sent within 0.05 s, not 0.5 s
@@ -76,7 +86,7 @@ def main() -> None:
 
     quick_object_pulls()  # the SuperNode reads each task's objects from the SuperLink
 
-    clock = PullClock(quick_s())
+    clock = PullClock(quick_s(), os.environ.get(ALIVE_ENV, ""))
     push = loop._push_messages
 
     def push_and_mark(*args: Any, **kwargs: Any) -> None:

@@ -32,7 +32,7 @@ from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
 from flowerbed.supernode.events import TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
-from flowerbed.supernode.node import FLOWER_IDLE_S, PULL_ENV
+from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
 from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork
 
@@ -117,6 +117,11 @@ class SupernodeSpec:
             write_private(path, os.urandom(32).hex().encode())
         return path
 
+    @property
+    def alive_path(self) -> Path:
+        """Touched by the SuperNode's pull loop on each turn (see :mod:`flowerbed.supernode.node`)."""
+        return self.workdir / "pull-loop.alive"
+
     def env(self) -> dict[str, str]:
         """The environment of the SuperNode and its executor: ClientApps start through the approval gate."""
         env = child_env(self.workdir / "flwr-home")
@@ -127,6 +132,7 @@ class SupernodeSpec:
         count = str(self.threads if self.threads > 0 else os.cpu_count() or 1)
         env[THREADS_ENV] = count
         env[PULL_ENV] = str(self.pull_s)
+        env[ALIVE_ENV] = str(self.alive_path)
         for name in THREAD_VARS:
             env[name] = count
         return env
@@ -265,6 +271,7 @@ class Supervisor:
     spec: SupernodeSpec
     report: Report = lambda _msg: None
     rejected_window_s: float = 150.0
+    silent_s: float = 60.0  # a connected SuperNode whose pull loop stood still this long is restarted
     max_backoff_s: float = 30.0
     healthy_after_s: float = 60.0
     link_probe: LinkProbe = _no_probe
@@ -377,7 +384,25 @@ class Supervisor:
                 proc.stop(grace_s=5)  # it said it ended but hangs on (seen after HTTP 401): end it
                 continue
             self._check_link(time.monotonic())
+            if self._silent(proc):
+                proc.stop(grace_s=5)  # the run loop starts it again
+                continue
             time.sleep(0.5)
+
+    def _silent(self, proc: ManagedProcess) -> bool:
+        """Connected, the link up, yet its pull loop has not turned for ``silent_s``: said, and to be restarted."""
+        if not self.attempt.connected or self.link_down_since is not None:
+            return False
+        try:
+            idle = time.time() - self.spec.alive_path.stat().st_mtime
+        except OSError:
+            return False  # not written yet (a SuperNode of its own, or just started)
+        if idle < self.silent_s:
+            return False
+        self.report(f"the SuperNode (pid {proc.pid}) has not asked the SuperLink for work for {idle:.0f} s although "
+                    "connected and the link is up (Flower logged nothing): restarting it")  # fmt: skip
+        self.spec.alive_path.unlink(missing_ok=True)
+        return True
 
     def _clock_off(self) -> tuple[float | None, bool]:
         """The measured offset (seconds ahead of the SuperLink) and whether Flower would refuse it."""

@@ -19,6 +19,7 @@ from flowerbed.layout import FederationLayout
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink.stack import start_stack
+from flowerbed.supernode.supervisor import Supervisor
 from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for
 from tests.faults import record
 
@@ -26,8 +27,9 @@ A, B = SITES[:2]
 
 
 @contextmanager
-def two_sites(tmp_path: Path, name: str, **run: object) -> Iterator[tuple[FederationLayout, FederationConfig,
-                                                                          Callable[[], None]]]:  # fmt: skip
+def two_sites(
+    tmp_path: Path, name: str, **run: object
+) -> Iterator[tuple[FederationLayout, FederationConfig, Callable[[], None], dict[str, Supervisor]]]:
     """A coordinator and sites A and B, connected; ``freeze()`` stops B's SuperNode and executor (SIGSTOP).
 
     Everything frozen is continued and everything started is stopped on the way out.
@@ -49,7 +51,7 @@ def two_sites(tmp_path: Path, name: str, **run: object) -> Iterator[tuple[Federa
                         frozen.append(proc.pid)
 
             try:
-                yield layout, config, freeze
+                yield layout, config, freeze, sups
             finally:
                 for pid in frozen:
                     os.kill(pid, signal.SIGCONT)
@@ -58,7 +60,7 @@ def two_sites(tmp_path: Path, name: str, **run: object) -> Iterator[tuple[Federa
 
 
 def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:
-    with two_sites(tmp_path, "revoke", max_rounds=2, round_timeout_s=150) as (layout, config, freeze):
+    with two_sites(tmp_path, "revoke", max_rounds=2, round_timeout_s=150) as (layout, config, freeze, _sups):
         freeze()  # B takes the task but never answers
         handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="revoked-mid-round")
         time.sleep(8)  # round 1 is out, A has answered, B is frozen
@@ -83,7 +85,7 @@ def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> 
 
 def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Path) -> None:
     """A site that stops answering while a round waits for it is named within half a minute of its last contact."""
-    with two_sites(tmp_path, "dark", max_rounds=1, round_timeout_s=70) as (layout, config, freeze):
+    with two_sites(tmp_path, "dark", max_rounds=1, round_timeout_s=70) as (layout, config, freeze, _sups):
         handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="dark")
         freeze()  # B goes dark (a VM paused, a proxy gone)
         dark_at = time.monotonic()
@@ -99,3 +101,26 @@ def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Pat
     record("a site gone dark mid-round (no heartbeat, no pull)", "an 'away' row naming the site and the seconds "
            "since its last contact", injected="SuperNode frozen (SIGSTOP) right after the round went out",
            noticed_s=named_after, rounds_lost=0, replies_lost=0)  # fmt: skip
+
+
+def test_a_connected_but_silent_supernode_is_restarted_by_its_supervisor(tmp_path: Path) -> None:
+    """The SuperNode's pull loop stands still (the process frozen, the link up): restarted within about a minute."""
+    with two_sites(tmp_path, "silent", max_rounds=1) as (_layout, _config, _freeze, sups):
+        supervisor = sups[B]
+        lines: list[str] = []
+        supervisor.report = lines.append
+        old = supervisor.process
+        assert old is not None
+        os.kill(old.pid, signal.SIGSTOP)  # its loop stops turning; the supervisor and the link are fine
+        frozen_at = time.monotonic()
+        try:
+            assert wait_for(lambda: any("has not asked the SuperLink for work" in line for line in lines), 120), lines
+            noticed = time.monotonic() - frozen_at
+        finally:
+            os.kill(old.pid, signal.SIGCONT)
+        assert wait_for(lambda: supervisor.connected and supervisor.process is not old, 180), lines
+    line = next(line for line in lines if "has not asked the SuperLink for work" in line)
+    assert "although connected and the link is up" in line and "restarting it" in line
+    assert 60 <= noticed < 90, noticed
+    record("a SuperNode connected but silent (its loop stood still)", "its supervisor said so and restarted it",
+           injected="SIGSTOP to flower-supernode only (supervisor and link up)", noticed_s=noticed)  # fmt: skip
