@@ -229,12 +229,15 @@ def _split(
     return out
 
 
-def screen(got: Replies, expected: ArrayRecord, max_update_norm: float | None) -> Replies:
-    """``got`` without the replies whose update may not be aggregated, each dropped with a line naming its site."""
+def screen(got: Replies, expected: ArrayRecord, current: ArrayRecord, max_update_norm: float | None) -> Replies:
+    """``got`` without the replies whose update may not be aggregated, each dropped with a line naming its site.
+
+    ``expected``: the task's model as built (names, shapes, dtypes); ``current``: the global model sent.
+    """
     keep: list[Message] = []
     kept_sites: list[str] = []
     for reply, site in zip(got.valid, got.sites_unsorted, strict=True):
-        problem = update_problem(reply, expected, max_update_norm)
+        problem = update_problem(reply, expected, max_update_norm, current)
         if problem is None:
             keep.append(reply)
             kept_sites.append(site)
@@ -462,7 +465,7 @@ def run_rounds(
                 replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
                                    on_dark=dark.noted(server_round))  # fmt: skip
                 got = _split(messages, replies, sites, dropped)
-                got = screen(got, arrays, settings.max_update_norm)
+                got = screen(got, initial, arrays, settings.max_update_norm)
             retired |= got.retired
             spent |= got.privacy
         can_go_on = len(set(sites.by_node) - set(retired))  # the sites seen that may still train

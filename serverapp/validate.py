@@ -21,8 +21,15 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def update_problem(reply: Message, expected: ArrayRecord, max_update_norm: float | None = None) -> str | None:
-    """Why ``reply``'s update may not be aggregated into ``expected`` (the global model sent); None: it may."""
+def update_problem(
+    reply: Message, expected: ArrayRecord, max_update_norm: float | None = None, current: ArrayRecord | None = None
+) -> str | None:
+    """Why ``reply``'s update may not be aggregated; None: it may.
+
+    ``expected``: the task's model as built (names, shapes and dtypes: an aggregated integer buffer
+    such as BatchNorm's batch count comes back as float, the sites' stays integer); ``current``: the
+    global model sent this round, which ``max_update_norm`` measures the change from (default: ``expected``).
+    """
     records = reply.content.array_records
     if "arrays" not in records:
         return "its reply has no model update"
@@ -31,6 +38,7 @@ def update_problem(reply: Message, expected: ArrayRecord, max_update_norm: float
     if not isinstance(count, int | float) or not math.isfinite(count) or count <= 0:
         return f"it reports {count if count is not None else 'no'} training examples (must be > 0)"
     got, want = _arrays(records["arrays"]), _arrays(expected)
+    sent = _arrays(current) if current is not None and max_update_norm is not None else want
     if list(got) != list(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         parts = ([f"lacks {', '.join(missing[:3])}"] if missing else []) + (
@@ -48,7 +56,7 @@ def update_problem(reply: Message, expected: ArrayRecord, max_update_norm: float
             finite = np.isfinite(array)
             bad += int(array.size - np.count_nonzero(finite))
             if max_update_norm is not None and not bad:
-                squared += float(np.sum((array.astype(np.float64) - want[name].astype(np.float64)) ** 2))
+                squared += float(np.sum((array.astype(np.float64) - sent[name].astype(np.float64)) ** 2))
     if bad:
         return f"update has {bad:,} non-finite (NaN or infinite) values"
     if max_update_norm is not None and math.sqrt(squared) > max_update_norm:

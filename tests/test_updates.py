@@ -78,6 +78,11 @@ def test_each_update_is_checked_before_aggregation() -> None:
     assert update_problem(_reply(far), expected, max_update_norm=5.0) is None  # norm sqrt(24) = 4.9
     assert update_problem(_reply(far), expected, max_update_norm=4.0) == ("update norm 4.899 exceeds max_update_norm 4")
     assert non_finite_values(_record(nan)) == 7 and non_finite_values(expected) == 0
+    # An integer buffer (BatchNorm's batch count) comes back from aggregation as float; the sites' stays integer.
+    built = _record({"w": model["w"], "count": np.array(3, np.int64)})
+    aggregated = _record({"w": model["w"], "count": np.array(3.0, np.float64)})
+    update = {"w": model["w"], "count": np.array(4, np.int64)}
+    assert update_problem(_reply(update), built, max_update_norm=5.0, current=aggregated) is None
 
 
 def test_only_a_finite_model_is_ever_the_best() -> None:
