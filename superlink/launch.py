@@ -128,7 +128,7 @@ def _tally(folder: Path, message: Any) -> None:
         tally = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         tally = {"trained": 0, "refused": 0, "failed": 0, "reasons": []}
-    from flowerbed.supernode.approval import REFUSED_CODE  # a site's approval gate refused the run's code
+    from flowerbed.protocol import REFUSED_CODE  # a site refused the run (not approved, or against its policy)
 
     if not message.has_error():
         tally["trained"] += 1
