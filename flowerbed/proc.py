@@ -182,6 +182,11 @@ def kill_group(pgid: int) -> None:
 
 
 def stop_all(processes: list[ManagedProcess], grace_s: float = 10.0) -> None:
-    """Stop processes in reverse start order."""
+    """Stop processes together: SIGTERM to each (the last started first), then wait for all within one
+    ``grace_s``, SIGKILL for what is left. One after the other, their graceful shutdowns added up."""
     for proc in reversed(processes):
-        proc.stop(grace_s)
+        if proc.poll() is None:
+            proc._signal(signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for proc in reversed(processes):
+        proc.stop(max(end - time.monotonic(), 0.5))

@@ -141,8 +141,9 @@ class SiteNames:
     node is found through the message it answers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, registered: dict[int, str] | None = None) -> None:
         self.by_node: dict[int, str] = {}
+        self.registered = dict(registered or {})  # the coordinator's registry: names a node before it replied
 
     def learn(self, node_id: int, reply: Message) -> None:
         if reply.has_error():
@@ -157,7 +158,7 @@ class SiteNames:
         return [self.name(node) for node in self.by_node if node not in present]
 
     def name(self, node_id: int) -> str:
-        site = self.by_node.get(node_id)
+        site = self.by_node.get(node_id) or self.registered.get(node_id)
         return f"site {site} (node {node_id})" if site else f"node {node_id} (site not known yet)"
 
 
@@ -311,28 +312,28 @@ class DarkSites:
                 return
             self.said[node] = time.monotonic()
             last = dt.datetime.fromtimestamp(time.time() - age, dt.UTC).strftime("%H:%M:%S UTC")
-            line = (f"{self.label(node)}: no contact for {age:.0f} s (last {last}); round {server_round} waits for "
-                    f"it {max(left, 0):.0f} s more (round-timeout-s)")  # fmt: skip
+            line = (f"{self.sites.name(node)}: no contact for {age:.0f} s (last {last}); round {server_round} "
+                    f"waits for it {max(left, 0):.0f} s more (round-timeout-s)")  # fmt: skip
             self.history.append(RoundRow(server_round, 0, 0, None, None, None, 0.0, line, [line], kind=AWAY))
 
         return on_dark
 
-    def label(self, node: int) -> str:
-        if node in self.sites.by_node:
-            return self.sites.name(node)
-        known = self.watch.registered() if self.watch is not None else {}
-        return f"site {known[node]} (node {node})" if node in known else self.sites.name(node)
+    def silent_for(self) -> dict[str, float]:
+        """Site label -> seconds since its last contact, for every node the contact log knows."""
+        contacts = self.watch.last_contact() if self.watch is not None else {}
+        return {self.sites.name(node): time.time() - at for node, at in contacts.items()}
 
 
 @dataclass
 class Absence:
-    """Since when each absent site has been away (monotonic seconds)."""
+    """Since when each absent site has been away (monotonic seconds), from its last contact where known."""
 
     since: dict[str, float]
 
-    def update(self, absent: list[str], now: float) -> None:
+    def update(self, absent: list[str], now: float, silent_for: dict[str, float] | None = None) -> None:
+        """``silent_for``: site label -> seconds since the SuperLink last heard from it (its contact log)."""
         for name in absent:
-            self.since.setdefault(name, now)
+            self.since.setdefault(name, now - max((silent_for or {}).get(name, 0.0), 0.0))
         for name in [n for n in self.since if n not in absent]:
             del self.since[name]
 
@@ -413,7 +414,7 @@ def run_rounds(
     is dropped at once, a dark one named in an ``away`` row within half a minute.
     """
     tracker = ConvergenceTracker(settings)
-    sites = SiteNames()
+    sites = SiteNames(watch.registered() if watch is not None else None)
     dark = DarkSites(history, sites, watch)
     best = BestModel()
     absence = Absence({})
@@ -486,7 +487,7 @@ def run_rounds(
             server_round -= 1  # nothing was trained in it
             break
         if len(got.valid) < settings.min_nodes:
-            absence.update(got.absent, clock())
+            absence.update(got.absent, clock(), dark.silent_for())
             why = f"round {server_round}: {len(got.valid)} valid replies, min-nodes is {settings.min_nodes}" + (
                 f" ({'; '.join(got.errors)})" if got.errors else " (no reply before round-timeout-s)"
             )

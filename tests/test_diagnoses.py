@@ -85,8 +85,13 @@ def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> 
 
 def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Path) -> None:
     """A site that stops answering while a round waits for it is named within half a minute of its last contact."""
-    with two_sites(tmp_path, "dark", max_rounds=1, round_timeout_s=70) as (layout, config, freeze, _sups):
-        handle = submit(layout, RunSettings.model_validate(config.run.model_dump()), name="dark")
+    with two_sites(tmp_path, "dark", max_rounds=1, round_timeout_s=70, site_absence_tolerance_s=1) as (
+        layout,
+        config,
+        freeze,
+        _sups,
+    ):
+        handle = submit(layout, RunSettings.model_validate(config.run.model_dump() | {"min_nodes": 2}), name="dark")
         freeze()  # B goes dark (a VM paused, a proxy gone)
         dark_at = time.monotonic()
         assert wait_for(lambda: any(r.get("kind") == "away" for r in read_rows(handle.out_dir)), 60)
@@ -98,6 +103,10 @@ def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Pat
     assert 25 <= age <= 40, away  # measured from its last contact, not from when the round noticed
     assert named_after < 40, named_after
     assert "round 1 waits for it" in away["stop_reason"]
+    # The round ended without B; B is named as away since its last contact (not "away 0 s" from when the round noticed).
+    failed = next(r for r in result.rows if r["kind"] == "failed")
+    away_s = int(failed["stop_reason"].split(f"site {B} (node")[-1].split(" away ")[1].split(" s")[0])
+    assert away_s >= 40, failed["stop_reason"]  # Flower answers "Node Unavailable" after about a minute
     record("a site gone dark mid-round (no heartbeat, no pull)", "an 'away' row naming the site and the seconds "
            "since its last contact", injected="SuperNode frozen (SIGSTOP) right after the round went out",
            noticed_s=named_after, rounds_lost=0, replies_lost=0)  # fmt: skip
