@@ -193,6 +193,7 @@ class Attempt:
     node_id: int | None = None
     port_in_use: bool = False  # its loopback API port was held by another process
     ended_itself: float | None = None  # when it logged a graceful end that nobody asked for
+    last_line: float = field(default_factory=time.monotonic)  # when its log last said anything
 
 
 class LogFollower:
@@ -200,9 +201,10 @@ class LogFollower:
 
     def __init__(
         self, stream: IO[bytes], log_path: Path, attempt: Attempt, report: Report, superlink: str,
-        *, audit: Path | None = None,
+        *, audit: Path | None = None, lively: bool = True,
     ) -> None:  # fmt: skip
         self.audit = audit
+        self.lively = lively  # its lines show the SuperNode alive (not the executor's)
         self.stream = stream
         self.log_path = log_path
         self.attempt = attempt
@@ -226,6 +228,8 @@ class LogFollower:
     def on_line(self, line: str) -> None:
         """Turn one SuperNode log line into state and, where a site researcher cares, a console line."""
         a = self.attempt
+        if self.lively:
+            a.last_line = time.monotonic()
         if CONNECTED in line and not a.connected:
             a.connected = True
             rest = line.split(CONNECTED, 1)[1].split()
@@ -271,7 +275,8 @@ class Supervisor:
     spec: SupernodeSpec
     report: Report = lambda _msg: None
     rejected_window_s: float = 150.0
-    silent_s: float = 60.0  # a connected SuperNode whose pull loop stood still this long is restarted
+    silent_s: float = 60.0  # a connected SuperNode whose pull loop and log stood still this long is reported
+    silence_reported: bool = False
     max_backoff_s: float = 30.0
     healthy_after_s: float = 60.0
     link_probe: LinkProbe = _no_probe
@@ -306,22 +311,25 @@ class Supervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = self.spec.env()
         self.attempt = Attempt()
+        self.silence_reported = False
         proc, follower = self._launch(f"flower-supernode ({self.spec.site})", self.spec.argv(), env)
         self.process = proc
         self.executor = None
         if self.spec.warm:  # its task lines go to the same log and console
             self.executor, _ = self._launch(
-                f"warm ClientApp executor ({self.spec.site})", self.spec.executor_argv(), env
+                f"warm ClientApp executor ({self.spec.site})", self.spec.executor_argv(), env, lively=False
             )
         return proc, follower
 
-    def _launch(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[ManagedProcess, LogFollower]:
+    def _launch(
+        self, name: str, argv: list[str], env: dict[str, str], *, lively: bool = True
+    ) -> tuple[ManagedProcess, LogFollower]:
         """Start one process of this site; its output is read line by line into the site's log."""
         proc = ManagedProcess(name=name, argv=argv, log_path=self.log_path, env=env, cwd=self.spec.workdir, pipe=True)
         proc.start()
         assert proc.popen is not None and proc.popen.stdout is not None  # noqa: S101 - pipe=True
         follower = LogFollower(proc.popen.stdout, self.log_path, self.attempt, self.report, self.spec.superlink,
-                               audit=self.spec.audit_path)  # fmt: skip
+                               audit=self.spec.audit_path, lively=lively)  # fmt: skip
         return proc, follower.start()
 
     def _stop_executor(self) -> None:
@@ -384,25 +392,28 @@ class Supervisor:
                 proc.stop(grace_s=5)  # it said it ended but hangs on (seen after HTTP 401): end it
                 continue
             self._check_link(time.monotonic())
-            if self._silent(proc):
-                proc.stop(grace_s=5)  # the run loop starts it again
-                continue
+            self._check_silent(proc)
             time.sleep(0.5)
 
-    def _silent(self, proc: ManagedProcess) -> bool:
-        """Connected, the link up, yet its pull loop has not turned for ``silent_s``: said, and to be restarted."""
-        if not self.attempt.connected or self.link_down_since is not None:
-            return False
+    def _check_silent(self, proc: ManagedProcess) -> None:
+        """Connected, the link up, yet neither its pull loop turned nor its log said anything for ``silent_s``: said.
+
+        Reported, not restarted: on a slow link a push or pull can take long without a word from Flower,
+        and a restart would lose that reply; the site's researcher restarts it if it stays silent.
+        """
+        if not self.attempt.connected or self.link_down_since is not None or self.silence_reported:
+            return
         try:
-            idle = time.time() - self.spec.alive_path.stat().st_mtime
+            loop_idle = time.time() - self.spec.alive_path.stat().st_mtime
         except OSError:
-            return False  # not written yet (a SuperNode of its own, or just started)
-        if idle < self.silent_s:
-            return False
-        self.report(f"the SuperNode (pid {proc.pid}) has not asked the SuperLink for work for {idle:.0f} s although "
-                    "connected and the link is up (Flower logged nothing): restarting it")  # fmt: skip
-        self.spec.alive_path.unlink(missing_ok=True)
-        return True
+            return  # not written yet (a SuperNode of its own, or just started)
+        quiet = min(loop_idle, time.monotonic() - self.attempt.last_line)
+        if quiet >= self.silent_s:
+            self.silence_reported = True
+            self.report(f"the SuperNode (pid {proc.pid}) has not asked the SuperLink for work for {quiet:.0f} s "
+                        "although connected and the link is up, and logged nothing: if it stays silent, restart it "
+                        "(Ctrl-C, then `flowerbed supernode start` again) and send the coordinator "
+                        "logs/supernode.log")  # fmt: skip
 
     def _clock_off(self) -> tuple[float | None, bool]:
         """The measured offset (seconds ahead of the SuperLink) and whether Flower would refuse it."""
