@@ -60,14 +60,9 @@ def stored(layout: FederationLayout) -> list[WheelInfo]:
     return infos
 
 
-def add(layout: FederationLayout, wheel: Path, *, replace: bool = False) -> WheelInfo:
-    """Copy a task wheel into ``tasks/``, keyed by its sha256.
-
-    Another build of the same name and version already stored is refused, naming both hashes,
-    unless ``replace``; a replacement is written into the coordinator's audit trail.
-    """
+def check_new(layout: FederationLayout, wheel: Path, *, replace: bool = False) -> tuple[WheelInfo, list[WheelInfo]]:
+    """The wheel to add and the stored builds it would replace; another build refused unless ``replace``."""
     info = read_task_wheel(wheel)  # refuses what is not a task wheel before anything is copied
-    layout.tasks.mkdir(parents=True, exist_ok=True)
     target = layout.tasks / wheel.name
     same = [w for w in stored(layout) if (w.dist, w.version) == (info.dist, info.version) or w.path == target]
     other = [w for w in same if w.sha256 != info.sha256]
@@ -77,6 +72,18 @@ def add(layout: FederationLayout, wheel: Path, *, replace: bool = False) -> Whee
             f"{old.path} is another build of {info.dist} {info.version} (stored sha256 {old.sha256}, given "
             f"{info.sha256}): give the new one a new version, or pass --replace to replace the stored one"
         )
+    return info, other
+
+
+def add(layout: FederationLayout, wheel: Path, *, replace: bool = False) -> WheelInfo:
+    """Copy a task wheel into ``tasks/``, keyed by its sha256.
+
+    Another build of the same name and version already stored is refused, naming both hashes,
+    unless ``replace``; a replacement is written into the coordinator's audit trail.
+    """
+    info, other = check_new(layout, wheel, replace=replace)
+    layout.tasks.mkdir(parents=True, exist_ok=True)
+    target = layout.tasks / wheel.name
     if wheel.resolve() != target.resolve():
         tmp = target.with_suffix(".tmp")
         shutil.copyfile(wheel, tmp)

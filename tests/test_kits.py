@@ -111,7 +111,7 @@ def unpack(kitfed: FederationLayout, site: str, dest: Path, data: Path) -> Path:
 
 def test_kit_checks_refuse_clearly(kitfed: FederationLayout, tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
-    data.write_text("a,target\n1,0\n")
+    data.write_text("a,target\n1,0\n2,1\n3,0\n4,1\n")  # enough rows for the preflight to train on
     folder = unpack(kitfed, "kit-a", tmp_path / "k1", data)
     placeholder = tmp_path / "k0"
     with tarfile.open(kitfed.root / "kits" / "kit-a.tar.gz") as tar:
@@ -169,7 +169,7 @@ def kit_stack(kitfed: FederationLayout) -> Iterator[FederationLayout]:
 
 def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
-    data.write_text("a,target\n1,0\n")
+    data.write_text("a,target\n1,0\n2,1\n3,0\n4,1\n")  # enough rows for the preflight to train on
     procs = []
     try:
         for site in KIT_SITES:

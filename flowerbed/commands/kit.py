@@ -38,8 +38,11 @@ def build(
 ) -> None:
     config = load_federation(fed_dir)
     layout = FederationLayout(fed_dir)
-    stored = [taskstore.add(layout, path, replace=replace).path for path in task or []]  # runs name it: --task NAME
-    kits = build_kits(layout, config, site or None, wheel=wheel, bundle=bundle, tasks=stored, report=info)
+    for path in task or []:  # another build of a stored task is refused before anything is built
+        taskstore.check_new(layout, path, replace=replace)
+    kits = build_kits(layout, config, site or None, wheel=wheel, bundle=bundle, tasks=task or [], report=info)
+    for path in task or []:  # the federation's runs name it: `flowerbed run --task NAME`
+        taskstore.add(layout, path, replace=replace)
     out.print(
         table("Site kits", ["site", "folder", "archives"],
               ([k.site, k.folder, f"{k.tarball.name}, {k.zipfile.name}"] for k in kits))
