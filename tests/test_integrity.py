@@ -196,7 +196,7 @@ def test_approve_shows_every_file_that_runs_on_its_own(tmp_path: Path) -> None:
     )
     info = read_task_wheel(wheel)
     assert info.modules == ("flowerbed_task_tricky", "json")
-    kit = site_toml(tmp_path / "kit", "inst-a", make_config("tricky", ["inst-a"]))
+    kit = site_toml(tmp_path / "kit", "inst-a", make_config("tricky", ["inst-a"], min_nodes=1))
     shown = run_cli("supernode", "approve", str(wheel), "--yes", cwd=kit.parent, env={"COLUMNS": "80"})
     assert shown.returncode == 0, shown.stdout + shown.stderr
     lines = shown.stdout.splitlines()
