@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowerbed.clientapp.data import DataError, load_site_data
+from flowerbed.clientapp.data import DataError, find_csv, load_site_data
 from flowerbed.config import SITE_FILE, SiteKitConfig, load_toml_model
 from flowerbed.errors import FlowerbedError
 
@@ -22,7 +22,9 @@ TIMEOUT_S = 300.0
 
 def builtin_summary(path: Path) -> str:
     """What a built-in task reads from ``path`` (raises :class:`DataError` naming what is wrong)."""
-    data = load_site_data(str(path), num_features=None, num_classes=10_000, image_size=32,
+    folders = sum(1 for d in path.iterdir() if d.is_dir()) if path.is_dir() else 0
+    classes = max(folders, 2) if path.is_dir() and find_csv(path) is None else 10_000  # the run sets it; any fits
+    data = load_site_data(str(path), num_features=None, num_classes=classes, image_size=32,
                           validation_fraction=0.2, seed=0)  # fmt: skip
     if data.num_train < 1:
         raise DataError(f"{path}: nothing is left to train on after the validation split")
