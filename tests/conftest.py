@@ -21,7 +21,7 @@ from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port, free_ports, tcp_open
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 from flowerbed.supernode.supervisor import WARM, SupernodeSpec, Supervisor
-from tests import faults
+from tests import durations, faults
 
 SITES = ["inst-a", "inst-b", "univ-hospital"]
 
@@ -124,6 +124,38 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederat
         assert not tcp_open("127.0.0.1", config.superlink.port)
 
 
+_SECONDS: dict[str, float] = {}
+_STARTED = time.monotonic()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "federation: starts Flower, nginx or a proxy (real processes); `scripts/test.sh --quick` skips these"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest tests first (by the kept durations), and a module's tests on one worker when it shares a fixture.
+
+    The order is the same in every pytest-xdist worker (it must be): known durations, then collection order.
+    """
+    seconds = durations.known()
+    position = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-seconds.get(item.nodeid, 0.0), position[id(item)]))
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        shared = defs is not None and any(
+            d.scope == "module" for fixturedefs in defs.name2fixturedefs.values() for d in fixturedefs
+        )
+        if shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when in ("setup", "call", "teardown"):  # with xdist, the controller sees every worker's reports
+        _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller only (pytest-xdist)
         faults.RECORDS.unlink(missing_ok=True)
@@ -132,6 +164,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if not hasattr(session.config, "workerinput"):
         faults.merge_records()  # docs/reliability.md from the fault tests that ran
+        if _SECONDS:
+            workers = int(getattr(session.config.option, "numprocesses", 0) or 0) or 1
+            selection = session.config.option.markexpr or "whole suite"
+            durations.keep(_SECONDS, time.monotonic() - _STARTED, workers, f"-m {selection!r}"
+                           if session.config.option.markexpr else selection)  # fmt: skip
 
 
 @contextmanager
