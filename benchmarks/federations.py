@@ -243,7 +243,7 @@ def compute_floor(demo: DemoData, run_settings: RunSettings, rounds: int, sites:
     """Train + evaluate of every site in this process, one after the other: no Flower, no messages."""
     import torch
 
-    from flowerbed.clientapp.builtin import task_name
+    from flowerbed.protocol import task_name
     from flowerbed.task import load_task, task_config
 
     task = load_task(task_name(run_settings))

@@ -16,13 +16,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from flowerbed.audit import ROUND, TASK, append_here, head_of
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.clientapp.data import DataError
 from flowerbed.clientapp.privacy import (
-    PRIVACY_CODE,
     BudgetSpentError,
     PrivateTraining,
     effective_budget,
@@ -40,8 +37,8 @@ from flowerbed.clientapp.secure import (
     secure_only_refusal,
 )
 from flowerbed.config import BASELINE_KEY, RunSettings
-from flowerbed.serverapp.secure import MAX_WEIGHT_KEY, TRAIN_CONFIG
-from flowerbed.supernode.events import site_event
+from flowerbed.flower import compat
+from flowerbed.protocol import MAX_WEIGHT_KEY, PRIVACY_CODE, TRAIN_CONFIG, site_event, task_name
 from flowerbed.task import Task, check_metrics, imported_code, load_task, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
@@ -205,7 +202,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     masked = ""
     if secure:  # the change of the model goes to Flower's SecAgg+ mod, which masks it before it leaves
         state = {name: (tensor.detach() - start[name]).cpu().numpy() for name, tensor in state.items()}
-        content = fitres_to_recorddict(
+        content = compat.fitres_to_recorddict(
             FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(state.values())), len(train_data), {}), False
         )
         content["metrics"] = metrics

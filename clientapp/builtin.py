@@ -76,9 +76,3 @@ class BuiltinTask:
 
 tabular = BuiltinTask("tabular", "mlp")
 images = BuiltinTask("images", None)
-TASK_OF_MODEL = {"mlp": "tabular", "cnn": "images"}
-
-
-def task_name(settings: RunSettings) -> str:
-    """The task a run uses: its ``task`` setting, else the built-in task of its ``model``."""
-    return settings.task or TASK_OF_MODEL[settings.model]

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
 
-PRIVACY_CODE = 4002  # an application error code: the site's privacy budget is spent, it trains no more
 NODE_KEYS = {  # node-config key -> SitePrivacy field (the supervisor writes them from site.toml)
     "dp-epsilon": "epsilon",
     "dp-delta": "delta",

@@ -21,20 +21,27 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from flowerbed.audit import ROUND, append_here
 from flowerbed.clientapp.data import DataError
-from flowerbed.serverapp.secure import EXAMPLES_KEY, MAX_WEIGHT_KEY, TRAIN_ARRAYS, TRAIN_CONFIG, masked_digest
-from flowerbed.supernode.events import site_event
+from flowerbed.flower import compat
+from flowerbed.protocol import (
+    EXAMPLES_KEY,
+    MAX_WEIGHT_KEY,
+    REFUSED_CODE,
+    TRAIN_ARRAYS,
+    TRAIN_CONFIG,
+    masked_digest,
+    site_event,
+)
 
 INSPECT_ENV = "FLOWERBED_SECAGG_INSPECT"  # at a site: where its ClientApp writes the changes it masked
 SECURE_ONLY_KEY = "secagg-required"  # node config: the site trains only under secure aggregation
 KEPT = "flowerbed-secagg"  # the node's run state: what the site keeps between SecAgg+ stages
-POLICY_CODE = 4003  # an application error code: the run's settings break the site's own policy
+POLICY_CODE = REFUSED_CODE  # the run's settings break the site's own policy: refused, as unapproved code is
 
 
 def is_secure(msg: Message) -> bool:
@@ -96,7 +103,7 @@ def make_secure_mod(count_examples: Callable[[Context], int], site: Callable[[Co
             return reply
 
         try:
-            reply = secaggplus_mod(msg, context, handler)
+            reply: Message = compat.secaggplus_mod(msg, context, handler)
         except _HandlerError as exc:
             return Message(exc.reply.error, reply_to=msg)
         content = reply.content

@@ -206,12 +206,12 @@ def read_fab_bytes(data: bytes, what: str = "the app") -> FabInfo:
 
 def build_fab(app_dir: Path) -> bytes:
     """The FAB Flower builds from an app folder (deterministic: the same folder, the same hash)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flowerbed.flower import compat
 
     if not (app_dir / FAB_MANIFEST).is_file():
         raise FlowerbedError(f"{app_dir} is not a Flower App (no pyproject.toml): make one with `flwr new`")
     try:
-        return build_fab_from_disk(app_dir)
+        return bytes(compat.build_fab(app_dir))
     except ValueError as exc:
         raise FlowerbedError(f"{app_dir} is not a valid Flower App: {exc}") from None
 

@@ -18,13 +18,13 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from flowerbed.certs import service
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.clientapp.data import read_csv, read_image_folders
 from flowerbed.config import FederationConfig, RunSettings, save_toml_model
 from flowerbed.demodata import make_demo_data, make_digits_data
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
+from flowerbed.protocol import task_name
 from flowerbed.report import write_report
 from flowerbed.runner import RunResult, check_result, follow, submit
 from flowerbed.serverapp.history import FINAL_MODEL

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowerbed import taskstore
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import load_federation, resolve
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.protocol import task_name
 from flowerbed.runner import RunHandle, follow, run_folder, run_overview, stored_settings, submit
 from flowerbed.serverapp.history import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows
 from flowerbed.serverapp.resume import run_id_of

@@ -1,8 +1,55 @@
-"""What coordinator and sites say to each other beyond Flower's own records: application error codes.
+"""What the coordinator and the sites say to each other beyond Flower's own records.
 
-Light on purpose (no torch, no Flower): the SuperLink's reply tally reads it too.
+One module for both sides, so that neither app imports the other (``clientapp`` and ``serverapp``
+import this, never each other, and neither imports ``supernode``): the application error codes of a
+reply, the keys of the kit's records, the task a run uses, and the marker of a site's own console
+lines. Light on purpose (no torch; Flower only inside :func:`masked_digest`): the SuperLink's reply
+tally and the supervisor read it too.
 """
 
 from __future__ import annotations
 
-REFUSED_CODE = 4003  # a site refused the run: its code is not approved there, or it breaks the site's policy
+import hashlib
+import sys
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from flowerbed.config import RunSettings
+
+# Application error codes of a reply (Flower's ``Error.code``).
+PRIVACY_CODE = 4002  # the site's privacy budget is spent: it trains no more
+REFUSED_CODE = 4003  # the site refused the run: its code is not approved there, or it breaks the site's policy
+
+# The task a run uses when it names none: the built-in task of its model.
+TASK_OF_MODEL = {"mlp": "tabular", "cnn": "images"}
+
+# Secure aggregation (SecAgg+): keys of the train instructions and replies.
+EXAMPLES_KEY = "flowerbed-examples"  # a site's example count, masked with its update
+MAX_WEIGHT_KEY = "secagg-max-weight"  # the max_weight every site scales its update by
+TRAIN_ARRAYS, TRAIN_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy FitIns layout
+
+# A site's own console: lines a task prints with this marker are shown and logged by its supervisor.
+TASK_EVENT = "flowerbed-task:"
+
+
+def task_name(settings: RunSettings) -> str:
+    """The task a run uses: its ``task`` setting, else the built-in task of its ``model``."""
+    return settings.task or TASK_OF_MODEL[settings.model]
+
+
+def site_event(text: str) -> None:
+    """A line for the site's own console: the SuperNode supervisor shows and logs every such line."""
+    print(f"{TASK_EVENT} {text}", file=sys.stderr, flush=True)  # noqa: T201 - read by the supervisor
+
+
+def masked_digest(reply: Any) -> tuple[int, str]:
+    """Bytes and sha256 of the masked vector a site sent (what the ServerApp holds of its update)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    if reply.has_error() or RECORD_KEY_CONFIGS not in reply.content.config_records:
+        return 0, ""
+    vectors = cast(list[bytes], reply.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, []))
+    digest = hashlib.sha256()
+    for chunk in vectors:
+        digest.update(chunk)
+    return sum(len(c) for c in vectors), digest.hexdigest()

@@ -20,6 +20,7 @@ from flowerbed import audit
 from flowerbed.artifacts import KIT_CLIENTAPP, KIT_SERVERAPP, sha256_bytes
 from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.flower import HookError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
 from flowerbed.serverapp.history import RESUMED, SUMMARY, TRAIN, read_rows
@@ -256,6 +257,8 @@ def follow(
             break
         try:
             status = control.run_status(layout.flwr_home, run_id)
+        except HookError:
+            raise  # this Flower lacks what the kit asks with: said as such, never "not answered"
         except FlowerbedError as exc:
             unreachable_at = unreachable_at or time.monotonic()
             if time.monotonic() - unreachable_at > unreachable_s:

@@ -9,9 +9,9 @@ the child runs the very command the subprocess executor would have started, with
 arguments (``flwr-clientapp --runtime-api-address ... --token ...``). A task that crashes takes
 only its child down.
 
-It relies on flwr 1.42 internals (``run_superexec.get_executor`` and the ``Executor`` protocol of
-``flwr.supercore.superexec.executor``), which the pin ``flwr>=1.42,<1.43`` holds still; the tests
-run real tasks through it. Without ``os.fork`` (Windows) :func:`can_fork` is False and the kit
+The Flower internals it relies on (``run_superexec.get_executor``, the ``Executor`` protocol,
+``LaunchResult``) are reached through :mod:`flowerbed.flower.superexec`, checked when installed;
+the tests run real tasks through it. Without ``os.fork`` (Windows) :func:`can_fork` is False and the kit
 starts Flower's own ``flower-superexec`` instead.
 """
 
@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowerbed.supernode.events import TASK_EVENT
+from flowerbed.flower import HookError, superexec
+from flowerbed.protocol import TASK_EVENT
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting (seconds, default 1.0)
 THREADS_ENV = "FLOWERBED_TORCH_THREADS"  # torch threads per task (default: this machine's cores)
@@ -50,13 +51,8 @@ def task_threads() -> int:
 
 def task_argv(spec: Any) -> list[str]:
     """The command line Flower's SubprocessExecutor would start for ``spec`` (flwr 1.42)."""
-    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
-
-    args = [
-        TASK_TYPE_TO_COMMAND[spec.task_type],
-        TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address,
-        "--token", spec.token,
-    ]  # fmt: skip
+    command, address_arg = superexec.task_command(spec.task_type)
+    args = [command, address_arg, spec.runtime_api_address, "--token", spec.token]
     if spec.insecure:
         args.append("--insecure")
     elif spec.root_certificates_path is not None:
@@ -115,11 +111,9 @@ class ForkExecutor:
         del task_type
 
     def launch(self, spec: Any) -> Any:
-        from flwr.supercore.superexec.executor import LaunchResult
-
         runner = self.runners.get(str(spec.task_type))
         if runner is None:
-            return LaunchResult.failed(f"the warm executor does not run {spec.task_type} tasks")
+            return superexec.launched(f"the warm executor does not run {spec.task_type} tasks")
         argv = task_argv(spec)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -127,7 +121,7 @@ class ForkExecutor:
         if pid == 0:
             _child(runner, argv)  # never returns
         self.children[pid] = (int(spec.task_id), time.monotonic())
-        return LaunchResult.accepted()
+        return superexec.launched()
 
     def reconcile(self) -> None:
         """Reap ended tasks; a task that died of a signal is reported, and the executor goes on."""
@@ -175,14 +169,7 @@ def quick_object_pulls(cap_s: float | None = None) -> None:
     of ``pull_objects`` and ``pull_and_inflate_object_from_tree``, so this sets that default.
     ``cap_s``: the longest wait between two tries (Flower's: 10 s), for a reader on loopback.
     """
-    from flwr.supercore.inflatable import inflatable_utils
-
-    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
-        defaults = function.__kwdefaults__
-        if defaults is not None and "initial_backoff" in defaults:
-            defaults["initial_backoff"] = QUICK_PULL_BACKOFF_S
-            if cap_s is not None:
-                defaults["backoff_cap"] = cap_s
+    superexec.object_pull_backoff(QUICK_PULL_BACKOFF_S, cap_s)
 
 
 def warm_up_torch() -> None:
@@ -209,15 +196,9 @@ def serve(runners: dict[str, Runner], preload: Callable[[], None]) -> None:
     calling thread) nor run parallel torch operations (an OpenMP pool does not survive a fork):
     :func:`warm_up_torch` is safe.
     """
-    from flwr.supercore.cli.flower_superexec import flower_superexec
-    from flwr.supercore.superexec import run_superexec as superexec_loop
-
     os.environ.setdefault(POLL_ENV, POLL_S)
-    preload()
-    executor = ForkExecutor(runners)
-
-    def get_executor(*_args: Any, **_kwargs: Any) -> ForkExecutor:
-        return executor
-
-    superexec_loop.get_executor = get_executor  # type: ignore[attr-defined]
-    flower_superexec()
+    try:
+        preload()
+        superexec.run_superexec(ForkExecutor(runners))
+    except HookError as exc:
+        raise SystemExit(exc.message) from None

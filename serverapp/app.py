@@ -14,11 +14,11 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from flowerbed.audit import RUN, anchor_here, append_here
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import RunSettings
 from flowerbed.diskspace import DiskFullError, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.protocol import task_name
 from flowerbed.serverapp.history import SUMMARY, History, repair
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row

@@ -13,16 +13,14 @@ from typing import Protocol
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from flwr.supercore import log
 
 from flowerbed.audit import ROUND, append_here
-from flowerbed.clientapp.privacy import PRIVACY_CODE
 from flowerbed.config import BASELINE_KEY, RunSettings
+from flowerbed.flower import compat
+from flowerbed.protocol import PRIVACY_CODE
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
 from flowerbed.serverapp.history import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
-from flowerbed.serverapp.secure import inspect_round, secure_round
 from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
 
 Clock = Callable[[], float]
@@ -244,7 +242,7 @@ def screen(got: Replies, expected: ArrayRecord, current: ArrayRecord, max_update
             kept_sites.append(site)
         else:
             got.errors.append(f"site {site}: {problem}; dropped")
-            log(WARNING, "site %s: %s; dropped from this round", site, problem)
+            compat.log(WARNING, "site %s: %s; dropped from this round", site, problem)
     got.valid, got.sites_unsorted, got.sites = keep, kept_sites, sorted(kept_sites)
     return got
 
@@ -361,6 +359,8 @@ def secure_exchange(
 ) -> tuple[Replies, Aggregate]:  # fmt: skip
     """One round under SecAgg+ (:mod:`flowerbed.serverapp.secure`): the replies as for a plain round
     (each stage's failures named by site) and the new global model with the sites' metrics (in clear)."""
+    from flowerbed.serverapp.secure import inspect_round, secure_round  # Flower's legacy workflow: only now
+
     config = messages[0].content.config_records.get("config") if messages else None
     nodes = [m.metadata.dst_node_id for m in messages]
     result = secure_round(lambda sent, timeout: exchange(grid, sent, timeout, clock), nodes, arrays,
@@ -377,7 +377,7 @@ def secure_exchange(
         got.errors += [e for e in other.errors if e.partition(":")[0] not in named]
         got.absent += [a for a in other.absent if a not in got.absent]
     if result.arrays is None:
-        log(WARNING, "round %s: %s", server_round, result.halted)
+        compat.log(WARNING, "round %s: %s", server_round, result.halted)
         if not got.errors:  # nobody was away or out of budget: the protocol itself failed
             got.errors.append(f"{result.halted}")
         got.valid, got.sites, got.sites_unsorted, got.heads = [], [], [], {}
@@ -386,7 +386,7 @@ def secure_exchange(
     got.masked = {sites.by_node.get(node, f"node {node}"): sha for node, (_, sha) in result.received.items()
                   if node in answered}  # fmt: skip
     records = [RecordDict({"metrics": r.content.metric_records["metrics"]}) for r in got.valid]
-    metrics = aggregate_metricrecords(records, "num-examples") if records else None
+    metrics = compat.aggregate_metricrecords(records, "num-examples") if records else None
     return got, (result.arrays, metrics)
 
 

@@ -17,7 +17,6 @@ and the quantization keeps its precision.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,21 +34,21 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
 from flwr.serverapp import Grid
 
 from flowerbed.config import RunSettings
+from flowerbed.flower.secagg import (
+    MAIN_CONFIGS_RECORD,
+    MAIN_PARAMS_RECORD,
+    LegacyContext,
+    SecAggPlusWorkflow,
+    WorkflowKey,
+    WorkflowState,
+)
+from flowerbed.protocol import EXAMPLES_KEY, MAX_WEIGHT_KEY, TRAIN_CONFIG, masked_digest
 
 # What a site adds to its setup reply: how many examples it trains on (its FedAvg weight, which the
 # run's metrics report in the clear anyway), so that one max_weight fits every site.
-EXAMPLES_KEY = "flowerbed-examples"
-# What the ServerApp puts into each site's train instructions: the max_weight all sites use.
-MAX_WEIGHT_KEY = "secagg-max-weight"
-# Where Flower's workflow puts the train instructions (its legacy FitIns layout).
-TRAIN_ARRAYS, TRAIN_CONFIG = "fitins.parameters", "fitins.config"
 STAGES = ("setup", "share keys", "collect masked vectors", "unmask")
 
 Send = Callable[[list[Message], float], list[Message]]
@@ -153,17 +152,6 @@ class _Grid:
         replies = self.send(sent, self.timeout if timeout is None else timeout)
         self.exchanges.append(Exchange(STAGES[len(self.exchanges)], sent, replies))
         return replies
-
-
-def masked_digest(reply: Message) -> tuple[int, str]:
-    """Bytes and sha256 of the masked vector a site sent (what the ServerApp holds of its update)."""
-    if reply.has_error() or RECORD_KEY_CONFIGS not in reply.content.config_records:
-        return 0, ""
-    vectors = cast(list[bytes], reply.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, []))
-    digest = hashlib.sha256()
-    for chunk in vectors:
-        digest.update(chunk)
-    return sum(len(c) for c in vectors), digest.hexdigest()
 
 
 def secure_round(

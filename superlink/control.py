@@ -2,7 +2,7 @@
 
 ``flowerbed run`` and the coordinator's run keeper ask for a run's status every few seconds; each
 ``flwr ls`` started a Python interpreter that imported flwr (about a second of CPU). This uses
-Flower's own Control API client (``ControlHttpClient``, flwr 1.42) over the same loopback TLS
+Flower's own Control API client (:func:`flowerbed.flower.superlink.control_client`) over the same loopback TLS
 address and CA as ``flwr`` does. Errors become :class:`FlowerbedError` in one line.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flowerbed.errors import FlowerbedError
+from flowerbed.flower import HookError, superlink
 
 
 @dataclass
@@ -25,31 +26,31 @@ class ControlClient:
 
     def _connect(self) -> Any:
         if self._client is None:
-            from flwr.supercore.control.control_http_client import ControlHttpClient
-            from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-
-            self._client = ControlHttpClient.from_server_address(
-                server_address=self.address,
-                insecure=False,
-                root_certificates=self.ca_cert.read_bytes(),
-                interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
-            )
+            try:
+                ca = self.ca_cert.read_bytes()
+            except OSError as exc:
+                raise FlowerbedError(f"cannot read the SuperLink's CA certificate {self.ca_cert}: {exc}") from None
+            self._client = superlink.control_client(self.address, ca)
         return self._client
 
     def run_status(self, run_id: int) -> str:
-        """Flower's status of a run as ``flwr ls`` shows it: ``running``, ``finished:completed``, ..."""
-        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+        """Flower's status of a run as ``flwr ls`` shows it: ``running``, ``finished:completed``, ...
 
+        A Flower internal that is missing raises its own line (HookError, naming the Flower version),
+        never "the SuperLink did not answer".
+        """
+        client = self._connect()
         try:
-            response = self._connect().ListRuns(ListRunsRequest(run_id=run_id))
+            found = superlink.list_run(client, run_id)
+        except HookError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a transport or API error: one line, the caller retries
             self.close()
             raise FlowerbedError(f"the SuperLink's Control API did not answer: {type(exc).__name__}: {exc}") from None
-        run = response.run_dict.get(run_id)
-        if run is None:
+        if found is None:
             raise FlowerbedError(f"the SuperLink does not know run {run_id}")
-        status = run.status
-        return f"{status.status}:{status.sub_status}" if status.sub_status else str(status.status)
+        status, sub_status = found
+        return f"{status}:{sub_status}" if sub_status else status
 
     def close(self) -> None:
         if self._client is not None:

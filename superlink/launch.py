@@ -7,9 +7,9 @@ SuperNodes pushing replies at once on a 2-core coordinator that happened in the 
 reply was lost ("Failed to store object ... database is locked") and the round stalled.
 This entry point starts Flower's own ``flower-superlink`` after two changes through SQLAlchemy's
 documented pysqlite recipe: every transaction begins with ``BEGIN IMMEDIATE`` (writers queue for
-the lock), and the busy timeout is 60 s. It edits no Flower file but wraps
-``flwr.supercore.sql_mixin.create_engine``, a flwr 1.42 internal: flowerbed pins
-``flwr>=1.42,<1.43`` and tests/test_load.py checks it.
+the lock), and the busy timeout is 60 s; it also tallies each run's replies and notes each node's
+last contact. The Flower internals it hooks live in :mod:`flowerbed.flower.superlink`, checked when
+installed (a missing one stops the SuperLink with the Flower version named).
 """
 
 from __future__ import annotations
@@ -22,82 +22,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flowerbed.flower import HookError, superlink
+
 BUSY_TIMEOUT_MS = "60000"
 
 
-def patch_sqlite() -> None:
-    from flwr.supercore import sql_mixin
-    from sqlalchemy import event
-
-    pragmas = getattr(sql_mixin, "SQLITE_PRAGMAS")  # noqa: B009 - a flwr 1.42 internal, read where it is used
-    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[attr-defined,assignment]
-        (name, BUSY_TIMEOUT_MS if name == "busy_timeout" else value) for name, value in pragmas
-    )
-    original = sql_mixin.create_engine  # type: ignore[attr-defined]
-
-    def create_engine(url: Any, **kwargs: Any) -> Any:
-        engine = original(url, **kwargs)
-        if engine.dialect.name == "sqlite" and ":memory:" not in str(url):
-
-            def autocommit(dbapi_connection: Any, _record: Any) -> None:
-                dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
-
-            def immediate(connection: Any) -> None:
-                connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-            event.listen(engine, "connect", autocommit)
-            event.listen(engine, "begin", immediate)
-        return engine
-
-    sql_mixin.create_engine = create_engine  # type: ignore[attr-defined]
-
-
 REPLIES_ENV = "FLOWERBED_REPLIES_DIR"  # where the SuperLink tallies each run's replies (set by the stack)
+CONTACTS_FILE = "contacts.json"  # node id -> when the SuperLink last heard from it (epoch seconds)
+
+
+def patch_sqlite() -> None:
+    """Writers queue for SQLite's lock for up to a minute (:func:`flowerbed.flower.superlink.queue_sqlite_writers`)."""
+    superlink.queue_sqlite_writers(BUSY_TIMEOUT_MS)
 
 
 def patch_reply_tally(folder: Path) -> None:
     """Count each run's replies as the SuperLink stores them: trained, refused by a site, or failed.
 
     A Flower App's own ServerApp may finish "completed" though every site refused it; the tally
-    (``folder/RUN_ID.json``) lets ``flowerbed run --app`` say so. Hooks
-    ``SqlLinkState.store_message_res`` (flwr 1.42 internal): a hook that cannot be installed stops the
-    SuperLink with the Flower version named, instead of leaving the coordinator blind.
+    (``folder/RUN_ID.json``) lets ``flowerbed run --app`` say so.
     """
-    import flwr
-    from flwr.server.superlink.linkstate import sql_linkstate
-
-    cls = getattr(sql_linkstate, "SqlLinkState", None)
-    original = getattr(cls, "store_message_res", None)
-    if cls is None or original is None:
-        raise SystemExit(f"flowerbed cannot count replies with Flower {flwr.__version__}: install flwr 1.42")
     folder.mkdir(parents=True, exist_ok=True)
-
-    def store_message_res(self: Any, message: Any) -> Any:
-        stored = original(self, message)
-        if stored is not None:
-            _tally(folder, message)
-        return stored
-
-    cls.store_message_res = store_message_res
-
-
-CONTACTS_FILE = "contacts.json"  # node id -> when the SuperLink last heard from it (epoch seconds)
+    superlink.on_reply_stored(lambda message: _tally(folder, message))
 
 
 def patch_contact_log(folder: Path, every_s: float = 1.0) -> None:
     """Note when each node last reached the SuperLink (a heartbeat or a pull), in ``folder/contacts.json``.
 
     The ServerApp reads it to name a site that has gone dark while a round waits for it, with the
-    time since its last contact. Hooks ``SqlLinkState.acknowledge_node_heartbeat`` and
-    ``get_message_ins`` (flwr 1.42 internals); one that cannot be installed stops the SuperLink.
+    time since its last contact.
     """
-    import flwr
-    from flwr.server.superlink.linkstate import sql_linkstate
-
-    cls = getattr(sql_linkstate, "SqlLinkState", None)
-    names = ("acknowledge_node_heartbeat", "get_message_ins")
-    if cls is None or not all(callable(getattr(cls, n, None)) for n in names):
-        raise SystemExit(f"flowerbed cannot note node contacts with Flower {flwr.__version__}: install flwr 1.42")
     folder.mkdir(parents=True, exist_ok=True)
     seen: dict[str, float] = {}
     written = [0.0]
@@ -112,14 +66,7 @@ def patch_contact_log(folder: Path, every_s: float = 1.0) -> None:
                 tmp.write_text(json.dumps(seen), encoding="utf-8")
                 tmp.replace(folder / CONTACTS_FILE)
 
-    for name in names:
-        original = getattr(cls, name)
-
-        def hooked(self: Any, node_id: int, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            note(node_id)
-            return _original(self, node_id, *args, **kwargs)
-
-        setattr(cls, name, hooked)
+    superlink.on_node_contact(note)
 
 
 def _tally(folder: Path, message: Any) -> None:
@@ -144,14 +91,16 @@ def _tally(folder: Path, message: Any) -> None:
 
 
 def main() -> int:
-    patch_sqlite()
-    replies = os.environ.get(REPLIES_ENV)
-    if replies:
-        patch_reply_tally(Path(replies))
-        patch_contact_log(Path(replies))
-    from flwr.superlink.cli import flower_superlink
-
-    flower_superlink()
+    """Flower's ``flower-superlink`` with the kit's hooks; a hook that cannot be installed stops it in one line."""
+    try:
+        patch_sqlite()
+        replies = os.environ.get(REPLIES_ENV)
+        if replies:
+            patch_reply_tally(Path(replies))
+            patch_contact_log(Path(replies))
+    except HookError as exc:
+        raise SystemExit(exc.message) from None
+    superlink.run_superlink()
     return 0
 
 

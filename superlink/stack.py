@@ -23,7 +23,6 @@ from flowerbed.layout import FederationLayout
 from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, stop_all, tail
 from flowerbed.superlink import flwrcli, gateway, sites
-from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.launch import REPLIES_ENV
 from flowerbed.superlink.refusals import RefusalWatch
 from flowerbed.warmexec import can_fork
@@ -237,7 +236,7 @@ def supervise(
     max_restarts: int = 5,
     window_s: float = 600.0,
     deadline_s: float = 90.0,
-    keeper: RunKeeper | None = None,
+    on_idle: Callable[[], object] | None = None,
     refusals: RefusalWatch | None = None,
 ) -> None:
     """Block until ``should_stop``; a child that dies is restarted with backoff while the others run on.
@@ -245,15 +244,16 @@ def supervise(
     A dead gateway or SuperLink has its whole process group ended first (an orphaned nginx worker
     would hold the port); a dead executor's group is left running, because the ServerApp it started
     goes on with the run, and is ended when the coordinator stops. More than ``max_restarts`` deaths
-    of one child within ``window_s`` is an error naming its log. ``keeper`` resumes runs whose
-    ServerApp died; ``refusals`` names node keys the SuperLink refused as unknown.
+    of one child within ``window_s`` is an error naming its log. ``on_idle`` runs at each quiet poll
+    (the run keeper's tick: it resumes runs whose ServerApp died); ``refusals`` names node keys the
+    SuperLink refused as unknown.
     """
     deaths: dict[str, list[float]] = {}
     while not should_stop():
         dead = stack.first_exited()
         if dead is None:
-            if keeper is not None:
-                keeper.tick()
+            if on_idle is not None:
+                on_idle()
             for line in refusals.tick() if refusals is not None else []:
                 report(line)
             time.sleep(poll_s)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 def preload() -> None:
     """Import what every ServerApp imports, and warm torch up; no thread (see :func:`serve`)."""
-    import flwr.superlink.cli.flwr_serverapp  # noqa: F401
     import torch  # noqa: F401
 
     import flowerbed.serverapp.app  # noqa: F401
+    from flowerbed.flower import superlink
     from flowerbed.warmexec import quick_object_pulls, warm_up_torch
+
+    superlink.serverapp_main()  # imports Flower's ServerApp runtime (checked)
 
     quick_object_pulls(cap_s=0.5)  # the ServerApp reads each reply's objects from the SuperLink on loopback
     warm_up_torch()
@@ -22,11 +24,10 @@ def preload() -> None:
 
 def main() -> None:
     """Each run's ServerApp: Flower's own flwr-serverapp, in a fork."""
-    from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
-
+    from flowerbed.flower import superlink
     from flowerbed.warmexec import serve
 
-    serve({"flwr-serverapp": flwr_serverapp}, preload)
+    serve({"flwr-serverapp": superlink.serverapp_main()}, preload)
 
 
 if __name__ == "__main__":

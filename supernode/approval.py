@@ -16,16 +16,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flowerbed import audit, protocol
+from flowerbed import audit
 from flowerbed.artifacts import FabInfo, WheelInfo, read_app, read_task_wheel, sha256_file
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import SITE_FILE, Approval, RunSettings, SiteKitConfig, load_toml_model, save_toml_model
 from flowerbed.deploy.bundle import TASKS_DIR
 from flowerbed.errors import FlowerbedError
+from flowerbed.protocol import task_name
 from flowerbed.task import BUILTIN
 
 APPROVED_DIR = "approved"
-REFUSED_CODE = protocol.REFUSED_CODE  # the site refused the run's code
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Flower's SuperNode starts one ``flwr-clientapp`` process per task, by name on PATH. The supervisor
 puts a shim of that name first on the SuperNode's PATH; the shim runs :func:`main`, which is Flower's
-own ``flwr-clientapp`` with three steps of its runtime wrapped (flwr 1.42, pinned):
+own ``flwr-clientapp`` with three steps of its runtime wrapped (the hooks live in
+:mod:`flowerbed.flower.supernode`, each checked when installed):
 
 1. after Flower pulls the message, run and FAB: :func:`flowerbed.supernode.approval.decide`, from the
    FAB's bytes (Flower's own hash) and the run config, before anything is unpacked or imported;
@@ -11,36 +12,56 @@ own ``flwr-clientapp`` with three steps of its runtime wrapped (flwr 1.42, pinne
    hash and the command that approves it; an approved own task is imported from the approved wheel.
 
 Every decision is a ``flowerbed-task:`` line, which the supervisor shows and logs at the site.
+Fail closed: every ClientApp call is guarded too (Flower's public ``ClientApp.__call__``), so an app
+that another Flower loads by a route around these steps, or a gate whose hooks could not be
+installed, answers with the refusal, naming the Flower version.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from flowerbed import flower
+from flowerbed.flower import supernode
+from flowerbed.protocol import REFUSED_CODE, site_event
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
+    from flowerbed.supernode.approval import Decision
 
 SITE_FILE_ENV = "FLOWERBED_SITE_FILE"  # the kit's site.toml; empty: no kit, built-in tasks only
 SHIM = "flwr-clientapp"
+REFUSAL_MARK = "_flowerbed_refusal"  # on a ClientApp that only refuses
 
 
 def refusal_app(reason: str) -> Any:
     """A ClientApp that answers every message with the refusal, and runs nothing else."""
-    from flwr.app import Error, Message
     from flwr.clientapp import ClientApp
-
-    from flowerbed.supernode.approval import REFUSED_CODE
 
     app = ClientApp()
 
     def refuse(msg: Message, _context: Any) -> Message:
-        return Message(Error(code=REFUSED_CODE, reason=reason), reply_to=msg)
+        return refusal(msg, reason)
 
     app.train()(refuse)
     app.evaluate()(refuse)
     app.query()(refuse)
+    setattr(app, REFUSAL_MARK, True)
     return app
+
+
+def refusal(message: Message, reason: str) -> Message:
+    """The reply that refuses ``message`` (code 4003, the reason in one line)."""
+    from flwr.app import Error
+    from flwr.app import Message as FlowerMessage
+
+    return FlowerMessage(Error(code=REFUSED_CODE, reason=reason), reply_to=message)
 
 
 def _site_file() -> Path | None:
@@ -48,61 +69,104 @@ def _site_file() -> Path | None:
     return Path(value) if value else None
 
 
+@dataclass
+class Gate:
+    """What the gate decided in this task process, and whether its hooks are in place."""
+
+    decided: list[Decision] = field(default_factory=list)
+    loaded_through_gate: bool = False
+    broken: str = ""  # a hook that could not be installed: every call is refused with this line
+
+    def allowed(self) -> bool:
+        return not self.broken and bool(self.decided) and self.decided[-1].allowed
+
+    def answer(self, app: Any, message: Message, call: Callable[[], Message]) -> Message:
+        """The ClientApp call guard: run the app only when the gate allowed its run and loaded it."""
+        if getattr(app, REFUSAL_MARK, False):
+            return call()
+        if self.broken:
+            reason = f"refused: {self.broken}"
+        elif not self.decided:
+            reason = f"refused: the approval gate did not see this run's code with Flower {flower.version()}"
+        elif not self.decided[-1].allowed:
+            reason = self.decided[-1].reason
+        elif not self.loaded_through_gate:
+            reason = f"refused: the ClientApp was loaded past the approval gate with Flower {flower.version()}"
+        else:
+            return call()
+        site_event(f"REFUSED a ClientApp call: {reason}")
+        return refusal(message, reason)
+
+
 def main() -> None:
-    """Flower's ``flwr-clientapp``, with the approval check between pulling the task and loading its code."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    """Flower's ``flwr-clientapp``, with the approval check between pulling the task and loading its code.
 
-    runtime: Any = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-
+    Fails closed: a hook that cannot be installed (another Flower version) or an app that reaches its
+    call without the gate's decision is refused with a line that names the Flower version.
+    """
     from flowerbed.artifacts import read_fab_bytes
     from flowerbed.audit import TASK, append_here
     from flowerbed.errors import FlowerbedError
     from flowerbed.supernode.approval import Decision, decide
-    from flowerbed.supernode.events import site_event
     from flowerbed.task import allow_wheel
     from flowerbed.warmexec import quick_object_pulls
 
-    quick_object_pulls(cap_s=0.2)  # from the SuperNode on loopback, while it still downloads them
+    gate = Gate()
+    supernode.guard_clientapp_calls(gate.answer)  # Flower's public ClientApp class: installed first
 
-    decided: list[Decision] = []
-    pull, install, loader = runtime.pull_task_input, runtime.install_from_fab, runtime.get_load_client_app_fn
+    def gated_pull(pull: Callable[..., Any]) -> Callable[..., Any]:
+        def run(client: Any) -> Any:
+            message, context, run, fab = pull(client)
+            site = str(context.node_config.get("site-name", f"node {context.node_id}"))
+            try:
+                decision = decide(_site_file(), site, read_fab_bytes(fab.content), dict(context.run_config))
+            except FlowerbedError as exc:  # an unreadable site.toml or FAB: refused, said why
+                decision = Decision(False, f"site {site} refused run {run.run_id}: {exc.message}")
+            gate.decided.append(decision)
+            append_here(TASK, "approval gate", run_id=run.run_id, fab_sha256=fab.hash_str, allowed=decision.allowed,
+                        task_sha256=decision.sha256, reason=decision.reason)  # fmt: skip
+            if decision.allowed:
+                if decision.wheel is not None:
+                    allow_wheel(decision.sha256, decision.wheel)
+            else:
+                site_event(f"REFUSED run {run.run_id}: {decision.reason}")
+            return message, context, run, fab
 
-    def gated_pull(client: Any) -> Any:
-        message, context, run, fab = pull(client)
-        site = str(context.node_config.get("site-name", f"node {context.node_id}"))
-        try:
-            decision = decide(_site_file(), site, read_fab_bytes(fab.content), dict(context.run_config))
-        except FlowerbedError as exc:  # an unreadable site.toml or FAB: refused, said why
-            decision = Decision(False, f"site {site} refused run {run.run_id}: {exc.message}")
-        decided.append(decision)
-        append_here(TASK, "approval gate", run_id=run.run_id, fab_sha256=fab.hash_str, allowed=decision.allowed,
-                    task_sha256=decision.sha256, reason=decision.reason)  # fmt: skip
-        if decision.allowed:
-            if decision.wheel is not None:
-                allow_wheel(decision.sha256, decision.wheel)
-        else:
-            site_event(f"REFUSED run {run.run_id}: {decision.reason}")
-        return message, context, run, fab
+        return run
 
-    def gated_install(content: Any, *args: Any, **kwargs: Any) -> Any:
-        if not (decided and decided[-1].allowed):
-            return None  # a refused FAB is not even unpacked
-        return install(content, *args, **kwargs)
+    def gated_install(install: Callable[..., Any]) -> Callable[..., Any]:
+        def run(content: Any, *args: Any, **kwargs: Any) -> Any:
+            if not gate.allowed():
+                return None  # a refused FAB is not even unpacked
+            return install(content, *args, **kwargs)
 
-    def gated_loader(*args: Any, **kwargs: Any) -> Any:
-        load = loader(*args, **kwargs)
+        return run
 
-        def gated_load(*load_args: Any) -> Any:
-            if not (decided and decided[-1].allowed):
-                return refusal_app(decided[-1].reason if decided else "refused: the run was not checked")
-            return load(*load_args)
+    def gated_loader(loader: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            load = loader(*args, **kwargs)
 
-        return gated_load
+            def gated_load(*load_args: Any) -> Any:
+                if not gate.allowed():
+                    reason = gate.decided[-1].reason if gate.decided else "refused: the run was not checked"
+                    return refusal_app(gate.broken or reason)
+                app = load(*load_args)
+                gate.loaded_through_gate = True
+                return app
 
-    runtime.pull_task_input = gated_pull
-    runtime.install_from_fab = gated_install
-    runtime.get_load_client_app_fn = gated_loader
-    flwr_clientapp()
+            return gated_load
+
+        return run
+
+    try:
+        quick_object_pulls(cap_s=0.2)  # from the SuperNode on loopback, while it still downloads them
+        supernode.install_gate(gated_pull, gated_install, gated_loader)
+        run = supernode.clientapp_main()
+    except flower.HookError as exc:
+        gate.broken = exc.message
+        site_event(f"REFUSED every run: {exc.message}")
+        raise SystemExit(exc.message) from None
+    run()
 
 
 def write_shim(folder: Path) -> Path:

@@ -10,8 +10,9 @@ by default) for 3 s, then less and less often (0.5, 1, 2 s), and Flower's 3 s ag
 the SuperNode looks for its reply every 0.05 s instead of 0.5 s (its own local state, no network).
 An idle site polls exactly as Flower does.
 
-Relies on flwr 1.42 internals (the module's ``time`` and ``_push_messages``), pinned by
-``flwr>=1.42,<1.43`` and run by every federation test. ``FLOWERBED_PULL_S=3`` turns it off.
+The Flower internals it hooks (the loop module's ``time`` and ``_push_messages``) live in
+:mod:`flowerbed.flower.supernode`, checked when installed; every federation test runs it.
+``FLOWERBED_PULL_S=3`` turns it off.
 """
 
 from __future__ import annotations
@@ -79,23 +80,21 @@ def quick_s() -> float:
 
 
 def main() -> None:
-    import flwr.supernode.start_client_internal as loop
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
+    """Flower's ``flower-supernode`` with the quick pull; a hook that cannot be installed stops it in one line."""
+    from flowerbed.flower import HookError, supernode
     from flowerbed.warmexec import quick_object_pulls
 
-    quick_object_pulls()  # the SuperNode reads each task's objects from the SuperLink
-
     clock = PullClock(quick_s(), os.environ.get(ALIVE_ENV, ""))
-    push = loop._push_messages
 
-    def push_and_mark(*args: Any, **kwargs: Any) -> None:
-        push(*args, **kwargs)
+    def replied() -> None:
         clock.replied_at = time.monotonic()
 
-    loop.time = clock  # type: ignore[assignment,attr-defined]
-    loop._push_messages = push_and_mark
-    flower_supernode()
+    try:
+        quick_object_pulls()  # the SuperNode reads each task's objects from the SuperLink
+        supernode.install_pull_clock(clock, replied)
+    except HookError as exc:
+        raise SystemExit(exc.message) from None
+    supernode.run_supernode()
 
 
 if __name__ == "__main__":

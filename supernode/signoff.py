@@ -7,8 +7,8 @@ The supervisor sends that same request in its place, signed with the node's own 
 Flower's own Fleet HTTP client (the gateway, TLS, the site's proxy settings, node authentication),
 so the restart is accepted at once.
 
-This uses flwr's internal client classes (``flwr.supernode.fleet_http_client``), which is why
-flowerbed pins ``flwr>=1.42,<1.43`` and tests this against real processes.
+Flower's internal client classes are reached through :mod:`flowerbed.flower.supernode` (a missing
+one raises HookError, naming the Flower version); tests run this against real processes.
 """
 
 from __future__ import annotations
@@ -16,24 +16,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowerbed.certs.nodekeys import load_private_key
+from flowerbed.flower import HookError, supernode
 
 
 def sign_off(superlink: str, ca: Path, key: Path, node_id: int) -> str | None:
     """Deactivate ``node_id`` at the SuperLink; None on success, else why it did not work."""
     import httpx
-    from flwr.proto.fleet_pb2 import DeactivateNodeRequest
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     private_key = load_private_key(key)
     try:
-        with FleetHttpClient.from_server_address(
-            superlink,
-            False,
-            ca.read_bytes(),  # as an SSL context (a path string is deprecated in httpx)
-            interceptors=[NodeAuthHttpInterceptor(private_key, private_key.public_key())],
-        ) as client:
-            client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+        # the CA as bytes: an SSL context (a path string is deprecated in httpx)
+        with supernode.fleet_client(superlink, ca.read_bytes(), private_key) as client:
+            supernode.deactivate_node(client, node_id)
+    except HookError as exc:
+        return exc.message
     except httpx.HTTPStatusError as exc:
         return f"HTTP {exc.response.status_code} {exc.response.text[:200]}"
     except (httpx.HTTPError, OSError) as exc:
@@ -51,18 +47,13 @@ def is_registered(superlink: str, ca: Path, key: Path) -> bool | None:
     heartbeat interval), and activates nothing in either case (flwr 1.42, ``activate_node``).
     """
     import httpx
-    from flwr.proto.fleet_pb2 import ActivateNodeRequest
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
     private_key = load_private_key(key)
-    public_key = private_key.public_key()
     try:
-        with FleetHttpClient.from_server_address(
-            superlink, False, ca.read_bytes(), interceptors=[NodeAuthHttpInterceptor(private_key, public_key)]
-        ) as client:
-            client.ActivateNode(ActivateNodeRequest(public_key=public_key_to_bytes(public_key), heartbeat_interval=-1))
+        with supernode.fleet_client(superlink, ca.read_bytes(), private_key) as client:
+            supernode.activate_node(client, private_key.public_key(), heartbeat_interval=-1)
+    except HookError:
+        return None
     except httpx.HTTPStatusError as exc:
         return {400: True, 412: False}.get(exc.response.status_code)
     except (httpx.HTTPError, OSError):

@@ -30,7 +30,7 @@ from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
-from flowerbed.supernode.events import TASK_EVENT
+from flowerbed.protocol import TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off

@@ -15,20 +15,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flowerbed.supernode.events import site_event
+from flowerbed.protocol import site_event
 
 
 def preload() -> None:
     """Import what every task imports, and warm torch up; no thread (it would not survive a fork)."""
-    import flwr.supernode.cli.flwr_clientapp
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401
     import opacus  # noqa: F401  (DP-SGD under a privacy budget: ~2 s to import)
     import torch  # noqa: F401
 
     import flowerbed.clientapp.app  # the kit's ClientApp and its built-in tasks
     import flowerbed.supernode.gate  # noqa: F401
+    from flowerbed.flower import supernode
     from flowerbed.warmexec import task_threads, warm_up_torch
 
+    supernode.preload_clientapp_runtime()
     warm_up_torch()
     tasks = _preload_approved()
     site_event(

@@ -18,11 +18,13 @@ from flowerbed.artifacts import KIT_CLIENTAPP, build_fab, read_app, read_fab_byt
 from flowerbed.config import SITE_FILE, RunSettings, SiteKitConfig, load_toml_model, save_toml_model
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.flower import TRACE_ENV, compat, supernode
+from flowerbed.keeper import RunKeeper
 from flowerbed.runner import write_app_manifest
-from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.approval import approve, candidate, decide, revoke
 from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
+from tests.test_flower_hooks import traced
 from tests.test_taskpkg import build_wheel, markers
 
 ROGUE_PYPROJECT = """[build-system]
@@ -196,6 +198,8 @@ def test_run_app_refuses_flowerbeds_own_options(tmp_path: Path) -> None:
 
 def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASK_MARKER", "1")
+    trace = tmp_path / "hooks.trace"
+    monkeypatch.setenv(TRACE_ENV, str(trace))
     a, b = SITES[:2]
     config = make_config("rogue", [a, b], min_nodes=1, max_rounds=1)
     layout = make_federation(tmp_path / "fed", config)
@@ -237,3 +241,6 @@ def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeyp
     assert reason.startswith(f"site {b} refused app rogue-app 1.0.0 (sha256 {digest}): not approved here"), reason
     assert markers(work / a) and not markers(work / b)  # the refused app's code never ran at site b
     assert "REFUSED" in (work / b / "logs" / "supernode.log").read_text()
+    # The refused app's loader was reached through the gate's wrappers (the canary of the gate's hooks).
+    gate = {supernode.PULL_TASK, supernode.INSTALL_FAB, supernode.LOAD_APP, supernode.CLIENTAPP_CALL, compat.BUILD_FAB}
+    assert {h.key for h in gate} <= traced(trace), traced(trace)

@@ -22,10 +22,12 @@ from pydantic import ValidationError
 from flowerbed import audit
 from flowerbed.clientapp.secure import INSPECT_ENV, clipped
 from flowerbed.config import RunSettings
+from flowerbed.flower import TRACE_ENV, compat
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.serverapp.history import checkpoint_path
 from flowerbed.serverapp.secure import protocol_sizes
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
+from tests.test_flower_hooks import traced
 
 MODULUS = 2**32  # Flower's default modulus_range: masked values are uniform on [0, 2**32)
 
@@ -69,6 +71,8 @@ def test_secure_aggregation_matches_fedavg_and_the_serverapp_never_holds_an_upda
 ) -> None:
     at_sites, received = tmp_path / "at-sites", tmp_path / "received"
     monkeypatch.setenv(INSPECT_ENV, str(at_sites))  # the sites' SuperNodes inherit it (their own folder)
+    trace = tmp_path / "hooks.trace"
+    monkeypatch.setenv(TRACE_ENV, str(trace))  # the sites' half of SecAgg+ is Flower's mod, reached by the kit
     base = running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "patience": 20, "node_wait_s": 120,
                                               "keep_checkpoints": 3}  # fmt: skip
     # inst-a trains on more examples than Flower's default max_weight (1000): each row 8 times.
@@ -87,6 +91,7 @@ def test_secure_aggregation_matches_fedavg_and_the_serverapp_never_holds_an_upda
             check_result(result, handle)
             runs[name] = (handle, result)
     secure_handle, secure_result = runs["secure"]
+    assert {compat.SECAGG_MOD.key, compat.FITRES.key} <= traced(trace), traced(trace)
     trained = [r for r in secure_result.rows if r["kind"] == "train"]
     assert [(r["round"], sorted(r["sites"]), r["errors"]) for r in trained] == [
         (i, sorted(SITES), []) for i in (1, 2, 3)

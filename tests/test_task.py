@@ -16,10 +16,11 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from flowerbed.clientapp.builtin import images, tabular, task_name
+from flowerbed.clientapp.builtin import images, tabular
 from flowerbed.config import ConfigError, RunSettings
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import FlowerbedError
+from flowerbed.protocol import task_name
 from flowerbed.serverapp.criteria import PLATEAU, TARGET, ConvergenceTracker
 from flowerbed.task import Task, available, check_metrics, load_task, local_round, task_config
 from tests.conftest import SITES

@@ -17,12 +17,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
+from flowerbed import flower
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
+from flowerbed.flower import TRACE_ENV
 from flowerbed.serverapp.loop import BestModel
 from flowerbed.serverapp.validate import non_finite_values, update_problem
 from flowerbed.superlink.stack import start_stack
 from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites
+from tests.test_flower_hooks import on_path, traced
 from tests.test_taskpkg import site_toml
 
 FAULTS = """
@@ -114,8 +117,11 @@ def _finite_models(out_dir: Path) -> list[Path]:
 
 
 def test_a_site_that_sends_nan_or_another_shape_is_dropped_and_the_run_goes_on(
-    tmp_path: Path, faulty_wheel: Path
+    tmp_path: Path, faulty_wheel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Also the canary federation of Flower's internals: every hook on a run's path is called."""
+    trace = tmp_path / "hooks.trace"
+    monkeypatch.setenv(TRACE_ENV, str(trace))  # every process of the stack, the sites and the CLI inherit it
     a, b, c = SITES
     config = make_config("updates", SITES, min_nodes=1, max_rounds=2, patience=10)
     layout = make_federation(tmp_path / "fed", config)
@@ -141,6 +147,8 @@ def test_a_site_that_sends_nan_or_another_shape_is_dropped_and_the_run_goes_on(
         stack.stop()
     text = " ".join((own.stdout + own.stderr).split())
     assert own.returncode == 0, text
+    missing = on_path(flower.superlink, flower.supernode, flower.superexec, flower.compat) - traced(trace)
+    assert not missing, f"hooks never called on a run's path (Flower {flower.version()}): {sorted(missing)}"
     rows = [json.loads(line) for line in (layout.runs / "own" / "history.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["kind"] == "train"]
     assert len(trained) == 2 and all(r["sites"] == [a] and r["nodes"] == 1 for r in trained), trained

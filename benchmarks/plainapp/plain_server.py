@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.config import RunSettings
+from flowerbed.protocol import task_name
 from flowerbed.task import load_task, task_config
 
 app = ServerApp()

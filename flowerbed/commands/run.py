@@ -12,13 +12,13 @@ from rich.live import Live
 
 from flowerbed import taskstore
 from flowerbed.apprun import APP_LOG, follow_app, reply_tally, submit_app
-from flowerbed.clientapp.builtin import task_name
 from flowerbed.commands.common import FedDir
 from flowerbed.config import RunSettings, load_federation, resolve
 from flowerbed.console import err, out, table, warn
 from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.protocol import task_name
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
 from flowerbed.serverapp.history import AWAY, FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING
 from flowerbed.serverapp.resume import run_id_of

@@ -12,8 +12,8 @@ from flowerbed.config import load_federation, resolve
 from flowerbed.console import info, out, warn
 from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.filemodes import exposure_warning
+from flowerbed.keeper import RunKeeper
 from flowerbed.layout import FederationLayout
-from flowerbed.superlink.keeper import RunKeeper
 from flowerbed.superlink.refusals import RefusalWatch
 from flowerbed.superlink.stack import start_stack, supervise
 
@@ -59,7 +59,7 @@ def start(
         keeper = RunKeeper(layout, info, enabled=resume_runs, control_port=sl.internal_port)
         keeper.tick(why="; the coordinator had stopped", startup=True)
         refusals = RefusalWatch(layout, layout.logs / "superlink.log")
-        supervise(stack, should_stop=stop.is_set, report=info, keeper=keeper, refusals=refusals)
+        supervise(stack, should_stop=stop.is_set, report=info, on_idle=keeper.tick, refusals=refusals)
     finally:
         stack.stop()
         info("stopped SuperLink, executor and gateway")

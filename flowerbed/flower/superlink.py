@@ -1,0 +1,149 @@
+"""The coordinator's Flower internals: the SuperLink's SQLite and state hooks, its Control API client,
+and the ServerApp runtime that the warm executor forks.
+
+- ``sql_mixin.create_engine``/``SQLITE_PRAGMAS``: every SQLite transaction begins ``BEGIN IMMEDIATE``
+  with a 60 s busy timeout (16 SuperNodes pushing at once lost a reply to "database is locked").
+- ``SqlLinkState.store_message_res``: each stored reply is passed to the kit (the run's reply tally).
+- ``SqlLinkState.acknowledge_node_heartbeat`` and ``get_message_ins``: each node's last contact.
+- ``ControlHttpClient`` and ``ListRunsRequest``: a run's status without a ``flwr`` process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flowerbed.flower import declare, module, resolve, trace
+
+SQL_ENGINE = declare("flwr.supercore.sql_mixin", "create_engine", "queue SQLite writers at the SuperLink")
+SQL_PRAGMAS = declare("flwr.supercore.sql_mixin", "SQLITE_PRAGMAS", "set the SuperLink's SQLite busy timeout")
+STORE_REPLY = declare(
+    "flwr.server.superlink.linkstate.sql_linkstate", "SqlLinkState.store_message_res",
+    "count each run's replies at the SuperLink", "self", "message",
+)  # fmt: skip
+HEARTBEAT = declare(
+    "flwr.server.superlink.linkstate.sql_linkstate", "SqlLinkState.acknowledge_node_heartbeat",
+    "note when each node last reached the SuperLink", "self", "node_id",
+)  # fmt: skip
+PULL_INS = declare(
+    "flwr.server.superlink.linkstate.sql_linkstate", "SqlLinkState.get_message_ins",
+    "note when each node last reached the SuperLink", "self", "node_id",
+)  # fmt: skip
+SUPERLINK_MAIN = declare("flwr.superlink.cli", "flower_superlink", "start flower-superlink")
+SERVERAPP_MAIN = declare("flwr.superlink.cli.flwr_serverapp", "flwr_serverapp", "run a ServerApp in the warm executor")
+CONTROL_CLIENT = declare(
+    "flwr.supercore.control.control_http_client", "ControlHttpClient.from_server_address",
+    "ask the SuperLink's Control API for a run's status", "server_address", "insecure", "root_certificates",
+)  # fmt: skip
+VERSION_INTERCEPTOR = declare(
+    "flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", "ask the SuperLink's Control API", "component_name"
+)
+LIST_RUNS = declare("flwr.proto.control_pb2", "ListRunsRequest", "ask the SuperLink's Control API for a run's status")
+
+
+def queue_sqlite_writers(busy_timeout_ms: str) -> None:
+    """Every SQLite transaction of the SuperLink begins ``BEGIN IMMEDIATE``, with this busy timeout.
+
+    SQLAlchemy's documented pysqlite recipe, around Flower's own ``create_engine``: writers queue for
+    the lock instead of failing at once when a deferred transaction cannot upgrade.
+    """
+    from sqlalchemy import event
+
+    mixin = module(SQL_ENGINE)
+    pragmas = resolve(SQL_PRAGMAS)
+    trace(SQL_PRAGMAS)
+    mixin.SQLITE_PRAGMAS = tuple((n, busy_timeout_ms if n == "busy_timeout" else v) for n, v in pragmas)
+    original = resolve(SQL_ENGINE)
+
+    def create_engine(url: Any, **kwargs: Any) -> Any:
+        trace(SQL_ENGINE)
+        engine = original(url, **kwargs)
+        if engine.dialect.name == "sqlite" and ":memory:" not in str(url):
+
+            def autocommit(dbapi_connection: Any, _record: Any) -> None:
+                dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+
+            def immediate(connection: Any) -> None:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+            event.listen(engine, "connect", autocommit)
+            event.listen(engine, "begin", immediate)
+        return engine
+
+    mixin.create_engine = create_engine
+
+
+def on_reply_stored(callback: Callable[[Any], None]) -> None:
+    """``callback(message)`` after the SuperLink stored each reply (a Flower ``Message``)."""
+    cls = module(STORE_REPLY)
+    original = resolve(STORE_REPLY)
+
+    def store_message_res(self: Any, message: Any) -> Any:
+        trace(STORE_REPLY)
+        stored = original(self, message)
+        if stored is not None:
+            callback(message)
+        return stored
+
+    cls.store_message_res = store_message_res
+
+
+def on_node_contact(callback: Callable[[int], None]) -> None:
+    """``callback(node_id)`` each time a node sends a heartbeat or asks for its messages."""
+    for hook in (HEARTBEAT, PULL_INS):
+        cls = module(hook)
+        original = resolve(hook)
+
+        def hooked(self: Any, node_id: int, *args: Any, _original: Any = original, _hook: Any = hook,
+                   **kwargs: Any) -> Any:  # fmt: skip
+            trace(_hook)
+            callback(node_id)
+            return _original(self, node_id, *args, **kwargs)
+
+        setattr(cls, hook.name.rsplit(".", 1)[1], hooked)
+
+
+def run_superlink() -> None:
+    """Flower's own ``flower-superlink`` (it reads sys.argv)."""
+    main = resolve(SUPERLINK_MAIN)
+    trace(SUPERLINK_MAIN)
+    main()
+
+
+def serverapp_main() -> Callable[[], None]:
+    """Flower's own ``flwr-serverapp`` entry (the warm executor runs it in each fork)."""
+    main = resolve(SERVERAPP_MAIN)
+
+    def run() -> None:
+        trace(SERVERAPP_MAIN)
+        main()
+
+    return run
+
+
+def control_client(address: str, root_certificates: bytes) -> Any:
+    """Flower's Control API client over TLS, as the ``flwr`` CLI makes it (closed with ``close()``)."""
+    factory = resolve(CONTROL_CLIENT)
+    interceptor = resolve(VERSION_INTERCEPTOR)
+    trace(CONTROL_CLIENT)
+    trace(VERSION_INTERCEPTOR)
+    return factory(
+        server_address=address,
+        insecure=False,
+        root_certificates=root_certificates,
+        interceptors=[interceptor(component_name="flwr CLI")],
+    )
+
+
+def list_run(client: Any, run_id: int) -> tuple[str, str] | None:
+    """``(status, sub_status)`` of ``run_id`` from the Control API, None when the SuperLink has no such run.
+
+    Transport errors propagate (the caller says what they mean); a missing hook raises HookError.
+    """
+    request = resolve(LIST_RUNS)
+    trace(LIST_RUNS)
+    response = client.ListRuns(request(run_id=run_id))
+    run = response.run_dict.get(run_id)
+    if run is None:
+        return None
+    return str(run.status.status), str(run.status.sub_status or "")

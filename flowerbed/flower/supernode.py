@@ -1,0 +1,157 @@
+"""A site's Flower internals: the SuperNode's pull loop, its Fleet client, and the ClientApp runtime
+behind the approval gate.
+
+- ``start_client_internal``'s ``time`` and ``_push_messages``: a quick pull after each reply.
+- ``FleetHttpClient``, ``NodeAuthHttpInterceptor``, ``DeactivateNodeRequest``, ``ActivateNodeRequest``:
+  the supervisor signs a crashed node off and asks whether a node key is registered.
+- ``run_clientapp.pull_task_input``, ``install_from_fab``, ``get_load_client_app_fn``: the approval gate
+  decides from the pulled FAB before anything is unpacked or imported. ``ClientApp.__call__`` is
+  guarded too (:func:`guard_clientapp_calls`): an app that reached its call by another route than the
+  gate, or without the gate having decided, answers with the refusal (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flowerbed.flower import declare, module, resolve, trace
+
+PULL_LOOP_TIME = declare("flwr.supernode.start_client_internal", "time.sleep", "shorten the SuperNode's idle pull")
+PUSH_MESSAGES = declare(
+    "flwr.supernode.start_client_internal", "_push_messages", "shorten the SuperNode's idle pull after a reply"
+)
+SUPERNODE_MAIN = declare("flwr.supernode.cli.flower_supernode", "flower_supernode", "start flower-supernode")
+FLEET_CLIENT = declare(
+    "flwr.supernode.fleet_http_client", "FleetHttpClient.from_server_address",
+    "sign a crashed SuperNode off at the SuperLink", "interceptors", path=False,
+)  # fmt: skip
+NODE_AUTH = declare(
+    "flwr.supernode.node_auth_http_interceptor", "NodeAuthHttpInterceptor", "sign a SuperNode's requests", path=False
+)
+DEACTIVATE = declare("flwr.proto.fleet_pb2", "DeactivateNodeRequest", "sign a crashed SuperNode off", path=False)
+ACTIVATE = declare("flwr.proto.fleet_pb2", "ActivateNodeRequest", "ask whether a node key is registered", path=False)
+PUBLIC_KEY_BYTES = declare(
+    "flwr.supercore.primitives.asymmetric", "public_key_to_bytes", "ask whether a node key is registered", path=False
+)
+PULL_TASK = declare(
+    "flwr.supernode.runtime.run_clientapp", "pull_task_input", "check a run's code before it is loaded", "client"
+)
+INSTALL_FAB = declare(
+    "flwr.supernode.runtime.run_clientapp", "install_from_fab", "check a run's code before it is unpacked", "fab_file"
+)
+LOAD_APP = declare(
+    "flwr.supernode.runtime.run_clientapp", "get_load_client_app_fn", "check a run's code before it is imported",
+    "default_app_ref", "app_path", "multi_app",
+)  # fmt: skip
+CLIENTAPP_MAIN = declare("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp", "run a ClientApp task")
+CLIENTAPP_CALL = declare(
+    "flwr.clientapp", "ClientApp.__call__", "refuse a ClientApp the approval gate did not allow", "message", "context"
+)
+
+
+def install_pull_clock(clock: Any, on_reply: Callable[[], None]) -> None:
+    """The SuperNode's pull loop sleeps through ``clock`` (a ``time`` stand-in); ``on_reply`` after each push."""
+    loop = module(PUSH_MESSAGES)
+    resolve(PULL_LOOP_TIME)
+    push = resolve(PUSH_MESSAGES)
+
+    class Clock:
+        """``clock``, noting in the hook trace that the loop sleeps through it."""
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "sleep":
+                trace(PULL_LOOP_TIME)
+            return getattr(clock, name)
+
+    def push_and_mark(*args: Any, **kwargs: Any) -> None:
+        trace(PUSH_MESSAGES)
+        push(*args, **kwargs)
+        on_reply()
+
+    loop.time = Clock()
+    loop._push_messages = push_and_mark
+
+
+def run_supernode() -> None:
+    """Flower's own ``flower-supernode`` (it reads sys.argv)."""
+    main = resolve(SUPERNODE_MAIN)
+    trace(SUPERNODE_MAIN)
+    main()
+
+
+@contextmanager
+def fleet_client(superlink: str, root_certificates: bytes, private_key: Any) -> Iterator[Any]:
+    """Flower's Fleet API client (HTTP, TLS, the site's proxy settings), signing as ``private_key``'s node."""
+    factory = resolve(FLEET_CLIENT)
+    auth = resolve(NODE_AUTH)
+    trace(FLEET_CLIENT)
+    trace(NODE_AUTH)
+    with factory(
+        superlink, False, root_certificates, interceptors=[auth(private_key, private_key.public_key())]
+    ) as client:
+        yield client
+
+
+def deactivate_node(client: Any, node_id: int) -> None:
+    """Flower's ``DeactivateNode`` for ``node_id`` through a :func:`fleet_client`."""
+    client.DeactivateNode(resolve(DEACTIVATE)(node_id=node_id))
+
+
+def activate_node(client: Any, public_key: Any, heartbeat_interval: float) -> None:
+    """Flower's ``ActivateNode`` for ``public_key`` through a :func:`fleet_client` (HTTP errors propagate)."""
+    key_bytes = resolve(PUBLIC_KEY_BYTES)(public_key)
+    client.ActivateNode(resolve(ACTIVATE)(public_key=key_bytes, heartbeat_interval=heartbeat_interval))
+
+
+Wrap = Callable[[Any], Any]  # takes Flower's function, returns the one to run in its place
+
+
+def install_gate(pull: Wrap, install: Wrap, loader: Wrap) -> None:
+    """Wrap the three steps of Flower's ClientApp runtime; a step that is missing or changed raises HookError."""
+    runtime = module(PULL_TASK)
+    originals = [resolve(hook) for hook in (PULL_TASK, INSTALL_FAB, LOAD_APP)]
+    for hook, original, wrap in zip(
+        (PULL_TASK, INSTALL_FAB, LOAD_APP), originals, (pull, install, loader), strict=True
+    ):
+        wrapped = wrap(original)
+
+        def traced(*args: Any, _wrapped: Any = wrapped, _hook: Any = hook, **kwargs: Any) -> Any:
+            trace(_hook)
+            return _wrapped(*args, **kwargs)
+
+        setattr(runtime, hook.name, traced)
+
+
+def guard_clientapp_calls(answer: Callable[[Any, Any, Any], Any]) -> None:
+    """Every ``ClientApp`` call goes through ``answer(app, message, call)``, which calls ``call()`` or refuses.
+
+    Whatever route a Flower version takes to load a ClientApp, running it is its ``__call__``
+    (Flower's public class): the gate's last line of defence.
+    """
+    cls = module(CLIENTAPP_CALL)
+    original = resolve(CLIENTAPP_CALL)
+
+    def guarded(self: Any, message: Any, context: Any) -> Any:
+        trace(CLIENTAPP_CALL)
+        return answer(self, message, lambda: original(self, message, context))
+
+    cls.__call__ = guarded
+
+
+def clientapp_main() -> Callable[[], None]:
+    """Flower's own ``flwr-clientapp`` entry (it reads sys.argv)."""
+    main = resolve(CLIENTAPP_MAIN)
+
+    def run() -> None:
+        trace(CLIENTAPP_MAIN)
+        main()
+
+    return run
+
+
+def preload_clientapp_runtime() -> None:
+    """Import Flower's ClientApp runtime (the warm executor does, before it forks tasks)."""
+    for hook in (CLIENTAPP_MAIN, PULL_TASK):
+        resolve(hook)
