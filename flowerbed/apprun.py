@@ -20,8 +20,8 @@ from typing import Any
 from flowerbed.artifacts import FabInfo, read_app
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.runfolder import RUN_ID_FILE
 from flowerbed.runner import FINISHED, check_superlink
-from flowerbed.serverapp.resume import RUN_ID_FILE
 from flowerbed.superlink import control, flwrcli
 
 APP_RUN_FILE = "app-run.json"

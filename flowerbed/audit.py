@@ -155,15 +155,9 @@ class Verdict:
 
 def read(path: Path) -> list[dict[str, Any]]:
     """The events of a log (lines that are not JSON are skipped; :func:`verify` names them)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+    from flowerbed.runfolder import read_jsonl
+
+    return read_jsonl(path, stop_at_bad=False)
 
 
 def verify(path: Path) -> Verdict:

@@ -26,8 +26,8 @@ from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
 from flowerbed.protocol import task_name
 from flowerbed.report import write_report
+from flowerbed.runfolder import FINAL_MODEL
 from flowerbed.runner import RunResult, check_result, follow, submit
-from flowerbed.serverapp.history import FINAL_MODEL
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
 from flowerbed.task import load_task

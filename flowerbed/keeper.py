@@ -19,9 +19,21 @@ from flowerbed.apprun import APP_RUN_FILE
 from flowerbed.diskspace import free_bytes, is_disk_full, no_space, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.runfolder import (
+    HISTORY_JSONL,
+    RESUMED,
+    RESUMING_FILE,
+    RUN_ID_FILE,
+    SUMMARY,
+    TRAIN,
+    ended,
+    read_rows,
+    run_folders,
+    run_id_of,
+    serverapp_alive,
+)
 from flowerbed.runner import resume
-from flowerbed.serverapp.history import HISTORY_JSONL, RESUMED, SUMMARY, TRAIN, read_rows
-from flowerbed.serverapp.resume import RESUMING_FILE, ended, plan_resume, run_id_of, serverapp_alive
+from flowerbed.serverapp.resume import plan_resume
 from flowerbed.superlink import control
 
 Report = Callable[[str], None]
@@ -51,8 +63,8 @@ def interrupted_runs(layout: FederationLayout, *, unknown_too: bool = False) -> 
     the run never started); the caller asks Flower about those.
     """
     found = []
-    for out_dir in sorted(layout.runs.glob("*/run-id"), key=lambda p: p.stat().st_mtime):
-        folder = out_dir.parent
+    started = [f for f in run_folders(layout.runs) if (f / RUN_ID_FILE).exists()]
+    for folder in sorted(started, key=lambda f: (f / RUN_ID_FILE).stat().st_mtime):
         if ended(folder) is not None or (folder / RESUMING_FILE).exists() or (folder / APP_RUN_FILE).exists():
             continue  # ended, being resumed, or a Flower App's run (its own ServerApp: nothing to resume from)
         alive = serverapp_alive(folder)

@@ -23,9 +23,8 @@ from flowerbed.config import load_federation, resolve
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
+from flowerbed.runfolder import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows, run_id_of
 from flowerbed.runner import RunHandle, follow, run_folder, run_overview, stored_settings, submit
-from flowerbed.serverapp.history import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows
-from flowerbed.serverapp.resume import run_id_of
 from flowerbed.serverapp.strategies import client_dp_warning
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 

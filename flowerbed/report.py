@@ -20,8 +20,8 @@ from typing import Any
 from flowerbed import audit
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
+from flowerbed.runfolder import FINAL_EVAL, SUMMARY, TRAIN, read_rows
 from flowerbed.runner import run_folder, stored_settings
-from flowerbed.serverapp.history import FINAL_EVAL, SUMMARY, TRAIN, read_rows
 
 REPORT = "report.html"
 COMPARISON = "comparison.json"  # the demo's held-out table (local only, federated, centralized)

@@ -23,16 +23,20 @@ from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.flower import HookError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
-from flowerbed.serverapp.history import RESUMED, SUMMARY, TRAIN, read_rows
-from flowerbed.serverapp.resume import (
-    RESUME_KEY,
+from flowerbed.runfolder import (
+    APP_MANIFEST,
+    RESUMED,
     RESUMING_FILE,
     RUN_ID_FILE,
+    SUMMARY,
+    TRAIN,
     ended,
-    plan_resume,
+    read_rows,
+    run_folders,
     run_id_of,
     serverapp_alive,
 )
+from flowerbed.serverapp.resume import RESUME_KEY, plan_resume
 from flowerbed.superlink import control, flwrcli
 from flowerbed.task import RUN_TASK_WHEEL
 
@@ -131,15 +135,11 @@ def submit(
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
 
-def _run_folders(layout: FederationLayout) -> list[Path]:
-    return [manifest.parent.parent for manifest in layout.runs.glob("*/app/pyproject.toml")]
-
-
 def run_folder(layout: FederationLayout, name: str) -> Path:
     """``runs/NAME`` of this federation, or a one-line error listing the runs there are."""
     out_dir = layout.run_dir(name)
-    if not (out_dir / "app" / "pyproject.toml").is_file():
-        known = sorted(p.name for p in _run_folders(layout))
+    if not (out_dir / APP_MANIFEST).is_file():
+        known = [p.name for p in run_folders(layout.runs)]
         raise FlowerbedError(
             f"no run {name!r} in {layout.runs}: " + (f"runs there are {', '.join(known)}" if known else "none yet")
         )
@@ -325,7 +325,7 @@ class RunInfo:
 def run_overview(layout: FederationLayout) -> list[RunInfo]:
     """Every run folder of the federation, oldest first."""
     infos = []
-    folders = sorted(_run_folders(layout), key=lambda p: p.stat().st_mtime)
+    folders = sorted(run_folders(layout.runs), key=lambda p: p.stat().st_mtime)
     for out_dir in folders:
         rows = read_rows(out_dir)
         summary = ended(out_dir)

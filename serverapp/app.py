@@ -19,9 +19,9 @@ from flowerbed.diskspace import DiskFullError, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
-from flowerbed.serverapp.history import SUMMARY, History, repair
+from flowerbed.runfolder import SUMMARY, History, mark_serverapp, repair
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
-from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, mark_serverapp, resume_row
+from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, resume_row
 from flowerbed.serverapp.strategies import make_strategy
 from flowerbed.superlink.launch import CONTACTS_FILE
 from flowerbed.superlink.sites import load_registry

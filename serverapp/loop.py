@@ -18,8 +18,8 @@ from flowerbed.audit import ROUND, append_here
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat
 from flowerbed.protocol import PRIVACY_CODE
+from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
-from flowerbed.serverapp.history import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
 from flowerbed.serverapp.resume import ResumePoint
 from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
 

@@ -1,30 +1,20 @@
-"""Where a run stands in its output folder, and the point it resumes from.
-
-A run folder holds ``history.jsonl`` (rows appended as rounds end), ``checkpoints/round-NNNN.pt``
-(written before its round's row), ``checkpoints/best.pt``, ``run-id`` (the Flower run that works
-on it now), ``serverapp.json`` (the ServerApp process that works on it) and, once it has ended,
-``summary.json``. A folder without ``summary.json`` whose ServerApp process is gone was interrupted.
-"""
+"""The point a run resumes from, read from its run folder (:mod:`flowerbed.runfolder`)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flowerbed.errors import FlowerbedError
-from flowerbed.serverapp.history import (
+from flowerbed.runfolder import (
     BEST,
     FINAL_EVAL,
     RESUMED,
-    SUMMARY,
     TRAIN,
     RoundRow,
     checkpoint_path,
+    ended,
     read_rows,
     row_from_dict,
 )
@@ -32,78 +22,7 @@ from flowerbed.serverapp.history import (
 if TYPE_CHECKING:
     import torch
 
-SERVERAPP_FILE = "serverapp.json"
-RUN_ID_FILE = "run-id"
-RESUMING_FILE = "resuming"  # present while a resume of the folder is being submitted
 RESUME_KEY = "resume"  # run-config key: go on from the folder's last checkpoint
-
-
-def process_start(pid: int) -> str | None:
-    """An identity of a running process that a reused pid does not share (None: not running).
-
-    Linux: the start time from /proc; elsewhere only whether the pid exists.
-    """
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.parent.parent.is_dir() and Path("/proc/self/stat").exists():
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return None if fields[0] == "Z" else fields[19]  # state, ..., starttime (field 22)
-    if os.name != "posix":  # os.kill(pid, 0) would send Ctrl-C on Windows; the coordinator runs on Linux
-        return "unknown"
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError, OSError):
-        return None
-    return "alive"
-
-
-def mark_serverapp(out_dir: Path, run_id: int) -> None:
-    """Record the ServerApp process working on this folder (the coordinator watches it)."""
-    data = {
-        "pid": os.getpid(),
-        "start": process_start(os.getpid()),
-        "host": socket.gethostname(),
-        "run_id": run_id,
-        "since": time.time(),
-    }
-    path = out_dir / SERVERAPP_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    tmp.replace(path)
-
-
-def serverapp_alive(out_dir: Path) -> bool | None:
-    """Whether the ServerApp recorded in the folder still runs (None: none was recorded yet)."""
-    path = out_dir / SERVERAPP_FILE
-    try:
-        data = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    if data.get("host") != socket.gethostname():
-        return None  # written on another host: cannot tell from here
-    if data.get("run_id") != run_id_of(out_dir):
-        return None  # the process of an earlier Flower run; the current one has not started yet
-    start = process_start(int(data["pid"]))
-    return start is not None and start == data.get("start")
-
-
-def ended(out_dir: Path) -> dict[str, Any] | None:
-    """The run's summary once it has ended (completed, failed or stopped), else None."""
-    try:
-        data: dict[str, Any] = json.loads((out_dir / SUMMARY).read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data
-
-
-def run_id_of(out_dir: Path) -> int | None:
-    """The Flower run that works on this folder now (a resume gives it a new one)."""
-    try:
-        return int((out_dir / RUN_ID_FILE).read_text("utf-8").strip())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass

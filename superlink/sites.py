@@ -21,7 +21,7 @@ from flowerbed.config import FederationConfig, load_federation, save_toml_model
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
-from flowerbed.serverapp.history import read_rows
+from flowerbed.runfolder import read_rows
 from flowerbed.superlink import flwrcli
 
 

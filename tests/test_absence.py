@@ -18,8 +18,8 @@ from flowerbed.demodata import make_demo_data
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
+from flowerbed.runfolder import read_rows
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
 from tests.conftest import make_config, make_federation, run_cli, wait_for

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowerbed.serverapp.history import read_rows
+from flowerbed.runfolder import read_rows
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from flowerbed.config import FederationConfig, RunSettings
 from flowerbed.demodata import make_demo_data
 from flowerbed.layout import FederationLayout
+from flowerbed.runfolder import read_rows
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.serverapp.history import read_rows
 from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.supervisor import Supervisor
 from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for

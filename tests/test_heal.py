@@ -21,8 +21,8 @@ from flowerbed.certs.service import read_cert
 from flowerbed.config import RunSettings, load_federation
 from flowerbed.demodata import make_demo_data
 from flowerbed.probes import grpc_health, presents_certificate, tcp_open
+from flowerbed.runfolder import read_rows
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.serverapp.history import read_rows
 from tests.conftest import SITES, make_config, make_federation, supervised_sites, wait_for
 from tests.faults import record
 

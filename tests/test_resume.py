@@ -21,9 +21,8 @@ from flowerbed.config import RunSettings, load_federation
 from flowerbed.demodata import make_demo_data
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
+from flowerbed.runfolder import SERVERAPP_FILE, read_rows, run_id_of
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.serverapp.history import read_rows
-from flowerbed.serverapp.resume import SERVERAPP_FILE, run_id_of
 from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for
 from tests.faults import record
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from flowerbed.errors import FlowerbedError
+from flowerbed.runfolder import FAILED, RESUMING_FILE, TRAIN, WAITING, History, RoundRow
 from flowerbed.runner import resume_lock
-from flowerbed.serverapp.history import FAILED, TRAIN, WAITING, History, RoundRow
-from flowerbed.serverapp.resume import RESUMING_FILE, load_resume_point, plan_resume, resume_row
+from flowerbed.serverapp.resume import load_resume_point, plan_resume, resume_row
 
 
 def row(n: int, kind: str = TRAIN, loss: float | None = 0.5, seconds: float = 10.0) -> RoundRow:

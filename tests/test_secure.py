@@ -23,8 +23,8 @@ from flowerbed import audit
 from flowerbed.clientapp.secure import INSPECT_ENV, clipped
 from flowerbed.config import RunSettings
 from flowerbed.flower import TRACE_ENV, compat
+from flowerbed.runfolder import checkpoint_path
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.serverapp.history import checkpoint_path
 from flowerbed.serverapp.secure import protocol_sizes
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
 from tests.test_flower_hooks import traced

@@ -140,7 +140,7 @@ def test_table_history_and_plot_show_every_metric(tmp_path: Path) -> None:
     from rich.console import Console
 
     from flowerbed.commands.run import history_table
-    from flowerbed.serverapp.history import History, RoundRow
+    from flowerbed.runfolder import History, RoundRow
 
     history = History(tmp_path / "run")
     for n, auroc in ((1, 0.61), (2, 0.83)):

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from flowerbed.commands.run import history_table
 from flowerbed.console import err, info, out, table
-from flowerbed.serverapp.history import PLOT
+from flowerbed.runfolder import PLOT
 
 HELP = (
     "Run a TLS federation on this machine (gateway, SuperLink, ServerApp, SuperNodes; 5 sites of "

@@ -19,9 +19,8 @@ from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
+from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING, run_id_of
 from flowerbed.runner import RunHandle, RunResult, check_result, follow, resume, run_folder, stored_settings, submit
-from flowerbed.serverapp.history import AWAY, FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING
-from flowerbed.serverapp.resume import run_id_of
 from flowerbed.serverapp.strategies import client_dp_warning
 from flowerbed.task import load_task, task_config
 

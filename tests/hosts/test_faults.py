@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flowerbed.config import FederationConfig
 from flowerbed.demodata import make_demo_data
-from flowerbed.serverapp.history import read_rows
+from flowerbed.runfolder import read_rows
 from tests.conftest import make_federation, wait_for
 from tests.faults import record
 from tests.hosts.netns import network

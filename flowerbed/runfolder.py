@@ -1,10 +1,22 @@
-"""Per-round history (JSON lines + CSV), checkpoints, the final model and the metrics plot."""
+"""A run's output folder: its layout, its readers and its writers, in one place.
+
+``runs/NAME/`` holds ``app/pyproject.toml`` (the run's Flower App manifest, written at submit),
+``history.jsonl`` and ``history.csv`` (rows appended as rounds end, each line whole),
+``checkpoints/round-NNNN.pt`` (written before its round's row) and ``checkpoints/best.pt``,
+``run-id`` (the Flower run that works on it now), ``serverapp.json`` (the ServerApp process that
+works on it), ``resuming`` (while a resume is submitted) and, once it has ended, ``summary.json``,
+``final_model.pt`` and ``metrics.png``. A folder without ``summary.json`` whose ServerApp process is
+gone was interrupted.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +26,7 @@ from flowerbed.diskspace import append_whole, ensure_space, is_disk_full, write_
 if TYPE_CHECKING:
     import torch
 
+APP_MANIFEST = "app/pyproject.toml"  # the run's Flower App (the kit's manifest-only app)
 HISTORY_JSONL = "history.jsonl"
 HISTORY_CSV = "history.csv"
 SUMMARY = "summary.json"
@@ -173,9 +186,9 @@ def row_from_dict(data: dict[str, Any]) -> RoundRow:
     return RoundRow(**{k: v for k, v in data.items() if k in known})
 
 
-def read_rows(out_dir: Path) -> list[dict[str, Any]]:
-    """Rows written so far (for live progress); a half-written last line is skipped."""
-    path = out_dir / HISTORY_JSONL
+def read_jsonl(path: Path, *, stop_at_bad: bool = True) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (empty when it is missing); a line that is not JSON ends the read
+    (a half-written last line), or with ``stop_at_bad=False`` is skipped (the audit trail's reader)."""
     if not path.exists():
         return []
     rows = []
@@ -183,8 +196,19 @@ def read_rows(out_dir: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except ValueError:
-            break
+            if stop_at_bad:
+                break
     return rows
+
+
+def read_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """Rows written so far (for live progress); a half-written last line is skipped."""
+    return read_jsonl(out_dir / HISTORY_JSONL)
+
+
+def run_folders(runs: Path) -> list[Path]:
+    """The run folders under ``runs`` (those with the run's app manifest), by name."""
+    return sorted(manifest.parent.parent for manifest in runs.glob(f"*/{APP_MANIFEST}"))
 
 
 def plot_history(rows: list[RoundRow], path: Path) -> None:
@@ -218,3 +242,76 @@ def plot_history(rows: list[RoundRow], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+SERVERAPP_FILE = "serverapp.json"
+RUN_ID_FILE = "run-id"
+RESUMING_FILE = "resuming"  # present while a resume of the folder is being submitted
+
+
+def process_start(pid: int) -> str | None:
+    """An identity of a running process that a reused pid does not share (None: not running).
+
+    Linux: the start time from /proc; elsewhere only whether the pid exists.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.parent.parent.is_dir() and Path("/proc/self/stat").exists():
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return None if fields[0] == "Z" else fields[19]  # state, ..., starttime (field 22)
+    if os.name != "posix":  # os.kill(pid, 0) would send Ctrl-C on Windows; the coordinator runs on Linux
+        return "unknown"
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError, OSError):
+        return None
+    return "alive"
+
+
+def mark_serverapp(out_dir: Path, run_id: int) -> None:
+    """Record the ServerApp process working on this folder (the coordinator watches it)."""
+    data = {
+        "pid": os.getpid(),
+        "start": process_start(os.getpid()),
+        "host": socket.gethostname(),
+        "run_id": run_id,
+        "since": time.time(),
+    }
+    path = out_dir / SERVERAPP_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    tmp.replace(path)
+
+
+def serverapp_alive(out_dir: Path) -> bool | None:
+    """Whether the ServerApp recorded in the folder still runs (None: none was recorded yet)."""
+    path = out_dir / SERVERAPP_FILE
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if data.get("host") != socket.gethostname():
+        return None  # written on another host: cannot tell from here
+    if data.get("run_id") != run_id_of(out_dir):
+        return None  # the process of an earlier Flower run; the current one has not started yet
+    start = process_start(int(data["pid"]))
+    return start is not None and start == data.get("start")
+
+
+def ended(out_dir: Path) -> dict[str, Any] | None:
+    """The run's summary once it has ended (completed, failed or stopped), else None."""
+    try:
+        data: dict[str, Any] = json.loads((out_dir / SUMMARY).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def run_id_of(out_dir: Path) -> int | None:
+    """The Flower run that works on this folder now (a resume gives it a new one)."""
+    try:
+        return int((out_dir / RUN_ID_FILE).read_text("utf-8").strip())
+    except (OSError, ValueError):
+        return None
