@@ -18,14 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowerbed import taskstore
-from flowerbed.config import load_federation, resolve
+from flowerbed.config import load_federation
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
 from flowerbed.runfolder import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows, run_id_of
-from flowerbed.runner import RunHandle, follow, run_folder, run_overview, stored_settings, submit
-from flowerbed.serverapp.strategies import client_dp_warning
+from flowerbed.runner import RunHandle, follow, prepare, run_folder, run_overview, stored_settings, submit
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
 if TYPE_CHECKING:
@@ -151,16 +149,11 @@ class Federation:
         ``task``: a built-in task, an own task's wheel path or its name; ``settings``: any run setting
         of federation.toml's ``[run]`` (``max_rounds=10``, ``target_value=0.9``, ``dp="sample"`` ...).
         """
-        base = self.config.run
-        chosen = taskstore.choose(self.layout, task or task_name(base), "" if task else base.task_sha256)
-        run_settings = resolve(base, {"task": chosen.name, "task_sha256": chosen.sha256} | settings)
-        checked = resolve(self.config, {"run": run_settings}).run
-        warning = client_dp_warning(checked, len(self.config.sites))
-        if warning:
+        prepared = prepare(self.layout, self.config, settings, task=task)
+        for warning in prepared.warnings:
             print(f"warning: {warning}")  # noqa: T201
-        task_config(load_task(chosen.name, chosen.sha256, chosen.wheel), checked.to_run_config())
-        handle = submit(self.layout, checked, name or time.strftime("nb-%Y%m%d-%H%M%S"),
-                        control_port=self.config.superlink.internal_port, task_wheel=chosen.wheel)  # fmt: skip
+        handle = submit(self.layout, prepared.settings, name or time.strftime("nb-%Y%m%d-%H%M%S"),
+                        control_port=self.config.superlink.internal_port, task_wheel=prepared.chosen.wheel)  # fmt: skip
         return Run(self, handle.out_dir.name)
 
     def get(self, name: str) -> Run:

@@ -16,13 +16,15 @@ from typing import Any
 
 import tomli_w
 
-from flowerbed import audit
+from flowerbed import audit, taskstore
 from flowerbed.artifacts import KIT_CLIENTAPP, KIT_SERVERAPP, sha256_bytes
-from flowerbed.config import RunSettings
+from flowerbed.config import FederationConfig, RunSettings, resolve
+from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.flower import HookError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
+from flowerbed.protocol import task_name
 from flowerbed.runfolder import (
     APP_MANIFEST,
     RESUMED,
@@ -37,8 +39,9 @@ from flowerbed.runfolder import (
     serverapp_alive,
 )
 from flowerbed.serverapp.resume import RESUME_KEY, plan_resume
+from flowerbed.serverapp.strategies import client_dp_warning
 from flowerbed.superlink import control, flwrcli
-from flowerbed.task import RUN_TASK_WHEEL
+from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
 APP_NAME = "flowerbed-app"
 FINISHED = "finished"
@@ -133,6 +136,62 @@ def submit(
                  task=settings.task or "built-in", task_sha256=settings.task_sha256, strategy=settings.strategy,
                  dp=settings.dp, settings_sha256=settings_sha256)  # fmt: skip
     return RunHandle(run_id=run_id, out_dir=out_dir)
+
+
+@dataclass
+class Prepared:
+    """A run made ready to submit: the task it uses, its settings, and what the user should hear first."""
+
+    chosen: taskstore.Chosen
+    settings: RunSettings
+    warnings: list[str]
+
+
+def space_warning(runs: Path, model: Any, settings: RunSettings) -> str | None:
+    """A warning when the run's checkpoints may not fit where runs/ lives (None: they fit)."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    copies = settings.keep_checkpoints + 3  # the round checkpoints kept, the one being written, best.pt, final
+    free = free_bytes(runs)
+    if free >= size * copies + 16 * MB:
+        return None
+    return (f"only {free / MB:.1f} MB free on {device_of(runs)} ({runs}): this run's checkpoints need about "
+            f"{size * copies / MB:.1f} MB ({copies} models of {size / MB:.1f} MB); free space, or lower "
+            "keep_checkpoints in federation.toml")  # fmt: skip
+
+
+def prepare(
+    layout: FederationLayout,
+    config: FederationConfig,
+    overrides: dict[str, Any],
+    *,
+    task: str | None = None,
+    task_settings: dict[str, Any] | None = None,
+    base: RunSettings | None = None,
+    replace: bool = False,
+    check_task: bool = True,
+) -> Prepared:
+    """The one preparation of a run (``flowerbed run`` and the notebook): the task chosen, the settings
+    resolved against federation.toml (``base``: a resumed run's own) and the sites, and the task loaded
+    once here (``check_task``), so that a task that cannot load is refused before any site sees it.
+
+    ``overrides``: run settings given by the user (None values are left out).
+    """
+    base = base or config.run
+    chosen = taskstore.choose(layout, task or task_name(base), "" if task else base.task_sha256, replace=replace)
+    given = {
+        "task": chosen.name,
+        "task_sha256": chosen.sha256,
+        "task_settings": base.task_settings | (task_settings or {}),
+    }
+    run_settings = resolve(base, given | overrides)
+    settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
+    warnings = [w for w in (client_dp_warning(settings, len(config.sites)),) if w]
+    if check_task:
+        loaded = load_task(chosen.name, chosen.sha256, chosen.wheel)
+        space = space_warning(layout.runs, loaded.model(task_config(loaded, settings.to_run_config())), settings)
+        if space:
+            warnings.append(space)
+    return Prepared(chosen, settings, warnings)
 
 
 def run_folder(layout: FederationLayout, name: str) -> Path:

@@ -139,8 +139,8 @@ def test_table_history_and_plot_show_every_metric(tmp_path: Path) -> None:
 
     from rich.console import Console
 
-    from flowerbed.commands.run import history_table
     from flowerbed.runfolder import History, RoundRow
+    from flowerbed.views import history_table
 
     history = History(tmp_path / "run")
     for n, auroc in ((1, 0.61), (2, 0.83)):

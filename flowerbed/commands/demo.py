@@ -10,9 +10,9 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from flowerbed.commands.run import history_table
 from flowerbed.console import err, info, out, table
 from flowerbed.runfolder import PLOT
+from flowerbed.views import history_table
 
 HELP = (
     "Run a TLS federation on this machine (gateway, SuperLink, ServerApp, SuperNodes; 5 sites of "

@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 
 from flowerbed.commands.common import FedDir
-from flowerbed.commands.run import follow_and_report
 from flowerbed.console import out
 from flowerbed.console import table as make_table
 from flowerbed.layout import FederationLayout
 from flowerbed.runfolder import run_id_of
 from flowerbed.runner import RunHandle, run_folder, run_overview, stored_settings
+from flowerbed.views import follow_and_report
 
 app = typer.Typer(help="The federation's runs: status, rounds and best result; following one.")
 

@@ -1,0 +1,194 @@
+"""How a run looks on the console: its live progress, the history table, and the summary lines.
+
+Renderers only (rows in, rich tables and text out); ``flowerbed run``, ``flowerbed runs follow`` and
+the demo show runs with them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.live import Live
+
+from flowerbed.console import err, out, table
+from flowerbed.layout import FederationLayout
+from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING, run_id_of
+from flowerbed.runner import (
+    RunHandle,
+    RunResult,
+    check_result,
+    follow,
+)
+
+COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "eval acc", "s", "stop"]
+
+
+LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait", STOPPED: "stop", AWAY: "away"}
+
+
+def _round_label(row: dict[str, Any]) -> str:
+    label = LABELS.get(str(row.get("kind")))
+    if label is None:
+        return str(row["round"])
+    return label if row.get("kind") in (FINAL_EVAL, RESUMED) else f"{row['round']} {label}"
+
+
+def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("kind", TRAIN) == TRAIN]
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
+
+
+SHOWN = ("eval-loss", "eval-accuracy", "train-loss")
+
+
+def extra_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The task's own evaluation metrics (beyond loss and accuracy), in the order they appear."""
+    names: list[str] = []
+    for row in rows:
+        for key in row.get("metrics", {}):
+            if key.startswith("eval-") and key not in SHOWN and key not in names:
+                names.append(key)
+    return names
+
+
+def _value(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.4f}"
+
+
+def private_sites(rows: list[dict[str, Any]]) -> list[str]:
+    """The sites that trained with DP-SGD in the run, in the order they appear."""
+    names: list[str] = []
+    for row in rows:
+        names += [site for site in row.get("privacy", {}) if site not in names]
+    return names
+
+
+def history_table(rows: list[dict[str, Any]], title: str) -> Any:
+    """The run table: one row per round, every metric the task reports, the epsilon each DP-SGD site has
+    spent, the final evaluation as its own row."""
+    extra = extra_metrics(rows)
+    private = private_sites(rows)
+    return table(
+        title,
+        COLUMNS[:-2] + [name.removeprefix("eval-") for name in extra] + [f"eps {site}" for site in private]
+        + COLUMNS[-2:],
+        (
+            [_round_label(r), r["nodes"], r["failures"], ", ".join(r.get("missing", [])), r["train_loss"],
+             r["eval_loss"], r["eval_accuracy"], *(_value(r.get("metrics", {}).get(n)) for n in extra),
+             *(_epsilon(r.get("privacy", {}).get(site)) for site in private),
+             _seconds(r["seconds"]), r["stop_reason"]]
+            for r in rows
+        ),
+    )  # fmt: skip
+
+
+def _epsilon(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def progress_title(run_id: int, rows: list[dict[str, Any]], elapsed: float) -> str:
+    """``run 7: round 3 done, 41 s elapsed`` (or waiting for the first round)."""
+    done = _trained(rows)
+    if rows and rows[-1].get("kind") in (WAITING, AWAY):
+        return f"run {run_id}: round {rows[-1]['round']} waits for absent sites, {elapsed:.0f} s elapsed"
+    if not done:
+        return f"run {run_id}: waiting for the first round, {elapsed:.0f} s elapsed"
+    return f"run {run_id}: round {done[-1]['round']} done, {elapsed:.0f} s elapsed"
+
+
+def site_errors(rows: list[dict[str, Any]]) -> list[str]:
+    """Every distinct error line of the run's rows (each names its site), in order."""
+    lines: list[str] = []
+    for row in rows:
+        for line in row.get("errors", []):
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def plain_row(row: dict[str, Any]) -> str:
+    """One round as one plain line, every figure the table has (for a pipe or a log file)."""
+    parts = [f"{row.get('nodes', 0)} node(s)", f"{row.get('failures', 0)} failure(s)"]
+    if row.get("missing"):
+        parts.append("missing " + ", ".join(row["missing"]))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss"), ("eval_accuracy", "accuracy")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {float(row[key]):.4f}")
+    parts += [f"{name.removeprefix('eval-')} {_value(row['metrics'][name])}" for name in extra_metrics([row])]
+    parts += [f"eps {site} {_epsilon(eps)}" for site, eps in row.get("privacy", {}).items()]
+    parts.append(f"{_seconds(row.get('seconds'))} s")
+    line = f"round {_round_label(row)}: " + ", ".join(parts)
+    return line + (f"; {row['stop_reason']}" if row.get("stop_reason") else "")
+
+
+def follow_plain(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
+    """Without a terminal (a pipe, a log file): each round as one plain line when it ends, then the table whole."""
+    shown = [0]
+    said: set[str] = set()
+
+    def update(rows: list[dict[str, Any]]) -> None:
+        for line in site_errors(rows):
+            if line not in said:
+                said.add(line)
+                err.print(f"  {line}", soft_wrap=True)
+        for row in rows[shown[0] :]:
+            err.print(plain_row(row), soft_wrap=True)
+        shown[0] = len(rows)
+
+    result = follow(layout, handle, on_rows=update, on_note=err.print, timeout_s=timeout_s)
+    rows = result.rows
+    err.print(history_table(rows, f"run {result.run_id}: {len(_trained(rows))} round(s)"))  # whole: no terminal
+    return result
+
+
+def follow_live(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> RunResult:
+    """Follow a run with a live table (round, nodes, losses, accuracy, elapsed); plain lines without a terminal."""
+    if not err.is_terminal:
+        return follow_plain(layout, handle, timeout_s)
+    started = time.monotonic()
+    run_id = [handle.run_id]
+    with Live(console=err, refresh_per_second=2, transient=False) as live:
+        said: set[str] = set()
+
+        def update(rows: list[dict[str, Any]]) -> None:
+            for line in site_errors(rows):  # a site's error or refusal, once, above the table
+                if line not in said:
+                    said.add(line)
+                    live.console.print(f"  {line}", markup=False, soft_wrap=True)
+            live.update(history_table(rows, progress_title(run_id[0], rows, time.monotonic() - started)))
+
+        def note(message: str) -> None:
+            live.console.print(message, markup=False)
+            latest = run_id_of(handle.out_dir)
+            run_id[0] = latest if latest is not None else run_id[0]
+
+        return follow(layout, handle, on_rows=update, on_note=note, timeout_s=timeout_s)
+
+
+def follow_and_report(layout: FederationLayout, handle: RunHandle, timeout_s: float) -> None:
+    """Follow to the end, then the one-line result, the plot and the history (a failed run exits 5)."""
+    result = follow_live(layout, handle, timeout_s)
+    check_result(result, handle)
+    out.print(best_line(result.run_id, result.summary))
+    out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")
+
+
+def best_line(run_id: int, summary: dict[str, Any]) -> str:
+    """The one-line result of a finished run."""
+    rounds = summary.get("rounds")
+    line = f"run {run_id} stopped: {summary.get('stop_reason')} after {rounds} rounds"
+    acc, loss = summary.get("best_eval_accuracy"), summary.get("best_eval_loss")
+    if acc is None and loss is None:
+        return line + "; no round was evaluated"
+    best = summary.get("best_round")
+    where = (
+        "the final evaluation of the last model"
+        if best is not None and rounds is not None and best > rounds
+        else f"round {best}"
+    )
+    score = f"best eval accuracy {acc:.4f}" if acc is not None else f"best eval loss {loss:.4f}"
+    return line + f"; {score} ({where})"
