@@ -62,18 +62,30 @@ class Row:
         }
 
 
-def parse_host_port(value: str, default_port: int) -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[v6]:port``."""
+def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host``, ``host:port`` or ``[v6]:port`` as ``(host, port)``: the kit's one HOST:PORT parser.
+
+    ``default_port`` is used when the port is left out (None: the port is required). Raises
+    ValueError, in one line, for a missing host, a port that is not a number in 1-65535, or a
+    missing port with no default.
+    """
+    value = value.strip()
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
-        port = rest.lstrip(":")
-        return host, int(port) if port else default_port
-    if value.count(":") == 1:
-        host, port = value.split(":")
-        if not port.isdigit():
-            raise ValueError(f"port of {value!r} is not a number")
-        return host, int(port)
-    return value, default_port
+        port = rest[1:] if rest.startswith(":") else rest
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""  # a bare name, or an IPv6 address without brackets and port
+    if not host:
+        raise ValueError(f"{value!r} has no host: write HOST:PORT, e.g. link.example.org:9092")
+    if not port:
+        if default_port is None:
+            raise ValueError(f"{value!r} has no port: write HOST:PORT, e.g. link.example.org:9092")
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"the port of {value!r} is not a number from 1 to 65535")
+    return host, int(port)
 
 
 def find_kit(here: Path | None = None) -> Path | None:

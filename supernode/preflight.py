@@ -10,7 +10,7 @@ from pathlib import Path
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.nodekeys import load_private_key, load_public_key, public_fingerprint
 from flowerbed.certs.service import read_cert
-from flowerbed.deploy.firewall_checklist import FAIL, PASS, check_gateway
+from flowerbed.deploy.firewall_checklist import FAIL, PASS, check_gateway, parse_host_port
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.supernode.datacheck import check_site_data
 from flowerbed.supernode.supervisor import SupernodeSpec
@@ -26,11 +26,11 @@ class Check:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) as a tuple, or a clear error."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FlowerbedError(f"--superlink {address!r} must be HOST:PORT, e.g. link.example.org:9092")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` (``[v6]:PORT`` too) as a tuple, or a clear error (the checklist's own parser)."""
+    try:
+        return parse_host_port(address)
+    except ValueError:
+        raise FlowerbedError(f"--superlink {address!r} must be HOST:PORT, e.g. link.example.org:9092") from None
 
 
 def check_data(path: Path, site_file: Path | None = None) -> Check:

@@ -280,3 +280,22 @@ def test_a_clock_days_behind_is_named_as_a_clock_problem(fed: FederationLayout) 
     assert row["status"] == "FAIL"
     assert str(row["detail"]).startswith("this VM's clock is 2.0 days behind the gateway's"), row
     assert "signed by another key" not in str(row["detail"]) and "set this VM's clock (NTP)" in str(row["fix"])
+
+
+def test_one_host_port_parser_serves_the_checklist_and_the_preflight() -> None:
+    from flowerbed.deploy.firewall_checklist import parse_host_port
+    from flowerbed.errors import FlowerbedError
+    from flowerbed.supernode.preflight import parse_address
+
+    assert parse_host_port("link.example.org:9092") == ("link.example.org", 9092)
+    assert parse_host_port("link.example.org", 9092) == ("link.example.org", 9092)
+    assert parse_host_port("[fd00::1]:8443") == ("fd00::1", 8443)
+    assert parse_host_port("[fd00::1]", 443) == ("fd00::1", 443)
+    assert parse_host_port("fd00::1", 443) == ("fd00::1", 443)  # no brackets: the whole is the host
+    for bad, why in (("link:port", "not a number from 1 to 65535"), ("link:70000", "not a number"),
+                     (":9092", "has no host"), ("link.example.org", "has no port")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            parse_host_port(bad)
+    assert parse_address("[fd00::1]:9092") == ("fd00::1", 9092)
+    with pytest.raises(FlowerbedError, match="must be HOST:PORT"):
+        parse_address("link.example.org")
