@@ -390,6 +390,210 @@ def secure_exchange(
     return got, (result.arrays, metrics)
 
 
+@dataclass
+class RoundState:
+    """What the round loop carries from round to round."""
+
+    settings: RunSettings
+    history: History
+    tracker: ConvergenceTracker
+    sites: SiteNames
+    dark: DarkSites
+    arrays: ArrayRecord
+    start: float
+    server_round: int = 0
+    best: BestModel = field(default_factory=BestModel)
+    absence: Absence = field(default_factory=lambda: Absence({}))
+    last_waiting_row: float = -math.inf
+    retired: dict[int, str] = field(default_factory=dict)  # node -> why it trains no more (privacy budget spent)
+    spent: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent so far
+
+
+def start_rounds(
+    initial: ArrayRecord, settings: RunSettings, history: History, start: float, *, resume: ResumePoint | None,
+    watch: Watch | None,
+) -> RoundState:  # fmt: skip
+    """The loop's state at its first round: fresh, or after the round ``resume`` names (its convergence
+    state replayed from the history; the time budget counts the time already spent in rounds)."""
+    sites = SiteNames(watch.registered() if watch is not None else None)
+    state = RoundState(settings, history, ConvergenceTracker(settings), sites, DarkSites(history, sites, watch),
+                       initial, start)  # fmt: skip
+    if resume is None:
+        return state
+    state.start -= resume.elapsed_s
+    state.server_round = resume.round
+    if resume.state_dict is not None:
+        state.arrays = ArrayRecord(resume.state_dict)
+    for row in resume.trained:
+        if row.eval_loss is not None:
+            evaluated = {k.removeprefix("eval-"): v for k, v in row.metrics.items() if k.startswith("eval-")}
+            state.tracker.observe(row.round, row.eval_loss, row.eval_accuracy, evaluated)
+            if row.round == resume.best_round and resume.best_state_dict is not None:
+                state.best = BestModel(row.round, row.eval_loss, row.eval_accuracy, ArrayRecord(resume.best_state_dict))
+    return state
+
+
+def collect_round(
+    grid: Grid, strategy: Strategy, initial: ArrayRecord, state: RoundState, *, clock: Clock, watch: Watch | None
+) -> tuple[Replies, Aggregate | None]:
+    """One round's exchange: the replies (or why there were none: sites not connected) and, under
+    secure aggregation, the aggregate already made."""
+    settings, sites, server_round = state.settings, state.sites, state.server_round
+    if sites.by_node:  # after the first round: a site that left is waited for, within the tolerance
+        present = set(grid.get_node_ids()) - set(state.retired)
+        if len(present) < settings.min_nodes:
+            gone = sites.absent_from(present | set(state.retired)) or [
+                f"{settings.min_nodes - len(present)} site(s) not seen yet"
+            ]
+            return Replies([], [f"{name}: not connected" for name in gone], gone), None
+    else:
+        wait_for_nodes(grid, settings, clock)
+    # A site out of privacy budget gets no more train tasks (it would only refuse them again).
+    messages = [m for m in strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid)
+                if m.metadata.dst_node_id not in state.retired]  # fmt: skip
+    secured: Aggregate | None = None
+    if settings.secure_aggregation != "off":
+        got, secured = secure_exchange(grid, messages, state.arrays, server_round=server_round, settings=settings,
+                                       sites=sites, clock=clock)  # fmt: skip
+    else:
+        dropped: dict[int, str] = {}
+        replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
+                           on_dark=state.dark.noted(server_round))  # fmt: skip
+        got = screen(_split(messages, replies, sites, dropped), initial, state.arrays, settings.max_update_norm)
+    state.retired |= got.retired
+    state.spent |= got.privacy
+    return got, secured
+
+
+def privacy_stop(state: RoundState, got: Replies, t0: float, clock: Clock) -> bool:
+    """True (and a ``stopped`` row) when too few sites with privacy budget are left to train."""
+    settings, sites, retired = state.settings, state.sites, state.retired
+    can_go_on = len(set(sites.by_node) - set(retired))  # the sites seen that may still train
+    if not retired or got.data_errors:
+        return False
+    if not ((got.retired and len(got.valid) < settings.min_nodes) or can_go_on < settings.min_nodes):
+        return False
+    names = ", ".join(sorted(sites.by_node.get(n, f"node {n}") for n in retired))
+    why = f"privacy budget spent at {names}: {can_go_on} site(s) can go on, min-nodes is {settings.min_nodes}"
+    state.history.append(
+        RoundRow(state.server_round, len(got.valid), len(got.errors), None, None, None, round(clock() - t0, 2),
+                 f"{PRIVACY_SPENT}: {why}", got.errors, kind=STOPPED, sites=got.sites, privacy=dict(state.spent))
+    )  # fmt: skip
+    audit_round(state.history, state.history.rows[-1], got.heads)
+    return True
+
+
+def short_round(state: RoundState, got: Replies, t0: float, clock: Clock, sleep: Callable[[float], None]) -> None:
+    """A round short of min-nodes valid replies: wait for absent sites (a ``waiting`` row, at most one a
+    minute) within the absence tolerance and return to retry it, else fail the run (RunFailedError)."""
+    settings, history = state.settings, state.history
+    state.absence.update(got.absent, clock(), state.dark.silent_for())
+    why = f"round {state.server_round}: {len(got.valid)} valid replies, min-nodes is {settings.min_nodes}" + (
+        f" ({'; '.join(got.errors)})" if got.errors else " (no reply before round-timeout-s)"
+    )
+    data_errors = got.data_errors
+    if got.absent and not data_errors and state.absence.longest(clock()) < settings.site_absence_tolerance_s:
+        if clock() - state.last_waiting_row >= WAITING_ROW_EVERY_S:  # the table shows it, not every retry
+            state.last_waiting_row = clock()
+            waiting = (
+                f"waiting: {state.absence.describe(clock())} (tolerance {settings.site_absence_tolerance_s:.0f} s)"
+            )
+            history.append(
+                RoundRow(state.server_round, len(got.valid), len(got.errors), None, None, None,
+                         round(clock() - t0, 2), waiting, got.errors, kind=WAITING, sites=got.sites)
+            )  # fmt: skip
+        sleep(min(settings.absence_retry_s, settings.site_absence_tolerance_s))
+        return
+    if got.absent and not data_errors:
+        why = f"{why}; absent too long: {state.absence.describe(clock())}"
+    history.append(
+        RoundRow(state.server_round, len(got.valid), len(got.errors), None, None, None,
+                 round(clock() - t0, 2), f"failed: {why}", got.errors, kind=FAILED)
+    )  # fmt: skip
+    audit_round(history, history.rows[-1], got.heads)
+    raise RunFailedError(why)
+
+
+def finish_round(
+    strategy: Strategy, state: RoundState, got: Replies, secured: Aggregate | None, *, t0: float, clock: Clock
+) -> str | None:
+    """Aggregate a round with enough replies, check the model is finite, observe convergence, keep the
+    checkpoint, then write its row; returns the stop reason (None: go on)."""
+    settings, history, server_round = state.settings, state.history, state.server_round
+    state.absence.update(got.absent, clock())
+    new_arrays, metrics = secured if secured is not None else strategy.aggregate_train(server_round, got.valid)
+    broken = non_finite_values(new_arrays) if new_arrays is not None else 0
+    if broken:  # e.g. a sum that overflowed, or masked updates that held NaN: never a global model
+        why = (f"{NON_FINITE}: round {server_round}'s aggregated model has {broken:,} NaN or infinite values; "
+               "lower the learning rate or set max_update_norm, then `flowerbed run --resume` from the last "
+               "finite checkpoint")  # fmt: skip
+        history.append(
+            RoundRow(server_round, len(got.valid), len(got.errors), None, None, None, round(clock() - t0, 2),
+                     f"failed: {why}", got.errors, kind=FAILED, sites=got.sites)
+        )  # fmt: skip
+        audit_round(history, history.rows[-1], got.heads, got.masked)
+        raise RunFailedError(why)
+    reason: str | None = None
+    eval_loss = _metric(metrics, "eval-loss")
+    eval_acc = _metric(metrics, "eval-accuracy")
+    if eval_loss is not None:
+        reason = state.tracker.observe(server_round, eval_loss, eval_acc, eval_metrics(metrics))
+        if server_round > 1 and state.best.offer(server_round, eval_loss, eval_acc, state.arrays, settings.min_delta):
+            history.save_best(server_round, state.arrays.to_torch_state_dict())
+    if new_arrays is not None:
+        state.arrays = new_arrays
+    if reason is None:
+        reason = state.tracker.limit(server_round, clock() - state.start, settings)
+    # The checkpoint before its row: a row in the history always has its model to resume from.
+    history.checkpoint(server_round, state.arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)
+    history.append(
+        RoundRow(
+            round=server_round,
+            nodes=len(got.valid),
+            failures=len(got.errors),
+            train_loss=_metric(metrics, "train-loss"),
+            eval_loss=eval_loss,
+            eval_accuracy=eval_acc,
+            seconds=round(clock() - t0, 2),
+            stop_reason=reason or "",
+            errors=got.errors,
+            sites=got.sites,
+            missing=sorted(set(state.sites.by_node.values()) - set(got.sites)),
+            metrics=all_metrics(metrics),
+            privacy=dict(state.spent),
+        )
+    )
+    audit_round(history, history.rows[-1], got.heads, got.masked)
+    return reason
+
+
+def final_evaluation(grid: Grid, strategy: Strategy, state: RoundState, clock: Clock) -> None:
+    """The last model's own evaluation (a ``final-eval`` row after the rounds, never a round of its own),
+    with the sites' local baselines when asked; it may become the best model."""
+    settings, history, server_round, arrays = state.settings, state.history, state.server_round, state.arrays
+    t0 = clock()
+    baseline = server_round * settings.local_epochs if settings.local_baseline else 0
+    final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=state.sites,
+                                                 baseline_epochs=baseline)  # fmt: skip
+    history.append(
+        RoundRow(
+            round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
+            eval_loss=final_eval.loss if final_eval else None,
+            eval_accuracy=final_eval.accuracy if final_eval else None,
+            seconds=round(clock() - t0, 2),
+            stop_reason="evaluation of the last model" if final_eval else "final evaluation: too few replies",
+            errors=errors, kind=FINAL_EVAL, metrics=final_eval.metrics if final_eval else {},
+            per_site=final_eval.per_site if final_eval else {},
+        )
+    )  # fmt: skip
+    audit_round(history, history.rows[-1], {})
+    if final_eval is not None:
+        evaluated = {k.removeprefix("eval-"): v for k, v in final_eval.metrics.items() if k.startswith("eval-")}
+        state.tracker.observe(server_round + 1, final_eval.loss, final_eval.accuracy, evaluated)
+        if state.best.offer(server_round + 1, final_eval.loss, final_eval.accuracy, arrays, settings.min_delta):
+            history.save_best(server_round + 1, arrays.to_torch_state_dict())
+
+
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -413,175 +617,27 @@ def run_rounds(
     ``watch``: revocations and last contacts of the sites, asked while a round waits: a revoked site
     is dropped at once, a dark one named in an ``away`` row within half a minute.
     """
-    tracker = ConvergenceTracker(settings)
-    sites = SiteNames(watch.registered() if watch is not None else None)
-    dark = DarkSites(history, sites, watch)
-    best = BestModel()
-    absence = Absence({})
-    start = clock()
-    arrays = initial
-    server_round = 0
-    if resume is not None:
-        start -= resume.elapsed_s
-        server_round = resume.round
-        if resume.state_dict is not None:
-            arrays = ArrayRecord(resume.state_dict)
-        for row in resume.trained:
-            if row.eval_loss is not None:
-                evaluated = {k.removeprefix("eval-"): v for k, v in row.metrics.items() if k.startswith("eval-")}
-                tracker.observe(row.round, row.eval_loss, row.eval_accuracy, evaluated)
-                if row.round == resume.best_round and resume.best_state_dict is not None:
-                    best = BestModel(row.round, row.eval_loss, row.eval_accuracy, ArrayRecord(resume.best_state_dict))
+    state = start_rounds(initial, settings, history, clock(), resume=resume, watch=watch)
     reason: str | None = None
-    last_waiting_row = -math.inf
-    retired: dict[int, str] = {}  # node -> why it trains no more (its privacy budget is spent)
-    spent: dict[str, float] = {}  # site -> epsilon spent so far
     while reason is None:
-        server_round += 1
+        state.server_round += 1
         t0 = clock()
-        if sites.by_node:  # after the first round: a site that left is waited for, within the tolerance
-            present = set(grid.get_node_ids()) - set(retired)
-            if len(present) < settings.min_nodes:
-                gone = sites.absent_from(present | set(retired)) or [
-                    f"{settings.min_nodes - len(present)} site(s) not seen yet"
-                ]
-                got = Replies([], [f"{name}: not connected" for name in gone], gone)
-            else:
-                got = None
-        else:
-            wait_for_nodes(grid, settings, clock)
-            got = None
-        messages: list[Message] = []
-        secured: Aggregate | None = None
-        if got is None:
-            # A site out of privacy budget gets no more train tasks (it would only refuse them again).
-            messages = [m for m in strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-                        if m.metadata.dst_node_id not in retired]  # fmt: skip
-            if settings.secure_aggregation != "off":
-                got, secured = secure_exchange(
-                    grid, messages, arrays, server_round=server_round, settings=settings, sites=sites, clock=clock
-                )
-            else:
-                dropped: dict[int, str] = {}
-                replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
-                                   on_dark=dark.noted(server_round))  # fmt: skip
-                got = _split(messages, replies, sites, dropped)
-                got = screen(got, initial, arrays, settings.max_update_norm)
-            retired |= got.retired
-            spent |= got.privacy
-        can_go_on = len(set(sites.by_node) - set(retired))  # the sites seen that may still train
-        if (
-            retired
-            and not got.data_errors
-            and ((got.retired and len(got.valid) < settings.min_nodes) or can_go_on < settings.min_nodes)
-        ):
+        got, secured = collect_round(grid, strategy, initial, state, clock=clock, watch=watch)
+        if privacy_stop(state, got, t0, clock):
             reason = PRIVACY_SPENT
-            names = ", ".join(sorted(sites.by_node.get(n, f"node {n}") for n in retired))
-            why = (f"privacy budget spent at {names}: {can_go_on} site(s) can go on, min-nodes is "
-                   f"{settings.min_nodes}")  # fmt: skip
-            history.append(
-                RoundRow(server_round, len(got.valid), len(got.errors), None, None, None, round(clock() - t0, 2),
-                         f"{PRIVACY_SPENT}: {why}", got.errors, kind=STOPPED, sites=got.sites, privacy=dict(spent))
-            )  # fmt: skip
-            audit_round(history, history.rows[-1], got.heads)
-            server_round -= 1  # nothing was trained in it
+            state.server_round -= 1  # nothing was trained in it
             break
         if len(got.valid) < settings.min_nodes:
-            absence.update(got.absent, clock(), dark.silent_for())
-            why = f"round {server_round}: {len(got.valid)} valid replies, min-nodes is {settings.min_nodes}" + (
-                f" ({'; '.join(got.errors)})" if got.errors else " (no reply before round-timeout-s)"
-            )
-            data_errors = got.data_errors
-            if got.absent and not data_errors and absence.longest(clock()) < settings.site_absence_tolerance_s:
-                if clock() - last_waiting_row >= WAITING_ROW_EVERY_S:  # the table shows it, not every retry
-                    last_waiting_row = clock()
-                    waiting = (
-                        f"waiting: {absence.describe(clock())} (tolerance {settings.site_absence_tolerance_s:.0f} s)"
-                    )
-                    history.append(
-                        RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
-                                 round(clock() - t0, 2), waiting, got.errors, kind=WAITING,
-                                 sites=got.sites)
-                    )  # fmt: skip
-                sleep(min(settings.absence_retry_s, settings.site_absence_tolerance_s))
-                server_round -= 1  # the same round again, with the nodes present
-                continue
-            if got.absent and not data_errors:
-                why = f"{why}; absent too long: {absence.describe(clock())}"
-            history.append(
-                RoundRow(server_round, len(got.valid), len(got.errors), None, None, None,
-                         round(clock() - t0, 2), f"failed: {why}", got.errors, kind=FAILED)
-            )  # fmt: skip
-            audit_round(history, history.rows[-1], got.heads)
-            raise RunFailedError(why)
-        absence.update(got.absent, clock())
-        new_arrays, metrics = secured if secured is not None else strategy.aggregate_train(server_round, got.valid)
-        broken = non_finite_values(new_arrays) if new_arrays is not None else 0
-        if broken:  # e.g. a sum that overflowed, or masked updates that held NaN: never a global model
-            why = (f"{NON_FINITE}: round {server_round}'s aggregated model has {broken:,} NaN or infinite values; "
-                   "lower the learning rate or set max_update_norm, then `flowerbed run --resume` from the last "
-                   "finite checkpoint")  # fmt: skip
-            history.append(
-                RoundRow(server_round, len(got.valid), len(got.errors), None, None, None, round(clock() - t0, 2),
-                         f"failed: {why}", got.errors, kind=FAILED, sites=got.sites)
-            )  # fmt: skip
-            audit_round(history, history.rows[-1], got.heads, got.masked)
-            raise RunFailedError(why)
-        eval_loss = _metric(metrics, "eval-loss")
-        eval_acc = _metric(metrics, "eval-accuracy")
-        if eval_loss is not None:
-            reason = tracker.observe(server_round, eval_loss, eval_acc, eval_metrics(metrics))
-            if server_round > 1 and best.offer(server_round, eval_loss, eval_acc, arrays, settings.min_delta):
-                history.save_best(server_round, arrays.to_torch_state_dict())
-        if new_arrays is not None:
-            arrays = new_arrays
-        if reason is None:
-            reason = tracker.limit(server_round, clock() - start, settings)
-        # The checkpoint before its row: a row in the history always has its model to resume from.
-        history.checkpoint(server_round, arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)
-        history.append(
-            RoundRow(
-                round=server_round,
-                nodes=len(got.valid),
-                failures=len(got.errors),
-                train_loss=_metric(metrics, "train-loss"),
-                eval_loss=eval_loss,
-                eval_accuracy=eval_acc,
-                seconds=round(clock() - t0, 2),
-                stop_reason=reason or "",
-                errors=got.errors,
-                sites=got.sites,
-                missing=sorted(set(sites.by_node.values()) - set(got.sites)),
-                metrics=all_metrics(metrics),
-                privacy=dict(spent),
-            )
-        )
-        audit_round(history, history.rows[-1], got.heads, got.masked)
-    if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or best.arrays is None or settings.local_baseline:
-        t0 = clock()
-        baseline = server_round * settings.local_epochs if settings.local_baseline else 0
-        final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=sites,
-                                                     baseline_epochs=baseline)  # fmt: skip
-        history.append(
-            RoundRow(
-                round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
-                eval_loss=final_eval.loss if final_eval else None,
-                eval_accuracy=final_eval.accuracy if final_eval else None,
-                seconds=round(clock() - t0, 2),
-                stop_reason="evaluation of the last model" if final_eval else "final evaluation: too few replies",
-                errors=errors, kind=FINAL_EVAL, metrics=final_eval.metrics if final_eval else {},
-                per_site=final_eval.per_site if final_eval else {},
-            )
-        )  # fmt: skip
-        audit_round(history, history.rows[-1], {})
-        if final_eval is not None:
-            evaluated = {k.removeprefix("eval-"): v for k, v in final_eval.metrics.items() if k.startswith("eval-")}
-            tracker.observe(server_round + 1, final_eval.loss, final_eval.accuracy, evaluated)
-            if best.offer(server_round + 1, final_eval.loss, final_eval.accuracy, arrays, settings.min_delta):
-                history.save_best(server_round + 1, arrays.to_torch_state_dict())
+            short_round(state, got, t0, clock, sleep)  # waits (or raises RunFailedError)
+            state.server_round -= 1  # the same round again, with the nodes present
+            continue
+        reason = finish_round(strategy, state, got, secured, t0=t0, clock=clock)
+    if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or state.best.arrays is None or settings.local_baseline:
+        final_evaluation(grid, strategy, state, clock)
     # No trained model was evaluated: the last one, never the initial one.
-    final = best.arrays if best.arrays is not None else arrays
-    return Outcome(reason, server_round, best.round, best.loss, best.accuracy, final, spent)
+    best = state.best
+    final = best.arrays if best.arrays is not None else state.arrays
+    return Outcome(reason, state.server_round, best.round, best.loss, best.accuracy, final, state.spent)
 
 
 def evaluate_final(
