@@ -48,10 +48,12 @@ class IssuedCert:
 
     @property
     def cert_pem(self) -> bytes:
+        """The certificate, PEM-encoded."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     @property
     def key_pem(self) -> bytes:
+        """The private key, PEM-encoded (unencrypted: written 0600 by the caller)."""
         return _private_pem(self.key)
 
     def write(self, cert_path: Path, key_path: Path, *, overwrite: bool = False) -> None:
@@ -126,6 +128,7 @@ class CertificateAuthority:
 
     @property
     def cert_pem(self) -> bytes:
+        """The CA certificate, PEM-encoded (what sites get as ca.crt)."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def write(self, cert_path: Path, key_path: Path, *, overwrite: bool = False) -> None:

@@ -23,10 +23,12 @@ class NodeKeyPair:
 
     @classmethod
     def generate(cls, comment: str) -> NodeKeyPair:
+        """A new P-384 node key pair with ``comment`` in its public OpenSSH line."""
         return cls(key=ec.generate_private_key(ec.SECP384R1()), comment=comment)
 
     @property
     def private_openssh(self) -> bytes:
+        """The private key as OpenSSH-format bytes."""
         return self.key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
@@ -35,10 +37,12 @@ class NodeKeyPair:
 
     @property
     def public_openssh(self) -> bytes:
+        """The public key as one OpenSSH line, with its comment."""
         raw = self.key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         return raw + b" " + self.comment.encode() + b"\n"
 
     def write(self, private_path: Path, public_path: Path, *, overwrite: bool = False) -> None:
+        """Write the private key (0600) and the public key; an existing file is kept unless ``overwrite``."""
         write_private(private_path, self.private_openssh, overwrite=overwrite)
         write_public(public_path, self.public_openssh)
 

@@ -96,6 +96,7 @@ class CertInfo:
 
     @property
     def warning(self) -> str | None:
+        """A line when the certificate expires within 30 days or has expired, else None."""
         if self.days_left is None:
             return None
         if self.days_left < 0:
@@ -127,6 +128,7 @@ def cert_sans(cert: x509.Certificate) -> list[str]:
 
 
 def cert_info(kind: str, path: Path) -> CertInfo:
+    """Subject, validity and days left of the certificate at ``path``."""
     cert = read_cert(path)
     left = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
     return CertInfo(

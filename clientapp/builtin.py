@@ -33,11 +33,13 @@ class BuiltinTask:
         self.kind = kind
 
     def model(self, config: RunSettings) -> nn.Module:
+        """The task's model for ``config`` (MLP or CNN, features and classes from the run)."""
         return make_model(self.kind or config.model, num_features=config.num_features,
                           num_classes=config.num_classes, hidden_units=config.hidden_units,
                           image_size=config.image_size, channels=config.image_channels)  # fmt: skip
 
     def load_data(self, path: Path, config: RunSettings) -> tuple[Dataset[Any], Dataset[Any]]:
+        """The site's train and validation sets from ``path``."""
         data = load_site_data(
             str(path),
             num_features=config.num_features if self.kind == "mlp" else None,
@@ -58,6 +60,7 @@ class BuiltinTask:
         return data.train, data.validation
 
     def train(self, model: nn.Module, data: Dataset[Any], config: RunSettings) -> Metrics:
+        """Train locally for the run's epochs; returns the train metrics."""
         return self.train_private(model, data, config, None)
 
     def train_private(
@@ -70,6 +73,7 @@ class BuiltinTask:
         return {"loss": loss}
 
     def evaluate(self, model: nn.Module, data: Dataset[Any], config: RunSettings) -> Metrics:
+        """Loss and accuracy of ``model`` on ``data``."""
         result = evaluate(model, data)  # type: ignore[arg-type]
         return {"loss": result.loss, "accuracy": result.accuracy}
 

@@ -28,6 +28,7 @@ class SiteData:
 
     @property
     def num_train(self) -> int:
+        """The number of training examples."""
         return len(self.train)
 
 

@@ -55,6 +55,7 @@ class Budget:
     source: str = "site"  # site, run, or site+run (both asked; the stricter of each value holds)
 
     def describe(self) -> str:
+        """The budget in one phrase, with who set it."""
         return f"epsilon {self.epsilon:g}, delta {self.delta:g} (set by the {self.source.replace('+', ' and the ')})"
 
 
@@ -147,6 +148,7 @@ class Ledger:
 
     @classmethod
     def load(cls, folder: Path, key: str) -> Ledger:
+        """The ledger ``key`` in ``folder`` (a new, empty one when none was written)."""
         path = folder / f"{key}.json"
         if not path.exists():
             return cls(key)
@@ -159,6 +161,7 @@ class Ledger:
             raise FlowerbedError(f"privacy ledger {path} is unreadable ({exc}): restore it from a backup") from None
 
     def save(self, folder: Path) -> Path:
+        """Write the ledger whole; returns its path."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{self.key}.json"
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -190,6 +193,7 @@ class PrivateTraining:
 
     @property
     def ledger_key(self) -> str:
+        """The ledger this training spends from: the site's own, or the run's."""
         return "all-runs" if self.budget.scope == "site" else self.run_key
 
     def spent_so_far(self) -> tuple[float, int]:

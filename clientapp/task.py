@@ -64,6 +64,8 @@ def device() -> torch.device:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """A model's loss and accuracy on one data set."""
+
     loss: float
     accuracy: float
     num_examples: int

@@ -53,6 +53,8 @@ No package index is contacted.
 
 @dataclass(frozen=True)
 class Bundle:
+    """An offline wheel bundle: its folder and the wheels in it."""
+
     folder: Path
     wheels: list[Path]
     requirements: Path

@@ -50,9 +50,11 @@ class Row:
 
     @property
     def blocking(self) -> bool:
+        """True when the check failed and the SuperNode cannot work without it."""
         return self.required and self.status == FAIL
 
     def as_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready fields (``--json``)."""
         return {
             "check": self.check,
             "status": self.status,
@@ -520,6 +522,7 @@ def check_clock(head: str, received: float) -> Row:
 
 
 def check_proxy_env(superlink_host: str) -> Row:
+    """A row on HTTPS_PROXY and NO_PROXY: whether the gateway goes through the proxy."""
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     if not proxy:
         return Row("proxy", INFO, "no HTTPS_PROXY set: direct connections", required=False)
@@ -567,6 +570,7 @@ def inbound_row() -> Row | None:
 
 
 def render_table(rows: list[Row]) -> str:
+    """The rows as a plain text table."""
     width = max(len(r.check) for r in rows)
     lines = ["{:<{w}}  {:<6}  {}".format("CHECK", "RESULT", "DETAIL", w=width)]
     for row in rows:
@@ -582,6 +586,7 @@ def render_table(rows: list[Row]) -> str:
 
 
 def render_allowlist(superlink: tuple[str, int] | None, destinations: list[dict[str, Any]]) -> str:
+    """The allowlist ticket text: every destination with its port and why."""
     lines = [
         "# Outbound allowlist for a flowerbed site VM (TCP; no inbound rules needed)",
         "# destination\tport\tpurpose",
@@ -600,6 +605,7 @@ def render_allowlist(superlink: tuple[str, int] | None, destinations: list[dict[
 
 
 def build_parser(prog: str = "firewall_checklist.py") -> argparse.ArgumentParser:
+    """The checklist's command-line parser."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--superlink", help="gateway address HOST:PORT (port 9092 if left out; default: the kit's)")
     parser.add_argument("--ca", type=Path, help="federation ca.crt (detects TLS interception; default: the kit's)")
@@ -651,6 +657,7 @@ def apply_kit(args: argparse.Namespace) -> Row:
 
 
 def run_checks(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, Any]], tuple[str, int] | None]:
+    """The rows of every check, the destinations checked, and the gateway address."""
     kit_row = apply_kit(args)
     destinations = load_destinations(args.domains_file, args.install_path, args.os_packages)
     for extra in args.extra_domain:

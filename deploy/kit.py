@@ -45,6 +45,8 @@ def coordinator_unit(federation: str, fed_dir: str, flowerbed: str) -> str:
 
 @dataclass(frozen=True)
 class BuiltKit:
+    """A site kit that was built: its site, folder and archives."""
+
     site: str
     folder: Path
     tarball: Path

@@ -30,6 +30,8 @@ APP_LOG = "serverapp.log"
 
 @dataclass(frozen=True)
 class AppRun:
+    """A submitted Flower App run: its Flower run id, folder and app."""
+
     run_id: int
     out_dir: Path
     app: FabInfo

@@ -28,10 +28,12 @@ FAB_CONTENT = ".info/CONTENT"
 
 
 def sha256_bytes(data: bytes) -> str:
+    """The sha256 of ``data``, hex."""
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
+    """The sha256 of the file at ``path``, hex (read in chunks)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -59,6 +61,7 @@ class WheelInfo:
         return [r for r in self.requires if "extra ==" not in r]
 
     def task_target(self, name: str) -> str:
+        """The ``module:attribute`` of task ``name`` in this wheel, or a one-line error."""
         if name not in self.tasks:
             raise FlowerbedError(f"{self.path.name} has no task {name!r} (it has {', '.join(self.tasks) or 'none'})")
         return self.tasks[name]

@@ -139,15 +139,19 @@ class Problem:
 
 @dataclass(frozen=True)
 class Verdict:
+    """What checking an audit trail found: lines read and the first problem, if any."""
+
     path: Path
     lines: int
     problem: Problem | None
 
     @property
     def intact(self) -> bool:
+        """True when every line checked out."""
         return self.problem is None
 
     def describe(self) -> str:
+        """The verdict in one line."""
         if self.problem is None:
             return f"{self.path}: {self.lines} event(s), the chain is intact"
         return f"{self.path}: line {self.problem.line}: {self.problem.reason}"

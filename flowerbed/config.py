@@ -341,6 +341,7 @@ class SiteKitConfig(_Model):
 
     @property
     def superlink(self) -> str:
+        """The gateway as HOST:PORT."""
         return f"{self.superlink_address}:{self.superlink_port}"
 
 

@@ -99,6 +99,8 @@ FEDERATED, CENTRALIZED = "federated", "centralized"
 
 @dataclass
 class DemoResult:
+    """What the demo made: its folder, the federated run and the comparison."""
+
     work_dir: Path
     run: RunResult
     out_dir: Path
@@ -119,6 +121,7 @@ class SiteThreads:
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def start(self, specs: list[SupernodeSpec], report: Report) -> None:
+        """Start a supervised SuperNode per spec, each in a thread."""
         for spec in specs:
             sup = Supervisor(spec, report=_prefixed(report, spec.site))
             self.supervisors.append(sup)
@@ -135,6 +138,7 @@ class SiteThreads:
             self.errors.append(f"{sup.spec.site}: the supervisor failed: {type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
+        """Stop every supervisor and wait for its thread."""
         self.stop_event.set()
         for thread in self.threads:
             thread.join(timeout=30)

@@ -31,6 +31,8 @@ DIGITS_MIN_PER_SITE = 10
 
 @dataclass(frozen=True)
 class DemoData:
+    """The demo's data: each site's file or folder and the held-out test set."""
+
     site_files: dict[str, Path]  # each site's data: a CSV file or a folder of class folders
     test_file: Path  # the held-out test set every model is scored on (same kind)
     num_features: int
@@ -101,6 +103,7 @@ def load_breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_csv(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Write features ``x`` and labels ``y`` as a CSV with a header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

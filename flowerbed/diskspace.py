@@ -63,6 +63,7 @@ def ensure_space(path: Path, needed: int) -> None:
 
 
 def is_disk_full(exc: OSError) -> bool:
+    """True when ``exc`` means the disk (or the user's quota) is full."""
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -23,40 +23,50 @@ class FederationLayout:
 
     @property
     def config(self) -> Path:
+        """federation.toml."""
         return self.root / "federation.toml"
 
     @property
     def pki(self) -> Path:
+        """The folder of the CA and the server certificate."""
         return self.root / "pki"
 
     @property
     def ca_cert(self) -> Path:
+        """The CA certificate."""
         return self.pki / "ca.crt"
 
     @property
     def ca_key(self) -> Path:
+        """The CA private key (0600)."""
         return self.pki / "ca.key"
 
     @property
     def server_cert(self) -> Path:
+        """The gateway's server certificate."""
         return self.pki / "server.crt"
 
     @property
     def server_key(self) -> Path:
+        """The gateway's server key (0600)."""
         return self.pki / "server.key"
 
     @property
     def nodes(self) -> Path:
+        """The folder of the sites' node keys."""
         return self.root / "nodes"
 
     def node_key(self, site: str) -> Path:
+        """``site``'s node private key."""
         return self.nodes / f"{site}.key"
 
     def node_pub(self, site: str) -> Path:
+        """``site``'s node public key."""
         return self.nodes / f"{site}.key.pub"
 
     @property
     def state(self) -> Path:
+        """The SuperLink's state folder."""
         return self.root / "superlink"
 
     @property
@@ -66,22 +76,27 @@ class FederationLayout:
 
     @property
     def database(self) -> Path:
+        """The SuperLink's SQLite database."""
         return self.state / "state.db"
 
     @property
     def superexec_secret(self) -> Path:
+        """The shared secret of the SuperLink and its executor."""
         return self.state / "superexec.secret"
 
     @property
     def flwr_home(self) -> Path:
+        """FLWR_HOME of the coordinator's Flower processes."""
         return self.state / "flwr-home"
 
     @property
     def gateway(self) -> Path:
+        """The nginx gateway's folder (its config and runtime files)."""
         return self.state / "gateway"
 
     @property
     def logs(self) -> Path:
+        """The coordinator's process logs."""
         return self.state / "logs"
 
     @property
@@ -91,10 +106,12 @@ class FederationLayout:
 
     @property
     def gateway_access_log(self) -> Path:
+        """nginx's access log of the Fleet API."""
         return self.logs / "gateway-access.log"
 
     @property
     def runs(self) -> Path:
+        """The run folders."""
         return self.root / "runs"
 
     def run_dir(self, name: str) -> Path:
@@ -113,4 +130,5 @@ class FederationLayout:
 
     @property
     def pidfile(self) -> Path:
+        """The coordinator supervisor's record of its processes."""
         return self.state / "supervisor.json"

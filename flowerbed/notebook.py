@@ -60,6 +60,7 @@ class Run:
 
     @property
     def folder(self) -> Path:
+        """The run's folder under runs/."""
         return run_folder(self.federation.layout, self.name)
 
     @property
@@ -91,6 +92,7 @@ class Run:
 
     @property
     def status(self) -> str:
+        """``completed``, ``failed`` or ``stopped`` once it ended, else ``running``."""
         summary = self.summary
         return str(summary["status"]) if summary else "running"
 

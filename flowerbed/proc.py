@@ -97,6 +97,7 @@ class ManagedProcess:
 
     @property
     def pid(self) -> int:
+        """The process id, or an error when it was never started."""
         if self.popen is None:
             raise FlowerbedError(f"{self.name} was never started")
         return self.popen.pid

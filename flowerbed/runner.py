@@ -82,11 +82,14 @@ def write_app_manifest(app_dir: Path, run_config: dict[str, Any]) -> Path:
 
 @dataclass(frozen=True)
 class RunHandle:
+    """A submitted run: its Flower run id and its folder."""
+
     run_id: int
     out_dir: Path
 
 
 def check_superlink(layout: FederationLayout, control_port: int | None) -> None:
+    """Raise a one-line error with the start command when the local SuperLink does not answer."""
     start_hint = f"`flowerbed superlink start -d {layout.root}` (another terminal, or the service)"
     if not (layout.flwr_home / "config.toml").is_file():
         raise FlowerbedError(f"the SuperLink of {layout.root} was never started: start it with {start_hint}")
@@ -273,6 +276,8 @@ def resume_lock(out_dir: Path, stale_s: float = 300.0) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class RunResult:
+    """How a followed run ended: Flower's status, its rows and its summary."""
+
     status: str
     rows: list[dict[str, Any]]
     summary: dict[str, Any]

@@ -20,6 +20,7 @@ Report = Any
 
 
 def module_name(name: str) -> str:
+    """The Python module of an own task named ``name``."""
     return "flowerbed_task_" + name.replace("-", "_")
 
 
@@ -214,6 +215,8 @@ def new_task(folder: Path, name: str) -> Path:
 
 @dataclass(frozen=True)
 class TaskSource:
+    """An own task's source folder: its name, module and files."""
+
     name: str
     module: str
     version: str

@@ -38,6 +38,7 @@ Runner = Callable[[], None]  # a command's main function; it reads sys.argv
 
 
 def can_fork() -> bool:
+    """True where ``os.fork`` exists (not on Windows)."""
     return hasattr(os, "fork")
 
 
@@ -104,13 +105,16 @@ class ForkExecutor:
     def get_eligible_capacity(
         self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None
     ) -> tuple[set[Any], set[str]]:
+        """The task types this executor runs (Flower's Executor protocol)."""
         del insecure, root_certificates_path
         return {t for t in supported_task_types if str(t) in self.runners}, set()
 
     def wait_for_capacity(self, task_type: Any = None, **_kwargs: Any) -> None:
+        """Never waits: a fork is always possible (Flower's Executor protocol)."""
         del task_type
 
     def launch(self, spec: Any) -> Any:
+        """Fork this process to run ``spec``'s task; Flower's LaunchResult."""
         runner = self.runners.get(str(spec.task_type))
         if runner is None:
             return superexec.launched(f"the warm executor does not run {spec.task_type} tasks")

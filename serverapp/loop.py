@@ -144,6 +144,7 @@ class SiteNames:
         self.registered = dict(registered or {})  # the coordinator's registry: names a node before it replied
 
     def learn(self, node_id: int, reply: Message) -> None:
+        """Note the site name a reply carries for its node id."""
         if reply.has_error():
             return
         for record in reply.content.config_records.values():
@@ -156,6 +157,7 @@ class SiteNames:
         return [self.name(node) for node in self.by_node if node not in present]
 
     def name(self, node_id: int) -> str:
+        """``site NAME (node ID)`` when the node's site is known, else ``node ID``."""
         site = self.by_node.get(node_id) or self.registered.get(node_id)
         return f"site {site} (node {node_id})" if site else f"node {node_id} (site not known yet)"
 
@@ -287,6 +289,7 @@ class BestModel:
     def offer(
         self, server_round: int, loss: float, accuracy: float | None, arrays: ArrayRecord, min_delta: float
     ) -> bool:
+        """Keep this round's model when its loss beats the best by ``min_delta``; True when kept."""
         if not math.isfinite(loss):  # a model whose loss is NaN or infinite is never the best
             return False
         if self.loss is None or loss < self.loss - min_delta:
@@ -305,6 +308,8 @@ class DarkSites:
     said: dict[int, float] = field(default_factory=dict)
 
     def noted(self, server_round: int) -> Callable[[int, float, float], None]:
+        """The callback that writes an ``away`` row for a node gone dark in ``server_round``."""
+
         def on_dark(node: int, age: float, left: float) -> None:
             if time.monotonic() - self.said.get(node, -math.inf) < DARK_ROW_EVERY_S:
                 return
@@ -336,9 +341,11 @@ class Absence:
             del self.since[name]
 
     def describe(self, now: float) -> str:
+        """Each absent site with how long it has been away, for a row or an error."""
         return ", ".join(f"{name} away {now - t:.0f} s" for name, t in sorted(self.since.items()))
 
     def longest(self, now: float) -> float:
+        """Seconds the longest absent site has been away (0 when none is)."""
         return max((now - t for t in self.since.values()), default=0.0)
 
 

@@ -53,6 +53,7 @@ class ControlClient:
         return f"{status}:{sub_status}" if sub_status else status
 
     def close(self) -> None:
+        """Close the connection (the next question opens a new one)."""
         if self._client is not None:
             try:
                 self._client.close()

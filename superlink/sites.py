@@ -30,10 +30,12 @@ def _now() -> str:
 
 
 def registry_path(layout: FederationLayout) -> Path:
+    """Where the coordinator keeps the sites registry (``superlink/sites.json``)."""
     return layout.state / "sites.json"
 
 
 def load_registry(layout: FederationLayout) -> dict[str, dict[str, Any]]:
+    """The sites registry: site name -> its record (empty when none was written)."""
     path = registry_path(layout)
     if not path.is_file():
         return {}
@@ -42,6 +44,7 @@ def load_registry(layout: FederationLayout) -> dict[str, dict[str, Any]]:
 
 
 def save_registry(layout: FederationLayout, registry: dict[str, dict[str, Any]]) -> None:
+    """Write the sites registry whole (a crash leaves the old one)."""
     path = registry_path(layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -52,6 +52,7 @@ class CoordinatorStack:
 
     @property
     def control_address(self) -> str:
+        """The SuperLink's loopback address of its Control API."""
         return f"127.0.0.1:{self.config.superlink.internal_port}"
 
     def first_exited(self) -> ManagedProcess | None:
@@ -62,6 +63,7 @@ class CoordinatorStack:
         return None
 
     def stop(self) -> None:
+        """Stop every process of the stack by pid (and the groups of restarted ones)."""
         stop_all(self.processes)
         for group in self.retired_groups:
             kill_group(group)

@@ -106,6 +106,7 @@ def candidate(path: Path) -> Candidate:
 
 
 def load_site(kit_root: Path) -> SiteKitConfig:
+    """The site's site.toml in the unpacked kit ``kit_root``, validated."""
     return load_toml_model(kit_root / SITE_FILE, SiteKitConfig, missing="pass the unpacked site kit with --kit")
 
 

@@ -78,6 +78,7 @@ class Gate:
     broken: str = ""  # a hook that could not be installed: every call is refused with this line
 
     def allowed(self) -> bool:
+        """True when the hooks are in place and the gate allowed this task's run."""
         return not self.broken and bool(self.decided) and self.decided[-1].allowed
 
     def answer(self, app: Any, message: Message, call: Callable[[], Message]) -> Message:

@@ -59,6 +59,7 @@ class PullClock:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
+        """Flower's sleep, shortened after a reply and while a task runs; marks the loop alive."""
         now = time.monotonic()
         if self.alive and now - self.touched >= 1.0:  # the loop turns: it asked, or it waits for a task's reply
             self.touched = now
@@ -72,6 +73,7 @@ class PullClock:
 
 
 def quick_s() -> float:
+    """The quick pull interval from FLOWERBED_PULL_S (0.05-3 s, default 0.25 s)."""
     try:
         value = float(os.environ.get(PULL_ENV, "0.25"))
     except ValueError:

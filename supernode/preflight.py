@@ -48,6 +48,7 @@ def check_data(path: Path, site_file: Path | None = None) -> Check:
 
 
 def check_ca(ca: Path) -> Check:
+    """The CA certificate exists and parses (a check row naming its subject)."""
     if not ca.is_file():
         return Check("CA certificate", False, f"{ca} is missing: use ca.crt from the site kit")
     try:

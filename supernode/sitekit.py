@@ -30,14 +30,17 @@ class SiteKit:
 
     @property
     def ca(self) -> Path:
+        """The kit's CA certificate."""
         return self.root / "ca.crt"
 
     @property
     def server_cert(self) -> Path:
+        """The coordinator's server certificate, as the kit carries it."""
         return self.root / "server.crt"
 
     @property
     def key(self) -> Path:
+        """The site's node private key in the kit."""
         return self.root / f"{self.config.site}.key"
 
     @property
@@ -52,6 +55,7 @@ class SiteKit:
 
     @property
     def workdir(self) -> Path:
+        """The SuperNode's working folder (site.toml's ``workdir``, under the kit)."""
         return self._under_root(self.config.workdir)
 
     def _under_root(self, value: str) -> Path:

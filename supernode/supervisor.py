@@ -148,6 +148,7 @@ class SupernodeSpec:
         ]  # fmt: skip
 
     def node_config(self) -> str:
+        """Flower's ``--node-config`` string of this site (data path, site name, policies)."""
         items = {
             "data-path": str(self.data),
             "site-name": self.site,
@@ -164,6 +165,7 @@ class SupernodeSpec:
         return [executable("flower-supernode", "reinstall flowerbed in this environment")]
 
     def argv(self) -> list[str]:
+        """The command line of ``flower-supernode`` for this site (its quick-pull entry point)."""
         lower = ["nice", "-n", str(self.nice)] if self.nice > 0 and shutil.which("nice") else []
         return [
             *lower,
@@ -214,6 +216,7 @@ class LogFollower:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> LogFollower:
+        """Start following in a daemon thread; returns this follower."""
         self.thread.start()
         return self
 
@@ -299,6 +302,7 @@ class Supervisor:
 
     @property
     def log_path(self) -> Path:
+        """The SuperNode's log file at the site."""
         return self.spec.workdir / "logs" / "supernode.log"
 
     def _start(self) -> tuple[ManagedProcess, LogFollower]:
@@ -481,6 +485,7 @@ class Supervisor:
 
     @property
     def node_id_path(self) -> Path:
+        """Where the last node id Flower gave this site is kept (to sign it off after a crash)."""
         return self.spec.workdir / "node-id"
 
     def _remember_node(self, node_id: int | None) -> None:

@@ -67,6 +67,7 @@ class Hook:
 
     @property
     def key(self) -> str:
+        """``module:name``, as the hook trace writes it."""
         return f"{self.module}:{self.name}"
 
 
