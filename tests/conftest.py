@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flowerbed.certs import service
-from flowerbed.config import FederationConfig, save_toml_model
+from flowerbed.config import FederationConfig, load_federation, save_toml_model
 from flowerbed.demodata import DemoData, make_demo_data
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port, free_ports, tcp_open
@@ -105,6 +105,20 @@ class RunningFederation:
     @property
     def gateway(self) -> str:
         return f"localhost:{self.config.superlink.port}"
+
+
+@contextmanager
+def coordinator(layout: FederationLayout, config: FederationConfig | None = None) -> Iterator[CoordinatorStack]:
+    """A real coordinator stack (SuperLink, executor, nginx gateway) for the block; stopped by pid after it,
+    and checked gone (no process left, the gateway port closed)."""
+    config = config or load_federation(layout.root)
+    stack = start_stack(layout, config)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        for proc in stack.processes:
+            assert proc.poll() is not None, f"{proc.name} still running"
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,8 @@ from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
 from flowerbed.runfolder import read_rows
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
-from tests.conftest import make_config, make_federation, run_cli, wait_for
+from tests.conftest import coordinator, make_config, make_federation, run_cli, wait_for
 from tests.faults import record
 
 SITES = ["site-a", "site-b", "site-c"]
@@ -62,17 +61,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Feder
     root = tmp_path_factory.mktemp("absence")
     layout = make_federation(root / "fed", make_config("absence", SITES[:2], min_nodes=2))
     data = make_demo_data(root / "data", SITES)
-    stack = start_stack(layout, load_federation(layout.root))
     gateway = f"localhost:{load_federation(layout.root).superlink.port}"
-    sites = {n: Site(layout, n, data.site_files[n], root / n, gateway).start() for n in SITES[:2]}
-    try:
-        assert wait_for(lambda: all(s.connected for s in sites.values()), 120)
-        yield layout, sites
-    finally:
-        for site in sites.values():
-            if not site.stop_event.is_set():
-                site.stop()
-        stack.stop()
+    with coordinator(layout):
+        sites = {n: Site(layout, n, data.site_files[n], root / n, gateway).start() for n in SITES[:2]}
+        try:
+            assert wait_for(lambda: all(s.connected for s in sites.values()), 120)
+            yield layout, sites
+        finally:
+            for site in sites.values():
+                if not site.stop_event.is_set():
+                    site.stop()
 
 
 def settings_for(layout: FederationLayout, **extra: object) -> RunSettings:

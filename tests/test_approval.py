@@ -21,9 +21,16 @@ from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.flower import TRACE_ENV, compat, supernode
 from flowerbed.keeper import RunKeeper
 from flowerbed.runner import write_app_manifest
-from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.approval import approve, candidate, decide, revoke
-from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
+from tests.conftest import (
+    SITES,
+    assert_clean_error,
+    coordinator,
+    make_config,
+    make_federation,
+    run_cli,
+    supervised_sites,
+)
 from tests.test_flower_hooks import traced
 from tests.test_taskpkg import build_wheel, markers
 
@@ -211,8 +218,7 @@ def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeyp
     assert approved.returncode == 0 and "approved app rogue-app 1.0.0" in " ".join(approved.stdout.split())
     digest = read_app(app_dir).sha256
     work = tmp_path / "work"
-    stack = start_stack(layout, config)
-    try:
+    with coordinator(layout, config):
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
                               work, site_files=kits):  # fmt: skip
             ran = run_cli("run", "-d", str(layout.root), "--app", str(app_dir), "--name", "rogue",
@@ -223,8 +229,6 @@ def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeyp
                              "--timeout-s", "300", timeout=400)  # fmt: skip
             reports: list[str] = []
             RunKeeper(layout, reports.append, control_port=config.superlink.internal_port).tick(startup=True)
-    finally:
-        stack.stop()
     assert reports == []  # App runs, done: nothing to resume, nothing to name
     text = " ".join((nobody.stdout + nobody.stderr).split())
     assert_clean_error(nobody, ExitCode.RUN_FAILED, "no site trained (2 refusal(s), no result; the app's ServerApp "

@@ -15,8 +15,7 @@ import torch
 from flowerbed.config import RunSettings
 from flowerbed.demodata import make_demo_data
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, make_config, make_federation, supervised_sites
+from tests.conftest import SITES, coordinator, make_config, make_federation, supervised_sites
 from tests.faults import record
 
 HIDDEN = 470_000  # 30 features -> 470k hidden -> 2 classes: 15.5M float32 parameters, 62 MB
@@ -26,9 +25,8 @@ def test_a_60_mb_model_trains_two_rounds_through_the_gateway(tmp_path: Path) -> 
     config = make_config("big", SITES[:2], min_nodes=2)
     layout = make_federation(tmp_path / "fed", config)
     data = make_demo_data(tmp_path / "data", SITES)
-    stack = start_stack(layout, config)
     gateway = f"localhost:{config.superlink.port}"
-    try:
+    with coordinator(layout, config):
         with supervised_sites(layout, gateway, {s: data.site_files[s] for s in SITES[:2]}, tmp_path):
             settings = RunSettings.model_validate(
                 config.run.model_dump()
@@ -38,8 +36,6 @@ def test_a_60_mb_model_trains_two_rounds_through_the_gateway(tmp_path: Path) -> 
             started = time.monotonic()
             handle = submit(layout, settings, name="big")
             result = follow(layout, handle, timeout_s=1200)
-    finally:
-        stack.stop()
     check_result(result, handle)
     rows = [r for r in result.rows if r["kind"] == "train"]
     assert [(r["round"], r["nodes"]) for r in rows] == [(1, 2), (2, 2)], result.rows

@@ -7,38 +7,27 @@ again: Flower refuses a node more than 5 s ahead (HTTP 401) and ends it as if Ct
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flowerbed.demodata import make_demo_data
 from flowerbed.probes import free_port
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, make_config, make_federation, wait_for
+from tests.conftest import SITES, coordinator, make_config, make_federation, wait_for
 from tests.faults import record
+from tests.procs import group_members
 
 
 def faketime_library() -> str:
     found = sorted(str(p) for p in Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
     assert found, "libfaketime is missing: `bash scripts/setup.sh --dev` installs it (apt-get install libfaketime)"
     return found[0]
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes of a process group (from /proc)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def test_a_clock_that_drifts_after_start_is_named_with_its_offset(tmp_path: Path) -> None:
@@ -52,9 +41,9 @@ def test_a_clock_that_drifts_after_start_is_named_with_its_offset(tmp_path: Path
         "LD_PRELOAD": faketime_library(), "FAKETIME_TIMESTAMP_FILE": str(offset_file), "FAKETIME_CACHE_DURATION": "1", "FAKETIME_FORCE_MONOTONIC_FIX": "1",
     }  # fmt: skip
     out_path = tmp_path / "site.out"
-    stack = start_stack(layout, config)
     site = None
-    try:
+    with coordinator(layout, config), contextlib.ExitStack() as cleanup:
+        cleanup.callback(_stop_site, lambda: site)
         with out_path.open("w") as out:
             site = subprocess.Popen(
                 [str(Path(sys.executable).parent / "flowerbed"), "supernode", "start",
@@ -88,13 +77,17 @@ def test_a_clock_that_drifts_after_start_is_named_with_its_offset(tmp_path: Path
                'SuperLink\'s (measured +10 s) ... sync it with NTP"; connected again once the clock was right',
                injected="libfaketime offset of the site's processes moved from +0 s to +10 s, later back",
                noticed_s=noticed, recovered_s=time.monotonic() - fixed, rounds_lost=0, replies_lost=0)  # fmt: skip
+    assert site is not None and site.returncode == 0
+
+
+def _stop_site(get: Callable[[], subprocess.Popen[bytes] | None]) -> None:
+    """SIGTERM to the site's `flowerbed supernode start`, SIGKILL to its group if it has not ended in 60 s."""
+    site = get()
+    if site is None:
+        return
+    try:
+        site.send_signal(signal.SIGTERM)
+        site.wait(timeout=60)
     finally:
-        try:
-            if site is not None:
-                site.send_signal(signal.SIGTERM)
-                site.wait(timeout=60)
-        finally:
-            if site is not None and site.poll() is None:
-                os.killpg(site.pid, signal.SIGKILL)
-            stack.stop()
-    assert site.returncode == 0
+        if site.poll() is None:
+            os.killpg(site.pid, signal.SIGKILL)

@@ -18,9 +18,8 @@ from flowerbed.demodata import make_demo_data
 from flowerbed.layout import FederationLayout
 from flowerbed.runfolder import read_rows
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.superlink.stack import start_stack
 from flowerbed.supernode.supervisor import Supervisor
-from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites, wait_for
+from tests.conftest import SITES, coordinator, make_config, make_federation, run_cli, supervised_sites, wait_for
 from tests.faults import record
 
 A, B = SITES[:2]
@@ -37,9 +36,8 @@ def two_sites(
     config = make_config(name, [A, B], min_nodes=1, patience=10, **run)
     layout = make_federation(tmp_path / "fed", config)
     data = make_demo_data(tmp_path / "data", SITES)
-    stack = start_stack(layout, config)
     frozen: list[int] = []
-    try:
+    with coordinator(layout, config):
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (A, B)},
                               tmp_path / "work") as sups:  # fmt: skip
             assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
@@ -55,8 +53,6 @@ def two_sites(
             finally:
                 for pid in frozen:
                     os.kill(pid, signal.SIGCONT)
-    finally:
-        stack.stop()
 
 
 def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:

@@ -18,8 +18,15 @@ import pytest
 
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, RunningFederation, make_config, make_federation, run_cli, supervised_sites
+from tests.conftest import (
+    SITES,
+    RunningFederation,
+    coordinator,
+    make_config,
+    make_federation,
+    run_cli,
+    supervised_sites,
+)
 from tests.faults import record
 
 MB = 1024 * 1024
@@ -60,8 +67,7 @@ def test_a_full_disk_ends_the_run_said_why_and_resume_goes_on(tmp_path: Path, sm
     filler = small_disk / "filler"
     with filler.open("wb") as handle:  # leave about 3 MB: one 1 MB checkpoint fits, the second does not
         handle.write(b"\0" * (os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize - 3 * MB))
-    stack = start_stack(layout, config)
-    try:
+    with coordinator(layout, config) as stack:
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in SITES[:2]},
                               tmp_path / "work"):  # fmt: skip
             full = run_cli("run", "-d", str(layout.root), "--name", "full", timeout=600)
@@ -71,8 +77,6 @@ def test_a_full_disk_ends_the_run_said_why_and_resume_goes_on(tmp_path: Path, sm
             _check_run_folder(layout.runs / "full")
             filler.unlink()  # space is freed ...
             resumed = run_cli("run", "-d", str(layout.root), "--resume", "full", timeout=600)  # ... and it goes on
-    finally:
-        stack.stop()
     text = " ".join((full.stdout + full.stderr).split())
     assert full.returncode == ExitCode.RUN_FAILED and "Traceback" not in text, text
     assert "MB free on tmpfs at" in text and "this run's checkpoints need about" in text  # warned before it began

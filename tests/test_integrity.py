@@ -22,8 +22,15 @@ import pytest
 from flowerbed.artifacts import read_task_wheel, sha256_file
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
+from tests.conftest import (
+    SITES,
+    assert_clean_error,
+    coordinator,
+    make_config,
+    make_federation,
+    run_cli,
+    supervised_sites,
+)
 from tests.test_taskpkg import site_toml
 
 MODULE = "flowerbed_task_ct_triage"
@@ -120,23 +127,20 @@ def test_the_approved_build_runs_not_another_with_its_module(
             text = " ".join(approved.stderr.split())
             assert f"it has module {MODULE} like approved ct-triage 0.1.0" in text, text
             assert "flowerbed supernode revoke" in text
-    work, coordinator = tmp_path / "work", tmp_path / "coordinator"
-    coordinator.mkdir()
+    work, at_coordinator = tmp_path / "work", tmp_path / "coordinator"
+    at_coordinator.mkdir()
     results = {}
-    stack = start_stack(layout, config)
-    try:
+    with coordinator(layout, config):
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {site: data.site_files[site]}, work,
                               site_files={site: kit}):  # fmt: skip
             for build in ("v2", "v1", "other"):
                 for marker in (work / site).glob("task-imported-*"):
                     marker.unlink()
                 result = run_cli("run", "-d", str(layout.root), "--name", build, "--task", str(variants[build]),
-                                 timeout=600, cwd=coordinator)  # fmt: skip
+                                 timeout=600, cwd=at_coordinator)  # fmt: skip
                 log = (work / site / "logs" / "supernode.log").read_text()
                 executors = frozenset(re.findall(r"warm ClientApp executor ready \(pid (\d+)\)", log))
                 results[build] = (result, _builds(work / site, executors), executors)
-    finally:
-        stack.stop()
     assert "1 approved task(s) imported once" in log and "not preloaded" in log and "shares module" in log
     trail = [json.loads(line) for line in (work / site / "audit.jsonl").read_text().splitlines()]
     imported = [r["details"] for r in trail if r["kind"] == "task" and r["details"].get("event") == "imported"]

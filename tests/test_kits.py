@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,7 @@ from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
 from flowerbed.superlink import flwrcli
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import assert_clean_error, make_config, make_federation, run_cli
+from tests.conftest import assert_clean_error, coordinator, make_config, make_federation, run_cli, wait_for
 
 KIT_SITES = ["kit-a", "kit-b", "kit-c"]
 KIT_FILES = {
@@ -160,11 +158,8 @@ def test_kit_checks_refuse_clearly(kitfed: FederationLayout, tmp_path: Path) -> 
 
 @pytest.fixture
 def kit_stack(kitfed: FederationLayout) -> Iterator[FederationLayout]:
-    stack = start_stack(kitfed, load_federation(kitfed.root))
-    try:
+    with coordinator(kitfed, load_federation(kitfed.root)):
         yield kitfed
-    finally:
-        stack.stop()
 
 
 def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, tmp_path: Path) -> None:
@@ -179,13 +174,13 @@ def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, 
                 env={"FLOWERBED": str(Path(sys.executable).parent / "flowerbed"), "PATH": "/usr/bin:/bin"},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             ))  # fmt: skip
-        end = time.monotonic() + 120
         online: list[dict[str, object]] = []
-        while time.monotonic() < end:
-            online = [n for n in flwrcli.list_nodes(kit_stack.flwr_home) if n["status"] == "online"]
-            if len(online) == 3 or any(p.poll() is not None for p in procs):
-                break
-            time.sleep(2)
+
+        def all_online() -> bool:
+            online[:] = [n for n in flwrcli.list_nodes(kit_stack.flwr_home) if n["status"] == "online"]
+            return len(online) == 3 or any(p.poll() is not None for p in procs)
+
+        wait_for(all_online, 120, step=2)
         assert len(online) == 3, [p.poll() for p in procs]
     finally:
         for proc in procs:

@@ -19,8 +19,7 @@ from benchmarks.common import rss_mb
 from flowerbed.config import RunSettings
 from flowerbed.demodata import make_demo_data
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, make_config, make_federation, supervised_sites, wait_for
+from tests.conftest import SITES, coordinator, make_config, make_federation, supervised_sites, wait_for
 from tests.faults import record
 
 COUNT = 16
@@ -37,21 +36,20 @@ def test_sixteen_sites_on_one_coordinator(tmp_path: Path) -> None:
     config = make_config("load", names, min_nodes=COUNT)
     layout = make_federation(tmp_path / "fed", config)
     demo = make_demo_data(tmp_path / "demo", SITES)
-    stack = start_stack(layout, config)
     files = {}
     for i, name in enumerate(names):
         files[name] = tmp_path / "data" / f"{name}.csv"
         files[name].parent.mkdir(exist_ok=True)
         shutil.copy(demo.site_files[SITES[i % len(SITES)]], files[name])
     gateway = f"localhost:{config.superlink.port}"
-    try:
+    with coordinator(layout, config) as stack:
         with supervised_sites(layout, gateway, files, tmp_path, nice=10):
             settings = RunSettings.model_validate(
                 config.run.model_dump()
                 | {"min_nodes": COUNT, "max_rounds": 3, "patience": 10, "round_timeout_s": 600, "node_wait_s": 300}
             )
             handle = submit(layout, settings, name="sixteen")
-            coordinator = [p.pid for p in stack.processes if p.pid is not None]
+            coordinator_pids = [p.pid for p in stack.processes if p.pid is not None]
             peak_rss, peak_conns = 0.0, 0
             done = threading.Event()
 
@@ -60,7 +58,7 @@ def test_sixteen_sites_on_one_coordinator(tmp_path: Path) -> None:
                 for _ in range(2000):  # bounded: at most ~2000 s
                     if done.is_set():
                         return
-                    peak_rss = max(peak_rss, rss_mb(coordinator))
+                    peak_rss = max(peak_rss, rss_mb(coordinator_pids))
                     peak_conns = max(peak_conns, established(config.superlink.port))
                     time.sleep(1)
 
@@ -85,7 +83,5 @@ def test_sixteen_sites_on_one_coordinator(tmp_path: Path) -> None:
                    recovered_s=None, rounds_lost=0, replies_lost=0, seconds_total=round(time.monotonic() - started),
                    round_s="/".join(f"{r['seconds']:.0f}" for r in rows), coordinator_peak_pss_mb=round(peak_rss),
                    gateway_connections_peak=peak_conns)  # fmt: skip
-    finally:
-        stack.stop()
 
     assert wait_for(lambda: established(config.superlink.port) == 0, 30)

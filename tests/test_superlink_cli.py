@@ -13,14 +13,7 @@ from pathlib import Path
 from flowerbed.probes import tcp_open
 from tests.conftest import make_config, make_federation, wait_for
 from tests.faults import record
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+from tests.procs import alive as pid_alive
 
 
 def test_start_then_sigterm_stops_every_child(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from flowerbed.proc import ManagedProcess, child_env
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.superlink import flwrcli
 from flowerbed.supernode.supervisor import Attempt, LogFollower
-from tests.conftest import RunningFederation, assert_clean_error, run_cli
+from tests.conftest import RunningFederation, assert_clean_error, run_cli, wait_for
 from tests.connectproxy import connect_proxy
 from tests.tlsserver import tls_server
 
@@ -221,12 +221,7 @@ def test_site_behind_a_proxy_trains_and_names_the_proxy_when_it_fails(
     reader.start()
 
     def saw(text: str, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(text in " ".join(line.split()) for line in list(lines)):
-                return True
-            time.sleep(0.5)
-        return False
+        return wait_for(lambda: any(text in " ".join(line.split()) for line in list(lines)), timeout)
 
     try:
         assert saw("connected to", 90), "".join(lines)

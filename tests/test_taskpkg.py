@@ -18,8 +18,15 @@ import pytest
 from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig, save_toml_model
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli, supervised_sites
+from tests.conftest import (
+    SITES,
+    assert_clean_error,
+    coordinator,
+    make_config,
+    make_federation,
+    run_cli,
+    supervised_sites,
+)
 
 MARKER = """
 import os as _os
@@ -101,8 +108,7 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
                        "approval needs a yes")  # no terminal, no --yes: nothing approved  # fmt: skip
 
     work = tmp_path / "work"
-    stack = start_stack(layout, config)
-    try:
+    with coordinator(layout, config):
         with supervised_sites(layout, f"localhost:{config.superlink.port}", {s: data.site_files[s] for s in (a, b)},
                               work, site_files=kits):  # fmt: skip
             # In a folder of its own: the coordinator imports the task too, and its marker lands there.
@@ -115,8 +121,6 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
             stored.write_bytes(stored.read_bytes() + b"tampered")  # the approved copy, modified after approval
             tampered = run_cli("run", "-d", str(layout.root), "--name", "tampered", "--task", "ct-triage",
                                "--max-rounds", "1", timeout=600, cwd=tmp_path)  # fmt: skip
-    finally:
-        stack.stop()
     text = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 0, text
     refusal = f"site {b} refused task ct-triage (sha256 {digest}): not approved here"

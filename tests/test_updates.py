@@ -23,8 +23,7 @@ from flowerbed.errors import ExitCode
 from flowerbed.flower import TRACE_ENV
 from flowerbed.serverapp.loop import BestModel
 from flowerbed.serverapp.validate import non_finite_values, update_problem
-from flowerbed.superlink.stack import start_stack
-from tests.conftest import SITES, make_config, make_federation, run_cli, supervised_sites
+from tests.conftest import SITES, coordinator, make_config, make_federation, run_cli, supervised_sites
 from tests.test_flower_hooks import on_path, traced
 from tests.test_taskpkg import site_toml
 
@@ -134,8 +133,7 @@ def test_a_site_that_sends_nan_or_another_shape_is_dropped_and_the_run_goes_on(
     kits = {site: site_toml(tmp_path / "kits" / site, site, config) for site in SITES}
     for kit in kits.values():
         assert run_cli("supernode", "approve", str(faulty_wheel), "--yes", cwd=kit.parent).returncode == 0
-    stack = start_stack(layout, config)
-    try:
+    with coordinator(layout, config):
         with supervised_sites(layout, f"localhost:{config.superlink.port}", files, tmp_path / "work",
                               site_files=kits):  # fmt: skip
             own = run_cli("run", "-d", str(layout.root), "--name", "own", "--task", str(faulty_wheel), timeout=600,
@@ -143,8 +141,6 @@ def test_a_site_that_sends_nan_or_another_shape_is_dropped_and_the_run_goes_on(
             diverged = run_cli("run", "-d", str(layout.root), "--name", "diverged", "--task", "tabular",
                                "--learning-rate", "1e30", "--max-rounds", "3", "--min-nodes", "2", timeout=600,
                                cwd=tmp_path)  # fmt: skip
-    finally:
-        stack.stop()
     text = " ".join((own.stdout + own.stderr).split())
     assert own.returncode == 0, text
     missing = on_path(flower.superlink, flower.supernode, flower.superexec, flower.compat) - traced(trace)

@@ -18,15 +18,9 @@ from flowerbed.probes import free_port
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.supernode.supervisor import NO_FORK, SUBPROCESS, SupernodeSpec, Supervisor
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
+from tests.procs import children
 
 READY = "warm ClientApp executor ready"
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def settings_for(running: RunningFederation, **changes: object) -> RunSettings:

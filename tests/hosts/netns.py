@@ -17,12 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.procs import descendants
 
 NETNS_ETC = Path("/etc/netns")
 
@@ -45,20 +46,6 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     return result
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (from /proc), whatever their process groups."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with suppress(OSError, IndexError):
-            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo and len(found) < 10_000:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
 @dataclass
 class Background:
     """A process started on a host; its output is collected in ``lines``."""
@@ -73,14 +60,10 @@ class Background:
 
     def saw(self, needle: str, timeout: float) -> bool:
         """True once ``needle`` appears in the output (whitespace-normalised), within ``timeout``."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if needle in " ".join(self.text().split()):
-                return True
-            if self.popen.poll() is not None:
-                return needle in " ".join(self.text().split())
-            time.sleep(0.5)
-        return False
+        from tests.conftest import wait_for
+
+        wait_for(lambda: needle in " ".join(self.text().split()) or self.popen.poll() is not None, timeout)
+        return needle in " ".join(self.text().split())
 
     def power_off(self) -> None:
         """SIGKILL the process and everything it started, at once (a VM that loses power)."""

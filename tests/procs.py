@@ -1,0 +1,61 @@
+"""The tests' one view of running processes, from Linux's /proc: alive, children, descendants, group members.
+
+A zombie (ended, not yet reaped) counts as gone everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), None when it is gone."""
+    try:
+        return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie is not alive)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (its main thread's)."""
+    try:
+        return [int(c) for c in (PROC / str(pid) / "task" / str(pid) / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _all() -> dict[int, list[str]]:
+    found = {}
+    for stat in PROC.glob("[0-9]*/stat"):
+        with contextlib.suppress(ValueError):
+            fields = _stat(stat.parent.name)
+            if fields is not None:
+                found[int(stat.parent.name)] = fields
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, whatever their process groups (bounded at 10,000)."""
+    below: dict[int, list[int]] = {}
+    for child, fields in _all().items():
+        below.setdefault(int(fields[1]), []).append(child)
+    found, todo = [], [pid]
+    while todo and len(found) < 10_000:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(below.get(current, []))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    return sorted(pid for pid, fields in _all().items() if int(fields[2]) == pgid and fields[0] != "Z")
