@@ -9,18 +9,28 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+_CHANNELS: dict[str, grpc.Channel] = {}
+
 
 def grpc_health(address: str, timeout_s: float = 1.0) -> bool:
-    """True when the gRPC health service at ``address`` answers SERVING (Flower's --health-server-address)."""
-    channel = grpc.insecure_channel(address)
+    """True when the gRPC health service at ``address`` answers SERVING (Flower's --health-server-address).
+
+    One channel per address for the life of the process, never closed: gRPC Python can deadlock the
+    whole process (GIL against its shutdown thread) when a channel is closed while an exception, such
+    as a signal's, interrupted a call (grpc/grpc#19973, #42247); a supervisor probes every second.
+    """
+    channel = _CHANNELS.get(address)
+    if channel is None:
+        # A probe before the server is up must not push the next tries back (gRPC's default backoff
+        # grows to 120 s): reconnect within half a second.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 500)]  # fmt: skip
+        channel = _CHANNELS[address] = grpc.insecure_channel(address, options=options)
     try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
     except grpc.RpcError:
         return False
-    finally:
-        channel.close()
 
 
 def tcp_open(host: str, port: int, timeout_s: float = 1.0) -> bool:

@@ -148,8 +148,15 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Tests that keep both cores busy (many SuperNodes, a 60 MB model, the benchmarks, the demo) run one
+# after another on one worker, beside the tests that mostly wait: two of them at once on two cores
+# would slow each past its round timeouts.
+CPU_BOUND = ("tests/test_load.py", "tests/test_big_model.py", "tests/test_benchmarks.py", "tests/test_demo.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest tests first (by the kept durations), and a module's tests on one worker when it shares a fixture.
+    """Longest tests first (by the kept durations), and a module's tests on one worker when it shares a fixture;
+    the CPU-bound tests share one worker.
 
     The order is the same in every pytest-xdist worker (it must be): known durations, then collection order.
     """
@@ -161,7 +168,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shared = defs is not None and any(
             d.scope == "module" for fixturedefs in defs.name2fixturedefs.values() for d in fixturedefs
         )
-        if shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
+        if item.nodeid.startswith(CPU_BOUND):
+            item.add_marker(pytest.mark.xdist_group("cpu-bound"))
+        elif shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
             item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
 
 

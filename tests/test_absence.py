@@ -91,6 +91,7 @@ def settings_for(layout: FederationLayout, **extra: object) -> RunSettings:
     )
 
 
+@pytest.mark.federation
 def test_a_site_away_for_a_while_is_waited_for(federation: tuple[FederationLayout, dict[str, Site]]) -> None:
     layout, sites = federation
     handle = submit(layout, settings_for(layout, site_absence_tolerance_s=240), name="comes-back")
@@ -119,6 +120,7 @@ def test_a_site_away_for_a_while_is_waited_for(federation: tuple[FederationLayou
            noticed_s=noticed, recovered_s=rejoined, rounds_lost=0, replies_lost=0)  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_site_away_too_long_fails_the_run_by_name(federation: tuple[FederationLayout, dict[str, Site]]) -> None:
     layout, sites = federation
     assert wait_for(lambda: sites["site-b"].connected, 240)
@@ -134,6 +136,7 @@ def test_a_site_away_too_long_fails_the_run_by_name(federation: tuple[Federation
     assert any(r["kind"] == "waiting" for r in result.rows)
 
 
+@pytest.mark.federation
 def test_the_failed_run_is_resumed_by_hand_once_the_site_is_back(
     federation: tuple[FederationLayout, dict[str, Site]],
 ) -> None:

@@ -127,6 +127,7 @@ def kit_fab(tmp_path: Path, settings: RunSettings) -> bytes:
     return build_fab(write_app_manifest(tmp_path / "manifest", settings.to_run_config()).parent)
 
 
+@pytest.mark.federation
 def test_the_sites_decisions_on_real_wheels_fabs_and_site_files(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path)
     digest = sha256_file(wheel)
@@ -191,6 +192,7 @@ def test_the_sites_decisions_on_real_wheels_fabs_and_site_files(tmp_path: Path) 
                        ExitCode.ERROR, "broken.whl is damaged")  # fmt: skip
 
 
+@pytest.mark.federation
 def test_run_app_refuses_flowerbeds_own_options(tmp_path: Path) -> None:
     layout = make_federation(tmp_path / "fed", make_config("app-options", SITES[:2]))
     app_dir = rogue_app(tmp_path / "rogue", tmp_path / "out.json")
@@ -203,6 +205,7 @@ def test_run_app_refuses_flowerbeds_own_options(tmp_path: Path) -> None:
                        "is not a Flower App (no pyproject.toml)")  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_coordinators_own_app_runs_only_where_approved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASK_MARKER", "1")
     trace = tmp_path / "hooks.trace"

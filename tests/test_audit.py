@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flowerbed import audit
 from flowerbed.errors import ExitCode
 from tests.conftest import assert_clean_error, run_cli
@@ -32,6 +34,7 @@ def chain_of(tmp_path: Path, writers: int = 4, each: int = 25) -> Path:
     return path
 
 
+@pytest.mark.federation
 def test_concurrent_appends_make_one_intact_chain(tmp_path: Path) -> None:
     path = chain_of(tmp_path)
     verdict = audit.verify(path)
@@ -63,6 +66,7 @@ def tampered(path: Path, change: str) -> Path:
     return path
 
 
+@pytest.mark.federation
 def test_verify_names_an_edited_removed_or_reordered_line(tmp_path: Path) -> None:
     expected = {
         "edit": "line 42: event 42 was edited: its content no longer matches its hash",
@@ -77,6 +81,7 @@ def test_verify_names_an_edited_removed_or_reordered_line(tmp_path: Path) -> Non
         assert_clean_error(result, ExitCode.ERROR, needle, "keep this file as evidence")
 
 
+@pytest.mark.federation
 def test_show_prints_a_timeline_and_a_missing_trail_is_named(tmp_path: Path) -> None:
     path = chain_of(tmp_path, writers=1, each=3)
     shown = run_cli("audit", "show", "-d", str(path.parent), "--last", "2", env={"COLUMNS": "200"})

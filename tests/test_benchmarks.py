@@ -25,6 +25,7 @@ BENCHMARKS = {
 }  # fmt: skip
 
 
+@pytest.mark.federation
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_runs_at_smoke_size(name: str, tmp_path: Path) -> None:

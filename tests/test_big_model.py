@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from flowerbed.config import RunSettings
@@ -21,6 +22,7 @@ from tests.faults import record
 HIDDEN = 470_000  # 30 features -> 470k hidden -> 2 classes: 15.5M float32 parameters, 62 MB
 
 
+@pytest.mark.federation
 def test_a_60_mb_model_trains_two_rounds_through_the_gateway(tmp_path: Path) -> None:
     config = make_config("big", SITES[:2], min_nodes=2)
     layout = make_federation(tmp_path / "fed", config)

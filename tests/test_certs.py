@@ -62,6 +62,7 @@ def test_leaf_never_outlives_ca() -> None:
     assert leaf.cert.not_valid_after_utc == ca.cert.not_valid_after_utc
 
 
+@pytest.mark.federation
 def test_handshake_with_right_ca_and_names(fed: FederationLayout) -> None:
     with tls_server(fed.server_cert, fed.server_key) as port:
         handshake(port, fed.ca_cert, "localhost")
@@ -69,6 +70,7 @@ def test_handshake_with_right_ca_and_names(fed: FederationLayout) -> None:
         handshake(port, fed.ca_cert, "link.example.org")
 
 
+@pytest.mark.federation
 def test_handshake_fails_with_wrong_ca(fed: FederationLayout, tmp_path: Path) -> None:
     other = CertificateAuthority.create("other")
     other.write(tmp_path / "other.crt", tmp_path / "other.key")
@@ -76,6 +78,7 @@ def test_handshake_fails_with_wrong_ca(fed: FederationLayout, tmp_path: Path) ->
         handshake(port, tmp_path / "other.crt", "localhost")
 
 
+@pytest.mark.federation
 def test_handshake_fails_with_wrong_host_name(fed: FederationLayout) -> None:
     with (
         tls_server(fed.server_cert, fed.server_key) as port,
@@ -84,6 +87,7 @@ def test_handshake_fails_with_wrong_host_name(fed: FederationLayout) -> None:
         handshake(port, fed.ca_cert, "evil.example.org")
 
 
+@pytest.mark.federation
 def test_handshake_fails_with_expired_certificate(fed: FederationLayout, tmp_path: Path) -> None:
     ca = CertificateAuthority.load(fed.ca_cert, fed.ca_key)
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)

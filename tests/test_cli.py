@@ -127,17 +127,20 @@ def test_invalid_federation_file_lists_each_field(tmp_path: Path) -> None:
     assert_clean_error(result, ExitCode.INVALID_CONFIG, "is invalid (2 problem(s))", "name:", "superlink.port:")
 
 
+@pytest.mark.federation
 def test_missing_federation(tmp_path: Path) -> None:
     for args in (["certs", "show"], ["superlink", "start"], ["run"]):
         assert_clean_error(run_cli(*args, "-d", str(tmp_path)), ExitCode.ERROR, "federation.toml does not exist")
 
 
+@pytest.mark.federation
 def test_superlink_start_without_certificates(tmp_path: Path) -> None:
     run_cli("init", str(tmp_path), "--superlink-address", "localhost", "--site", "a", "--force")
     assert_clean_error(run_cli("superlink", "start", "-d", str(tmp_path)), ExitCode.ERROR,
                        "ca.crt is missing: run `flowerbed certs init` first")  # fmt: skip
 
 
+@pytest.mark.federation
 def test_run_without_superlink(tmp_path: Path) -> None:
     run_cli("init", str(tmp_path), "--superlink-address", "localhost", "--site", "a", "--force")
     assert_clean_error(run_cli("run", "-d", str(tmp_path)), ExitCode.ERROR,
@@ -156,6 +159,7 @@ def test_messages_print_outside_text_literally(capsys: pytest.CaptureFixture[str
     assert "SHA256:e9:97:95:25:ab:f3:cd:45" in text
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("form", ["default", "dot", "relative", "absolute"])
 def test_federation_folder_in_every_form(tmp_path: Path, form: str) -> None:
     """`-d` left out (= `.`), `-d .`, a relative `-d` and an absolute one all reach the same folder."""

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from flowerbed.demodata import make_demo_data
 from flowerbed.probes import free_port
 from tests.conftest import SITES, coordinator, make_config, make_federation, wait_for
@@ -30,6 +32,7 @@ def faketime_library() -> str:
     return found[0]
 
 
+@pytest.mark.federation
 def test_a_clock_that_drifts_after_start_is_named_with_its_offset(tmp_path: Path) -> None:
     config = make_config("clock", SITES[:1], min_nodes=1)
     layout = make_federation(tmp_path / "fed", config)

@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flowerbed.runfolder import read_rows
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
 
 
+@pytest.mark.federation
 def test_a_piped_run_prints_each_round_as_it_ends_and_the_table_whole(
     running: RunningFederation, tmp_path: Path
 ) -> None:

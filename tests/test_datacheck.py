@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from flowerbed.artifacts import sha256_file
 from flowerbed.config import SITE_FILE, SiteKitConfig, load_toml_model, save_toml_model
 from flowerbed.errors import ExitCode
@@ -18,6 +20,7 @@ from tests.test_supernode import start_args
 from tests.test_taskpkg import build_wheel
 
 
+@pytest.mark.federation
 def test_bad_data_is_named_at_preflight(running: RunningFederation, tmp_path: Path) -> None:
     lay = running.layout
     good = running.data.site_files["inst-a"]
@@ -45,6 +48,7 @@ def test_bad_data_is_named_at_preflight(running: RunningFederation, tmp_path: Pa
     assert "training and" in " ".join(ok.stdout.split()) and "as a built-in task reads it" in ok.stdout
 
 
+@pytest.mark.federation
 def test_an_own_task_reads_the_data_at_preflight(tmp_path: Path) -> None:
     wheel = build_wheel(tmp_path / "task")
     config = make_config("datacheck", ["inst-a"], min_nodes=1)

@@ -11,11 +11,14 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from flowerbed.probes import tcp_open
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PLATEAU, TARGET, TIME_BUDGET
 from tests.conftest import run_cli
 
 
+@pytest.mark.federation
 def test_demo_end_to_end(tmp_path: Path) -> None:
     result = run_cli("demo", "--work-dir", str(tmp_path), timeout=600)
     text = result.stdout + result.stderr

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from flowerbed.config import FederationConfig, RunSettings
 from flowerbed.demodata import make_demo_data
 from flowerbed.layout import FederationLayout
@@ -55,6 +57,7 @@ def two_sites(
                     os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.federation
 def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> None:
     with two_sites(tmp_path, "revoke", max_rounds=2, round_timeout_s=150) as (layout, config, freeze, _sups):
         freeze()  # B takes the task but never answers
@@ -79,6 +82,7 @@ def test_a_site_revoked_mid_round_is_dropped_at_once_by_name(tmp_path: Path) -> 
            noticed_s=dropped_after, rounds_lost=0, replies_lost=0)  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Path) -> None:
     """A site that stops answering while a round waits for it is named within half a minute of its last contact."""
     with two_sites(tmp_path, "dark", max_rounds=1, round_timeout_s=70, site_absence_tolerance_s=1) as (
@@ -108,6 +112,7 @@ def test_a_site_gone_dark_mid_round_is_named_with_its_last_contact(tmp_path: Pat
            noticed_s=named_after, rounds_lost=0, replies_lost=0)  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_connected_but_silent_supernode_is_reported_by_its_supervisor(tmp_path: Path) -> None:
     """The SuperNode's pull loop and log stand still (the process frozen, the link up): said within about a minute."""
     with two_sites(tmp_path, "silent", max_rounds=1) as (_layout, _config, _freeze, sups):

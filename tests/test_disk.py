@@ -59,6 +59,7 @@ def _check_run_folder(out_dir: Path) -> None:
     assert all(len(r) == len(rows[0]) for r in rows) and b"\r\n" not in (out_dir / "history.csv").read_bytes()
 
 
+@pytest.mark.federation
 def test_a_full_disk_ends_the_run_said_why_and_resume_goes_on(tmp_path: Path, small_disk: Path) -> None:
     config = make_config("disk", SITES[:2], min_nodes=2, max_rounds=4, patience=10, hidden_units=8192)
     layout = make_federation(tmp_path / "fed", config)
@@ -93,6 +94,7 @@ def test_a_full_disk_ends_the_run_said_why_and_resume_goes_on(tmp_path: Path, sm
            rounds_lost=0, replies_lost=0)  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_torn_history_line_is_cut_off_and_kept_aside_on_resume(running: RunningFederation, tmp_path: Path) -> None:
     layout = running.layout
     data = {s: running.data.site_files[s] for s in SITES[:2]}

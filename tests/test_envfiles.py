@@ -31,6 +31,7 @@ def test_committed_env_file_matches_generator(role: str) -> None:
     assert printed.returncode == 0 and printed.stdout == committed
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("role", ROLES)
 def test_env_file_parses(role: str) -> None:
     data = yaml.safe_load((CONDA_DIR / f"{role}.yml").read_text())
@@ -75,6 +76,7 @@ def task_with_a_dependency(tmp_path: Path) -> Path:
     return next((pkg / "dist").glob("*.whl"))
 
 
+@pytest.mark.federation
 def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) -> None:
     """The pip part of supernode-cpu.yml (= superlink.yml's) from the bundle, with no index at all.
 

@@ -55,6 +55,7 @@ def test_runs_on_python_38_syntax_and_stdlib_only() -> None:
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
+@pytest.mark.federation
 def test_all_pass_against_the_kit_certificate(fed: FederationLayout) -> None:
     with tls_server(fed.server_cert, fed.server_key) as port:
         result = checklist("--superlink", f"localhost:{port}", "--ca", str(fed.ca_cert),
@@ -102,6 +103,7 @@ def test_inbound_row_is_measured(tmp_path: Path, fed: FederationLayout) -> None:
             subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
+@pytest.mark.federation
 def test_server_certificate_given_as_ca_is_named(fed: FederationLayout) -> None:
     """A wrong --ca file is not interception: the message sends the admin to the right file, not another team."""
     with tls_server(fed.server_cert, fed.server_key) as port:
@@ -112,6 +114,7 @@ def test_server_certificate_given_as_ca_is_named(fed: FederationLayout) -> None:
     assert "ca.crt from the site kit (not server.crt)" in str(tls["fix"])
 
 
+@pytest.mark.federation
 def test_another_federations_ca_is_named(fed: FederationLayout, tmp_path: Path) -> None:
     CertificateAuthority.create("other federation CA").write(tmp_path / "other.crt", tmp_path / "other.key")
     with tls_server(fed.server_cert, fed.server_key) as port:
@@ -120,6 +123,7 @@ def test_another_federations_ca_is_named(fed: FederationLayout, tmp_path: Path) 
     assert "comes from another flowerbed federation" in str(tls["detail"]) and "interception" not in str(tls["detail"])
 
 
+@pytest.mark.federation
 def test_foreign_certificate_is_reported_as_interception(fed: FederationLayout, tmp_path: Path) -> None:
     other = CertificateAuthority.create("corporate proxy CA", organization="Example Corp")
     other.issue_server_cert(["localhost"]).write(tmp_path / "mitm.crt", tmp_path / "mitm.key")
@@ -141,6 +145,7 @@ def test_closed_port_fails_with_a_fix(fed: FederationLayout) -> None:
     assert "result: 1 required check(s) failed" in result.stdout
 
 
+@pytest.mark.federation
 def test_unverified_when_no_ca_is_given(fed: FederationLayout) -> None:
     with tls_server(fed.server_cert, fed.server_key) as port:
         result = checklist("--superlink", f"localhost:{port}", "--json")
@@ -172,6 +177,7 @@ def test_name_that_does_not_resolve(netns: str) -> None:
     assert dns["status"] == "FAIL" and "does not resolve" in str(dns["detail"])
 
 
+@pytest.mark.federation
 def test_through_a_connect_proxy(fed: FederationLayout) -> None:
     with tls_server(fed.server_cert, fed.server_key) as port, connect_proxy() as (proxy_port, seen):
         env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}"}
@@ -186,6 +192,7 @@ def test_through_a_connect_proxy(fed: FederationLayout) -> None:
         assert "directly (NO_PROXY)" in str(rows(bypass)["proxy"]["detail"])
 
 
+@pytest.mark.federation
 def test_proxy_that_refuses_is_reported(fed: FederationLayout) -> None:
     with connect_proxy() as (proxy_port, _):
         env = {"HTTPS_PROXY": f"http://127.0.0.1:{proxy_port}"}
@@ -231,6 +238,7 @@ def test_cli_wrapper_passes_arguments_and_exit_code() -> None:
     assert bad.returncode == 1 and "FAIL" in bad.stdout
 
 
+@pytest.mark.federation
 def test_in_a_site_kit_it_checks_what_that_kit_needs(fed: FederationLayout, tmp_path: Path) -> None:
     """`python3 firewall_checklist.py` in an unpacked kit: gateway, CA and install path come from the kit.
 
@@ -268,6 +276,7 @@ def fed_port(site_toml: Path) -> str:
                 if line.startswith("superlink_port"))  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_clock_days_behind_is_named_as_a_clock_problem(fed: FederationLayout) -> None:
     """A site clock 2 days behind sees the kit's certificates as not yet valid: said so, with the offset."""
     from tests.test_clock import faketime_library

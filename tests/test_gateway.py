@@ -39,6 +39,7 @@ def request(port: int, ca: Path, method: str, path: str, body: bytes = b"") -> t
 RUNTIME_UNAUTHENTICATED = 401
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize(("method", "path"), BLOCKED)
 def test_gateway_blocks_everything_but_fleet(running: RunningFederation, method: str, path: str) -> None:
     status, server = request(running.config.superlink.port, running.layout.ca_cert, method, path)
@@ -46,6 +47,7 @@ def test_gateway_blocks_everything_but_fleet(running: RunningFederation, method:
     assert server == "nginx"
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize(("method", "path"), BLOCKED[:2])
 def test_loopback_superlink_serves_control_api(running: RunningFederation, method: str, path: str) -> None:
     status, server = request(running.config.superlink.internal_port, running.layout.ca_cert, method, path)
@@ -53,6 +55,7 @@ def test_loopback_superlink_serves_control_api(running: RunningFederation, metho
     assert server == "uvicorn"
 
 
+@pytest.mark.federation
 def test_runtime_api_exists_on_loopback_only(running: RunningFederation) -> None:
     """The Runtime API answers on loopback (and refuses a caller without the executor's secret); the gateway 404s it."""
     status, server = request(running.config.superlink.internal_port, running.layout.ca_cert, *BLOCKED[2])
@@ -61,6 +64,7 @@ def test_runtime_api_exists_on_loopback_only(running: RunningFederation) -> None
     assert (status, server) == (404, "nginx")
 
 
+@pytest.mark.federation
 def test_gateway_logs_are_where_the_docs_say(running: RunningFederation) -> None:
     request(running.config.superlink.port, running.layout.ca_cert, "GET", "/nothing-here")
     access = running.layout.logs / "gateway-access.log"
@@ -70,6 +74,7 @@ def test_gateway_logs_are_where_the_docs_say(running: RunningFederation) -> None
     assert "superlink/logs/" in (Path(__file__).parent.parent / "docs" / "quickstart-coordinator.md").read_text()
 
 
+@pytest.mark.federation
 def test_fleet_api_passes_but_needs_node_auth(running: RunningFederation) -> None:
     port = running.config.superlink.port
     status, server = request(port, running.layout.ca_cert, "POST", "/v1/fleet/pull-messages")
@@ -77,6 +82,7 @@ def test_fleet_api_passes_but_needs_node_auth(running: RunningFederation) -> Non
     assert request(port, running.layout.ca_cert, "GET", "/v1/fleet/pull-messages")[0] == 403
 
 
+@pytest.mark.federation
 def test_gateway_accepts_large_bodies(running: RunningFederation) -> None:
     # Flower pushes 5 MiB array chunks; nginx's default 1 MiB limit would answer 413 (never retried).
     body = b"\0" * (5 * 1024 * 1024 + 4096)
@@ -87,6 +93,7 @@ def test_gateway_accepts_large_bodies(running: RunningFederation) -> None:
     assert request(port, ca, "POST", "/v1/fleet/push-object", huge)[0] == 413
 
 
+@pytest.mark.federation
 def test_every_site_key_is_registered(running: RunningFederation) -> None:
     assert running.stack.registered == ["inst-a", "inst-b", "univ-hospital"]
     assert len(flwrcli.list_nodes(running.layout.flwr_home)) == 3
@@ -94,6 +101,7 @@ def test_every_site_key_is_registered(running: RunningFederation) -> None:
     assert flwrcli.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is None
 
 
+@pytest.mark.federation
 def test_superlink_binds_loopback_only(running: RunningFederation) -> None:
     text = Path("/proc/net/tcp").read_text()
     port_hex = f"{running.config.superlink.internal_port:04X}"
@@ -102,6 +110,7 @@ def test_superlink_binds_loopback_only(running: RunningFederation) -> None:
     assert bound == ["0100007F:" + port_hex]  # 127.0.0.1 only
 
 
+@pytest.mark.federation
 def test_rendered_config_passes_nginx_t(tmp_path: Path, running: RunningFederation) -> None:
     nginx = gateway.find_nginx()
     gateway.render_config(
@@ -118,6 +127,7 @@ def test_rendered_config_passes_nginx_t(tmp_path: Path, running: RunningFederati
         gateway.validate(nginx, tmp_path)
 
 
+@pytest.mark.federation
 def test_gateway_closes_idle_connections_cleanly(running: RunningFederation) -> None:
     """An idle keep-alive connection gets a clean close (EOF) after idle_timeout_s, not a silent drop."""
     import socket

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 
 from flowerbed.certs.service import read_cert
@@ -29,6 +30,7 @@ from tests.faults import record
 GATEWAY, SUPERLINK, EXECUTOR = "gateway (nginx)", "flower-superlink", "ServerApp executor"
 
 
+@pytest.mark.federation
 def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path: Path) -> None:
     config = make_config("heal", SITES[:2], min_nodes=2)
     layout = make_federation(tmp_path / "fed", config)

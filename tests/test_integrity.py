@@ -81,6 +81,7 @@ def _builds(folder: Path, skip_pids: frozenset[str] = frozenset()) -> set[str]:
     return {build for pid, build in found if pid not in skip_pids}
 
 
+@pytest.mark.federation
 def test_one_process_imports_each_wheel_from_itself(variants: dict[str, Path], tmp_path: Path) -> None:
     """v1, then v2 and the other task with the same module, in one process: each gets its own code."""
     script = f"""
@@ -106,6 +107,7 @@ print(json.dumps(out))
     assert _builds(tmp_path) == {"v1", "v2", "other"}
 
 
+@pytest.mark.federation
 def test_the_approved_build_runs_not_another_with_its_module(
     variants: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,6 +218,7 @@ def test_approve_shows_every_file_that_runs_on_its_own(tmp_path: Path) -> None:
         assert needle in text, (needle, shown.stdout)
 
 
+@pytest.mark.federation
 def test_the_coordinator_keeps_the_wheel_it_announced(variants: dict[str, Path], tmp_path: Path) -> None:
     """Another build under the same file name is refused with both hashes; --replace is audited; tampering is named."""
     config = make_config("store", [SITES[0]], min_nodes=1)
@@ -247,6 +250,7 @@ def test_the_coordinator_keeps_the_wheel_it_announced(variants: dict[str, Path],
                        f"changed after it was added (sha256 then {sha256_file(v1b)}, now {sha256_file(v1)})")  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_run_name_never_leaves_runs(tmp_path: Path) -> None:
     """`--name ../escape`, an absolute name or a hidden one: one line, nothing written, nothing submitted."""
     config = make_config("names", [SITES[0]], min_nodes=1)

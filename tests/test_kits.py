@@ -43,6 +43,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.federation
 def test_kit_contents_and_readme(kitfed: FederationLayout) -> None:
     for site in KIT_SITES:
         folder = kitfed.root / "kits" / site
@@ -59,6 +60,7 @@ def test_kit_contents_and_readme(kitfed: FederationLayout) -> None:
         assert f'site = "{site}"' in site_toml and 'superlink_address = "localhost"' in site_toml
 
 
+@pytest.mark.federation
 def test_archives_hold_no_ca_key_and_no_other_site_key(kitfed: FederationLayout) -> None:
     secrets = {digest(kitfed.ca_key.read_bytes()): "CA key", digest(kitfed.server_key.read_bytes()): "server key"}
     for site in KIT_SITES:
@@ -78,6 +80,7 @@ def test_archives_hold_no_ca_key_and_no_other_site_key(kitfed: FederationLayout)
         assert len(members) == len(KIT_FILES) + 3 == len(zipped)  # + the key pair and the flowerbed wheel
 
 
+@pytest.mark.federation
 def test_rebuild_reuses_ca_and_keys(kitfed: FederationLayout) -> None:
     before = {p: p.read_bytes() for p in [kitfed.ca_cert, kitfed.ca_key, *kitfed.nodes.iterdir()]}
     build_kits(kitfed, load_federation(kitfed.root), ["kit-a"])
@@ -107,6 +110,7 @@ def unpack(kitfed: FederationLayout, site: str, dest: Path, data: Path) -> Path:
     return folder
 
 
+@pytest.mark.federation
 def test_kit_checks_refuse_clearly(kitfed: FederationLayout, tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
     data.write_text("a,target\n1,0\n2,1\n3,0\n4,1\n")  # enough rows for the preflight to train on
@@ -162,6 +166,7 @@ def kit_stack(kitfed: FederationLayout) -> Iterator[FederationLayout]:
         yield kitfed
 
 
+@pytest.mark.federation
 def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, tmp_path: Path) -> None:
     data = tmp_path / "d.csv"
     data.write_text("a,target\n1,0\n2,1\n3,0\n4,1\n")  # enough rows for the preflight to train on
@@ -192,6 +197,7 @@ def test_three_supernodes_start_from_unpacked_kits(kit_stack: FederationLayout, 
     assert all(p.returncode == 0 for p in procs)
 
 
+@pytest.mark.federation
 def test_kit_checklist_runs_from_the_kit_folder(kitfed: FederationLayout) -> None:
     folder = kitfed.root / "kits" / "kit-b"
     result = subprocess.run(
@@ -202,6 +208,7 @@ def test_kit_checklist_runs_from_the_kit_folder(kitfed: FederationLayout) -> Non
     assert "download.pytorch.org\t443" in result.stdout
 
 
+@pytest.mark.federation
 def test_coordinator_unit_command(kitfed: FederationLayout) -> None:
     result = run_cli("kit", "coordinator-unit", "-d", str(kitfed.root), "--flowerbed", "/opt/fb/bin/flowerbed")
     assert result.returncode == 0
@@ -209,6 +216,7 @@ def test_coordinator_unit_command(kitfed: FederationLayout) -> None:
     assert "Restart=on-failure" in result.stdout
 
 
+@pytest.mark.federation
 def test_bundle_refuses_unknown_role(tmp_path: Path) -> None:
     assert_clean_error(run_cli("bundle", "wheels", "--out", str(tmp_path), "--role", "nope"), ExitCode.INVALID_CONFIG,
                        "Invalid value for '--role': 'nope' is not one of")  # fmt: skip

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks.common import rss_mb
 from flowerbed.config import RunSettings
 from flowerbed.demodata import make_demo_data
@@ -31,6 +33,7 @@ def established(port: int) -> int:
     return len([line for line in out.splitlines() if line.strip()])
 
 
+@pytest.mark.federation
 def test_sixteen_sites_on_one_coordinator(tmp_path: Path) -> None:
     names = [f"site-{i:02d}" for i in range(COUNT)]
     config = make_config("load", names, min_nodes=COUNT)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
@@ -22,6 +23,7 @@ def text_of(cell: dict[str, object]) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.federation
 def test_the_example_notebook_runs_a_federation(running: RunningFederation, tmp_path: Path) -> None:
     data = {s: running.data.site_files[s] for s in SITES[:2]}
     with supervised_sites(running.layout, running.gateway, data, tmp_path / "sites") as sups:

@@ -159,6 +159,7 @@ def kit_folder(running: RunningFederation, site: str, dest: Path, privacy: str) 
     return folder
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("secure", ["off", "secagg+"])
 def test_a_site_out_of_budget_stops_while_the_others_go_on(
     running: RunningFederation, tmp_path: Path, secure: str

@@ -81,6 +81,7 @@ def checklist(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
                           env={**os.environ, "NO_PROXY": "", "no_proxy": "", **env}, check=False)  # fmt: skip
 
 
+@pytest.mark.federation
 def test_checklist_and_preflight_authenticate_to_the_proxy(running: RunningFederation, tmp_path: Path) -> None:
     lay = running.layout
     args = start_args(running.gateway, lay.ca_cert, lay.node_key("inst-a"), running.data.test_file)
@@ -114,6 +115,7 @@ def test_checklist_and_preflight_authenticate_to_the_proxy(running: RunningFeder
         assert PASSWORD not in result.stdout + result.stderr and encoded(PASSWORD) not in result.stdout + result.stderr
 
 
+@pytest.mark.federation
 def test_a_supernode_trains_through_a_proxy_that_wants_a_password(running: RunningFederation, tmp_path: Path) -> None:
     key = tmp_path / "auth-site.key"
     NodeKeyPair.generate("auth-site").write(key, tmp_path / "auth-site.key.pub")

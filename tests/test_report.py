@@ -27,6 +27,7 @@ def headless(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
 
 
+@pytest.mark.federation
 def test_the_report_of_a_run_opens_in_a_browser(running: RunningFederation, tmp_path: Path) -> None:
     data = {s: running.data.site_files[s] for s in SITES[:2]}
     with supervised_sites(running.layout, running.gateway, data, tmp_path / "sites") as sups:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+import pytest
+
 from flowerbed.config import RunSettings, load_federation
 from flowerbed.demodata import make_demo_data
 from flowerbed.layout import FederationLayout
@@ -82,6 +84,7 @@ def trained(out_dir: Path) -> list[int]:
     return [r["round"] for r in read_rows(out_dir) if r["kind"] == "train"]
 
 
+@pytest.mark.federation
 def test_a_run_resumes_after_its_serverapp_and_then_the_whole_coordinator_are_killed(tmp_path: Path) -> None:
     config = make_config("resume", SITES[:2], min_nodes=2)
     layout = make_federation(tmp_path / "fed", config)

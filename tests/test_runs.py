@@ -54,6 +54,7 @@ def nodes(running: RunningFederation, tmp_path_factory: pytest.TempPathFactory) 
             assert sup.process is not None and sup.process.poll() is not None
 
 
+@pytest.mark.federation
 def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, nodes: list[Supervisor]) -> None:
     settings = RunSettings.model_validate(
         running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "node_wait_s": 60}
@@ -76,6 +77,7 @@ def test_run_fails_when_fewer_than_min_nodes_reply(running: RunningFederation, n
     assert result.rows[0]["stop_reason"].startswith("failed:")
 
 
+@pytest.mark.federation
 def test_flowerbed_run_cli_reaches_max_rounds(
     running: RunningFederation, nodes: list[Supervisor], tmp_path: Path
 ) -> None:
@@ -116,6 +118,7 @@ def test_flowerbed_run_cli_reaches_max_rounds(
     assert f"best eval accuracy {summary['best_eval_accuracy']:.4f} ({where})" in flat
 
 
+@pytest.mark.federation
 def test_run_with_the_superlink_stopped_says_so_and_leaves_nothing(tmp_path: Path) -> None:
     config = make_config("stopped")
     layout = make_federation(tmp_path / "fed", config)
@@ -130,6 +133,7 @@ def test_run_with_the_superlink_stopped_says_so_and_leaves_nothing(tmp_path: Pat
         assert not (layout.runs / "first").exists()
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("strategy", ["fedadam", "fedmedian"])
 def test_other_strategies_aggregate(running: RunningFederation, nodes: list[Supervisor], strategy: str) -> None:
     settings = RunSettings.model_validate(
@@ -155,6 +159,7 @@ def test_other_strategies_aggregate(running: RunningFederation, nodes: list[Supe
     assert not all(torch.equal(final[k], initial[k]) for k in final)
 
 
+@pytest.mark.federation
 def test_error_replies_do_not_crash_the_supernode(nodes: list[Supervisor]) -> None:
     bad = nodes[2]
     assert bad.spec.site == "univ-hospital"
@@ -163,6 +168,7 @@ def test_error_replies_do_not_crash_the_supernode(nodes: list[Supervisor]) -> No
     assert bad.connected
 
 
+@pytest.mark.federation
 def test_each_site_sees_its_own_tasks_and_failures(nodes: list[Supervisor]) -> None:
     """On the site: each task with its round, what failed on its data and why; a timestamped log."""
     bad = SITE_REPORTS["univ-hospital"]
@@ -184,6 +190,7 @@ def test_each_site_sees_its_own_tasks_and_failures(nodes: list[Supervisor]) -> N
     assert lines and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines)
 
 
+@pytest.mark.federation
 def test_invalid_run_options_are_refused_before_submission(running: RunningFederation) -> None:
     result = run_cli(
         "run", "-d", str(running.layout.root), "--strategy", "fedprox", "--max-rounds", "1", "--name", "refused"
@@ -196,6 +203,7 @@ def test_invalid_run_options_are_refused_before_submission(running: RunningFeder
     assert not (running.layout.runs / "refused").exists()
 
 
+@pytest.mark.federation
 def test_killed_supernode_is_restarted_and_rejoins_at_once(nodes: list[Supervisor]) -> None:
     """SIGKILL the SuperNode: the supervisor signs the dead session off at the SuperLink (Flower would
     refuse the restarted node for about a minute otherwise), restarts it, and the node rejoins."""

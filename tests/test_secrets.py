@@ -43,6 +43,7 @@ def open_folder() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.federation
 def test_kits_models_and_databases_are_the_coordinators_alone(open_folder: Path, tmp_path: Path) -> None:
     config = make_config("secrets", SITES[:2], min_nodes=2, max_rounds=1)
     layout = make_federation(open_folder / "fed", config)
@@ -89,6 +90,7 @@ def test_kits_models_and_databases_are_the_coordinators_alone(open_folder: Path,
     assert exposed == []
 
 
+@pytest.mark.federation
 def test_a_node_key_that_is_not_this_sites_own_is_refused(tmp_path: Path) -> None:
     """A link to another site's key, a copy of it, and another site's whole pair: each refused at preflight."""
     config = make_config("keys", SITES[:2], min_nodes=1)

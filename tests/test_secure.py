@@ -66,6 +66,7 @@ def _changes(folder: Path, site: str, server_round: int) -> list[np.ndarray]:
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
+@pytest.mark.federation
 def test_secure_aggregation_matches_fedavg_and_the_serverapp_never_holds_an_update(
     running: RunningFederation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -154,6 +155,7 @@ def test_secure_aggregation_matches_fedavg_and_the_serverapp_never_holds_an_upda
             assert np.abs(got - expected).max() < 1e-4, (server_round, name)
 
 
+@pytest.mark.federation
 def test_a_site_that_requires_secure_aggregation_trains_only_under_it(
     running: RunningFederation, tmp_path: Path
 ) -> None:

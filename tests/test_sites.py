@@ -72,6 +72,7 @@ def federation(tmp_path: Path) -> Iterator[tuple[FederationLayout, list[Coordina
             stack.stop()
 
 
+@pytest.mark.federation
 def test_sites_add_revoke_and_renew_while_running(
     federation: tuple[FederationLayout, list[CoordinatorStack]], tmp_path: Path
 ) -> None:

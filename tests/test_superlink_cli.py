@@ -10,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from flowerbed.probes import tcp_open
 from tests.conftest import make_config, make_federation, wait_for
 from tests.faults import record
 from tests.procs import alive as pid_alive
 
 
+@pytest.mark.federation
 def test_start_then_sigterm_stops_every_child(tmp_path: Path) -> None:
     config = make_config("cli")
     layout = make_federation(tmp_path / "fed", config)
@@ -48,6 +51,7 @@ def test_start_then_sigterm_stops_every_child(tmp_path: Path) -> None:
     assert layout.database.is_file()  # state survives for the next start
 
 
+@pytest.mark.federation
 def test_second_start_on_same_ports_is_refused(tmp_path: Path) -> None:
     config = make_config("busy")
     layout = make_federation(tmp_path / "fed", config)
@@ -65,6 +69,7 @@ def test_second_start_on_same_ports_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.federation
 def test_gateway_port_held_by_another_process_is_refused(tmp_path: Path) -> None:
     """A TCP probe would be answered by the other process: refuse before start, never claim "up"."""
     import socket
@@ -85,6 +90,7 @@ def test_gateway_port_held_by_another_process_is_refused(tmp_path: Path) -> None
     assert not layout.pidfile.exists()
 
 
+@pytest.mark.federation
 def test_nginx_location_override_is_checked(tmp_path: Path) -> None:
     config = make_config("nginx")
     layout = make_federation(tmp_path / "fed", config)
@@ -99,6 +105,7 @@ def test_nginx_location_override_is_checked(tmp_path: Path) -> None:
     assert not layout.pidfile.exists()
 
 
+@pytest.mark.federation
 def test_refused_node_keys_are_named_at_both_ends(tmp_path: Path) -> None:
     """A key the SuperLink does not know: the site says "not registered" at once, the coordinator names it."""
     from flowerbed.certs.nodekeys import NodeKeyPair, load_public_key, public_fingerprint
@@ -136,6 +143,7 @@ def test_refused_node_keys_are_named_at_both_ends(tmp_path: Path) -> None:
            "the key's fingerprint", injected="a SuperNode started with an unregistered key", noticed_s=took)  # fmt: skip
 
 
+@pytest.mark.federation
 def test_a_killed_coordinator_leaves_no_child_behind(tmp_path: Path) -> None:
     """SIGKILL to `flowerbed superlink start`: SuperLink, executor and gateway end with it, the ports are free."""
     config = make_config("orphans")

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from flowerbed.certs.ca import CertificateAuthority
 from flowerbed.certs.nodekeys import NodeKeyPair
 from flowerbed.config import RunSettings
@@ -33,6 +35,7 @@ def start_args(superlink: str, ca: Path, key: Path, data: Path, *extra: str) -> 
             "--data", str(data), *extra]  # fmt: skip
 
 
+@pytest.mark.federation
 def test_preflight_only_passes(running: RunningFederation, tmp_path: Path) -> None:
     lay = running.layout
     args = start_args(running.gateway, lay.ca_cert, lay.node_key("inst-a"), running.data.test_file)
@@ -42,6 +45,7 @@ def test_preflight_only_passes(running: RunningFederation, tmp_path: Path) -> No
     assert "clock skew" in result.stdout
 
 
+@pytest.mark.federation
 def test_wrong_ca_is_refused(running: RunningFederation, tmp_path: Path) -> None:
     CertificateAuthority.create("someone else").write(tmp_path / "other.crt", tmp_path / "other.key")
     args = start_args(running.gateway, tmp_path / "other.crt", running.layout.node_key("inst-a"),
@@ -50,6 +54,7 @@ def test_wrong_ca_is_refused(running: RunningFederation, tmp_path: Path) -> None
     assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "comes from another flowerbed federation", "other.crt")
 
 
+@pytest.mark.federation
 def test_host_name_not_in_certificate_is_refused(running: RunningFederation, tmp_path: Path) -> None:
     ca = CertificateAuthority.load(running.layout.ca_cert, running.layout.ca_key)
     ca.issue_server_cert(["link.example.org"]).write(tmp_path / "s.crt", tmp_path / "s.key")
@@ -60,6 +65,7 @@ def test_host_name_not_in_certificate_is_refused(running: RunningFederation, tmp
     assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "does not name '127.0.0.1' (it names: link.example.org)")
 
 
+@pytest.mark.federation
 def test_expired_gateway_certificate_is_named(running: RunningFederation, tmp_path: Path) -> None:
     import datetime as dt
 
@@ -76,6 +82,7 @@ def test_expired_gateway_certificate_is_named(running: RunningFederation, tmp_pa
                        "ask the coordinator to run `flowerbed certs renew-server`")  # fmt: skip
 
 
+@pytest.mark.federation
 def test_clock_ahead_of_superlink_is_refused(running: RunningFederation, tmp_path: Path) -> None:
     ca = CertificateAuthority.load(running.layout.ca_cert, running.layout.ca_key)
     ca.issue_server_cert(["localhost"]).write(tmp_path / "s.crt", tmp_path / "s.key")
@@ -87,6 +94,7 @@ def test_clock_ahead_of_superlink_is_refused(running: RunningFederation, tmp_pat
     assert_clean_error(result, ExitCode.PREFLIGHT_FAILED, "s ahead of the gateway (limit 5 s)", "sync the clock")
 
 
+@pytest.mark.federation
 def test_closed_port_is_explained(running: RunningFederation) -> None:
     args = start_args(f"127.0.0.1:{free_port()}", running.layout.ca_cert,
                       running.layout.node_key("inst-a"), running.data.test_file)  # fmt: skip
@@ -99,6 +107,7 @@ def test_closed_port_is_explained(running: RunningFederation) -> None:
     )
 
 
+@pytest.mark.federation
 def test_preflight_goes_through_the_sites_proxy(running: RunningFederation, tmp_path: Path) -> None:
     """A proxy-only site: preflight reaches the gateway as the SuperNode will (CONNECT, then TLS)."""
     lay = running.layout
@@ -130,6 +139,7 @@ def test_kit_processes_never_send_loopback_to_the_proxy() -> None:
     assert merged["NO_PROXY"].split(",")[0] == "intranet.example.org" and "127.0.0.1" in merged["no_proxy"]
 
 
+@pytest.mark.federation
 def test_bad_local_files_are_refused(running: RunningFederation, tmp_path: Path) -> None:
     lay = running.layout
     missing = start_args(running.gateway, lay.ca_cert, lay.node_key("inst-a"), tmp_path / "nope")
@@ -145,6 +155,7 @@ def test_bad_local_files_are_refused(running: RunningFederation, tmp_path: Path)
     assert_clean_error(run_cli(*bad), ExitCode.ERROR, "must be HOST:PORT")
 
 
+@pytest.mark.federation
 def test_unregistered_key_stops_with_a_message(running: RunningFederation, tmp_path: Path) -> None:
     key = tmp_path / "stranger.key"
     NodeKeyPair.generate("stranger").write(key, tmp_path / "stranger.key.pub")
@@ -158,6 +169,7 @@ def test_unregistered_key_stops_with_a_message(running: RunningFederation, tmp_p
     assert "Failed to activate SuperNode" in log
 
 
+@pytest.mark.federation
 def test_its_own_port_held_by_another_process_stops_with_a_message(running: RunningFederation, tmp_path: Path) -> None:
     """A leftover process on the SuperNode's loopback port: three tries, then one line naming the port."""
     with socket.socket() as holder:
@@ -200,6 +212,7 @@ def test_log_is_read_line_by_line_with_timestamps(tmp_path: Path) -> None:
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines)
 
 
+@pytest.mark.federation
 def test_site_behind_a_proxy_trains_and_names_the_proxy_when_it_fails(
     running: RunningFederation, tmp_path: Path
 ) -> None:

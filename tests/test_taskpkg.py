@@ -36,6 +36,7 @@ if _os.environ.get("TASK_MARKER"):  # proof for the tests: this module was impor
 """
 
 
+@pytest.mark.federation
 def test_a_new_task_is_checked_and_built_into_a_wheel(tmp_path: Path) -> None:
     build_wheel(tmp_path)
 
@@ -80,6 +81,7 @@ def markers(folder: Path) -> list[Path]:
     return sorted(folder.glob("task-imported-*"))
 
 
+@pytest.mark.federation
 def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

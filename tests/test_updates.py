@@ -115,6 +115,7 @@ def _finite_models(out_dir: Path) -> list[Path]:
     return files
 
 
+@pytest.mark.federation
 def test_a_site_that_sends_nan_or_another_shape_is_dropped_and_the_run_goes_on(
     tmp_path: Path, faulty_wheel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

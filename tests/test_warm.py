@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from flowerbed.config import RunSettings
 from flowerbed.probes import free_port
 from flowerbed.runner import check_result, follow, submit
@@ -28,6 +30,7 @@ def settings_for(running: RunningFederation, **changes: object) -> RunSettings:
     return RunSettings.model_validate(base | changes)
 
 
+@pytest.mark.federation
 def test_a_task_that_dies_takes_only_its_fork_down(running: RunningFederation, tmp_path: Path) -> None:
     """SIGKILL to a running task (as the out-of-memory killer would): the executor goes on, and Flower
     answers the round with its "ClientApp crashed" error once the task's heartbeat lapses, as it did
@@ -70,6 +73,7 @@ def test_a_task_that_dies_takes_only_its_fork_down(running: RunningFederation, t
         assert rows[-1]["sites"] == sorted(SITES[:2]) or set(rows[-1]["sites"]) == set(SITES[:2]), rows
 
 
+@pytest.mark.federation
 def test_subprocess_isolation_and_no_fork_fallback_train_too(running: RunningFederation, tmp_path: Path) -> None:
     """Flower's own per-task processes: by choice (executor = "subprocess") or where fork is missing."""
     stop = threading.Event()

@@ -105,6 +105,7 @@ def checklist(site: Host, kit: Path, *extra: str) -> dict[str, dict[str, str]]:
     return {row["check"]: row for row in json.loads(result.stdout)["rows"]}
 
 
+@pytest.mark.federation
 def test_from_nothing_to_a_converged_run_on_three_hosts(tmp_path: Path) -> None:
     _requirements()
     coordinator_doc = blocks(DOCS / "quickstart-coordinator.md")

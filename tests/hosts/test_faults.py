@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from flowerbed.config import FederationConfig
 from flowerbed.demodata import make_demo_data
 from flowerbed.runfolder import read_rows
@@ -40,6 +42,7 @@ def _loss(percent: int) -> str:
     )
 
 
+@pytest.mark.federation
 def test_a_site_cut_off_for_minutes_and_a_slow_lossy_site_do_not_stop_the_run(tmp_path: Path) -> None:
     _requirements()
     config = FederationConfig.model_validate(

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.hosts.docscript import Block, blocks
@@ -38,6 +39,7 @@ def host_of(block: Block) -> str:
     return next((site for prefix, site in SITE_SECTIONS.items() if block.section.startswith(prefix)), "coordinator")
 
 
+@pytest.mark.federation
 def test_the_own_task_tutorial_runs_as_written(tmp_path: Path) -> None:
     _requirements()
     script = [b for b in blocks(TUTORIAL) if not b.skip]
