@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr import clientapp as flower_clientapp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from flowerbed.audit import ROUND, TASK, append_here, head_of
@@ -159,7 +159,7 @@ def count_examples(context: Context) -> int:
     return len(_load(context, task, config)[0])
 
 
-app = ClientApp(mods=[make_secure_mod(count_examples, _site)])
+app = flower_clientapp.ClientApp(mods=[make_secure_mod(count_examples, _site)])
 
 
 @app.train()

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
@@ -86,7 +85,7 @@ def _examples(context: Context, count_examples: Callable[[Context], int]) -> int
 def make_secure_mod(count_examples: Callable[[Context], int], site: Callable[[Context], str]) -> Any:
     """A ClientApp mod: Flower's SecAgg+ for its messages, nothing for the others."""
 
-    def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    def secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         if not is_secure(msg):
             return call_next(msg, context)
         stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, ""))

@@ -42,9 +42,9 @@ REFUSAL_MARK = "_flowerbed_refusal"  # on a ClientApp that only refuses
 
 def refusal_app(reason: str) -> Any:
     """A ClientApp that answers every message with the refusal, and runs nothing else."""
-    from flwr.clientapp import ClientApp
+    from flwr import clientapp
 
-    app = ClientApp()
+    app = clientapp.ClientApp()
 
     def refuse(msg: Message, _context: Any) -> Message:
         return refusal(msg, reason)
