@@ -157,3 +157,36 @@ def test_the_gate_fails_closed(tmp_path: Path, mode: str) -> None:
         assert "REFUSED every run" in done.stderr
     else:
         assert "the approval gate did not see this run's code" in result["reason"]
+
+
+CONTROL_PROBE = """
+import sys
+import flwr.proto.control_pb2 as control_pb2
+from pathlib import Path
+from flowerbed.errors import FlowerbedError
+from flowerbed.superlink.control import ControlClient
+
+if sys.argv[1] == "broken":  # a Flower without the Control API request the kit asks with
+    del control_pb2.ListRunsRequest
+try:
+    ControlClient("127.0.0.1:9", Path(sys.argv[2])).run_status(1)
+except FlowerbedError as exc:
+    print(type(exc).__name__, exc.message)
+"""
+
+
+def test_a_missing_flower_internal_is_said_as_such_not_as_an_unanswering_superlink(tmp_path: Path) -> None:
+    from flowerbed.certs.ca import CertificateAuthority
+
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(CertificateAuthority.create("probe").cert_pem)
+    script = tmp_path / "probe.py"
+    script.write_text(CONTROL_PROBE)
+    said = {}
+    for mode in ("broken", "intact"):
+        done = subprocess.run([sys.executable, str(script), mode, str(ca)], capture_output=True, text=True,
+                              timeout=120, check=True, cwd=tmp_path)  # fmt: skip
+        said[mode] = done.stdout.strip()
+    assert said["broken"].startswith("HookError flowerbed cannot ask the SuperLink's Control API"), said
+    assert f"with Flower {flwr.__version__}" in said["broken"] and "did not answer" not in said["broken"]
+    assert "the SuperLink's Control API did not answer" in said["intact"], said  # nothing listens on port 9
