@@ -154,6 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
 CPU_BOUND = ("tests/test_load.py", "tests/test_big_model.py", "tests/test_benchmarks.py", "tests/test_demo.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (it suffixes the node ids with them)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Longest tests first (by the kept durations), and a module's tests on one worker when it shares a fixture;
     the CPU-bound tests share one worker.
@@ -176,7 +177,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when in ("setup", "call", "teardown"):  # with xdist, the controller sees every worker's reports
-        _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+        nodeid = report.nodeid.split("@", 1)[0]  # without pytest-xdist's "@group" suffix
+        _SECONDS[nodeid] = _SECONDS.get(nodeid, 0.0) + report.duration
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
