@@ -7,6 +7,9 @@ imports are checked in tests/test_flower_hooks.py.)
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +42,30 @@ def test_every_public_definition_of_a_library_module_has_a_docstring() -> None:
         for line in _undocumented(path)
     ]
     assert missing == [], "public definitions without a docstring:\n" + "\n".join(missing)
+
+
+SAMPLE_CONFTEST = """
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith("test_heavy.py"):
+            item.add_marker(pytest.mark.xdist_group("cpu-bound"))
+"""
+
+
+def test_concurrent_workers_keep_a_group_on_one_worker(tmp_path: Path) -> None:
+    """The suite's budget relies on it: the CPU-bound tests run one after another on one worker."""
+    (tmp_path / "conftest.py").write_text(SAMPLE_CONFTEST)
+    (tmp_path / "test_heavy.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(4)))
+    (tmp_path / "test_light.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(4)))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "3", "--dist", "loadgroup",
+                           "-v", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST")})  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    workers = {
+        line.split("]")[0] for line in done.stdout.splitlines() if "test_heavy.py::" in line and "PASSED" in line
+    }
+    assert len(workers) == 1 and all("@cpu-bound" in line for line in done.stdout.splitlines()
+                                     if "test_heavy.py::" in line and "PASSED" in line), done.stdout  # fmt: skip
