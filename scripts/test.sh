@@ -23,5 +23,6 @@ if [[ $quick == 1 ]]; then
 else
   # Three workers on two cores: most tests wait on real processes (rounds, timeouts, link cuts);
   # the longest start first (docs/test-durations.json), a module's shared coordinator stays on one worker.
-  python -m pytest -p no:cacheprovider -n "${FLOWERBED_TEST_WORKERS:-3}" --dist loadgroup --durations=20 "$@"
+  python -m pytest -p no:cacheprovider -n "${FLOWERBED_TEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder \
+    --durations=20 "$@"
 fi

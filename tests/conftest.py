@@ -156,23 +156,44 @@ CPU_BOUND = ("tests/test_load.py", "tests/test_big_model.py", "tests/test_benchm
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (it suffixes the node ids with them)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest tests first (by the kept durations), and a module's tests on one worker when it shares a fixture;
-    the CPU-bound tests share one worker.
+    """Longest work first, and a module's tests on one worker when it shares a fixture; the CPU-bound tests
+    share one worker.
 
-    The order is the same in every pytest-xdist worker (it must be): known durations, then collection order.
+    A group (a module with a shared fixture, the CPU-bound tests) is one unit of work, as long as its
+    tests together; units go longest first (kept durations; a federation test not measured yet counts
+    60 s), the tests of a unit stay together in collection order. The order is the same in every
+    pytest-xdist worker (it must be); scripts/test.sh keeps it (``--no-loadscope-reorder``).
     """
     seconds = durations.known()
     position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-seconds.get(item.nodeid, 0.0), position[id(item)]))
+    group: dict[int, str] = {}
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         shared = defs is not None and any(
             d.scope == "module" for fixturedefs in defs.name2fixturedefs.values() for d in fixturedefs
         )
         if item.nodeid.startswith(CPU_BOUND):
-            item.add_marker(pytest.mark.xdist_group("cpu-bound"))
+            group[id(item)] = "cpu-bound"
         elif shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+            group[id(item)] = item.module.__name__ if item.module else item.nodeid
+        if id(item) in group:
+            item.add_marker(pytest.mark.xdist_group(group[id(item)]))
+
+    def cost(item: pytest.Item) -> float:
+        return seconds.get(item.nodeid, 60.0 if item.get_closest_marker("federation") else 1.0)
+
+    unit_cost: dict[str, float] = {}
+    unit_first: dict[str, int] = {}
+    for item in items:
+        unit = group.get(id(item), item.nodeid)
+        unit_cost[unit] = unit_cost.get(unit, 0.0) + cost(item)
+        unit_first.setdefault(unit, position[id(item)])
+
+    def order(item: pytest.Item) -> tuple[float, int, int]:
+        unit = group.get(id(item), item.nodeid)
+        return -unit_cost[unit], unit_first[unit], position[id(item)]
+
+    items.sort(key=order)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
