@@ -193,7 +193,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         unit = group.get(id(item), item.nodeid)
         return -unit_cost[unit], unit_first[unit], position[id(item)]
 
-    items.sort(key=order)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker; one process keeps the collection order
+        items.sort(key=order)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
