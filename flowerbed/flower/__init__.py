@@ -21,6 +21,7 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,17 @@ def trace(hook: Hook) -> None:
     if path:
         with contextlib.suppress(OSError), Path(path).open("a", encoding="utf-8") as handle:
             handle.write(hook.key + "\n")
+
+
+def entry(hook: Hook) -> Callable[[], None]:
+    """A Flower command's main function (it reads sys.argv), checked now and traced when it runs."""
+    main = resolve(hook)
+
+    def run() -> None:
+        trace(hook)
+        main()
+
+    return run
 
 
 def check_all() -> list[str]:

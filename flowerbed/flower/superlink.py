@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flowerbed.flower import declare, module, resolve, trace
+from flowerbed.flower import declare, entry, module, resolve, trace
 
 SQL_ENGINE = declare("flwr.supercore.sql_mixin", "create_engine", "queue SQLite writers at the SuperLink")
 SQL_PRAGMAS = declare("flwr.supercore.sql_mixin", "SQLITE_PRAGMAS", "set the SuperLink's SQLite busy timeout")
@@ -105,20 +105,12 @@ def on_node_contact(callback: Callable[[int], None]) -> None:
 
 def run_superlink() -> None:
     """Flower's own ``flower-superlink`` (it reads sys.argv)."""
-    main = resolve(SUPERLINK_MAIN)
-    trace(SUPERLINK_MAIN)
-    main()
+    entry(SUPERLINK_MAIN)()
 
 
 def serverapp_main() -> Callable[[], None]:
     """Flower's own ``flwr-serverapp`` entry (the warm executor runs it in each fork)."""
-    main = resolve(SERVERAPP_MAIN)
-
-    def run() -> None:
-        trace(SERVERAPP_MAIN)
-        main()
-
-    return run
+    return entry(SERVERAPP_MAIN)
 
 
 def control_client(address: str, root_certificates: bytes) -> Any:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flowerbed.flower import declare, module, resolve, trace
+from flowerbed.flower import declare, entry, module, resolve, trace
 
 PULL_LOOP_TIME = declare("flwr.supernode.start_client_internal", "time.sleep", "shorten the SuperNode's idle pull")
 PUSH_MESSAGES = declare(
@@ -76,9 +76,7 @@ def install_pull_clock(clock: Any, on_reply: Callable[[], None]) -> None:
 
 def run_supernode() -> None:
     """Flower's own ``flower-supernode`` (it reads sys.argv)."""
-    main = resolve(SUPERNODE_MAIN)
-    trace(SUPERNODE_MAIN)
-    main()
+    entry(SUPERNODE_MAIN)()
 
 
 @contextmanager
@@ -142,13 +140,7 @@ def guard_clientapp_calls(answer: Callable[[Any, Any, Any], Any]) -> None:
 
 def clientapp_main() -> Callable[[], None]:
     """Flower's own ``flwr-clientapp`` entry (it reads sys.argv)."""
-    main = resolve(CLIENTAPP_MAIN)
-
-    def run() -> None:
-        trace(CLIENTAPP_MAIN)
-        main()
-
-    return run
+    return entry(CLIENTAPP_MAIN)
 
 
 def preload_clientapp_runtime() -> None:
