@@ -31,6 +31,7 @@ from flowerbed.protocol import (
     EXAMPLES_KEY,
     MAX_WEIGHT_KEY,
     REFUSED_CODE,
+    SECURE_ONLY_KEY,
     TRAIN_ARRAYS,
     TRAIN_CONFIG,
     masked_digest,
@@ -38,7 +39,6 @@ from flowerbed.protocol import (
 )
 
 INSPECT_ENV = "FLOWERBED_SECAGG_INSPECT"  # at a site: where its ClientApp writes the changes it masked
-SECURE_ONLY_KEY = "secagg-required"  # node config: the site trains only under secure aggregation
 KEPT = "flowerbed-secagg"  # the node's run state: what the site keeps between SecAgg+ stages
 POLICY_CODE = REFUSED_CODE  # the run's settings break the site's own policy: refused, as unapproved code is
 

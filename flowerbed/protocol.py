@@ -26,6 +26,7 @@ TASK_OF_MODEL = {"mlp": "tabular", "cnn": "images"}
 # Secure aggregation (SecAgg+): keys of the train instructions and replies.
 EXAMPLES_KEY = "flowerbed-examples"  # a site's example count, masked with its update
 MAX_WEIGHT_KEY = "secagg-max-weight"  # the max_weight every site scales its update by
+SECURE_ONLY_KEY = "secagg-required"  # a SuperNode's node config: the site trains only under secure aggregation
 TRAIN_ARRAYS, TRAIN_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy FitIns layout
 
 # A site's own console: lines a task prints with this marker are shown and logged by its supervisor.

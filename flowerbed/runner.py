@@ -39,7 +39,6 @@ from flowerbed.runfolder import (
     serverapp_alive,
 )
 from flowerbed.serverapp.resume import RESUME_KEY, plan_resume
-from flowerbed.serverapp.strategies import client_dp_warning
 from flowerbed.superlink import control, flwrcli
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
@@ -188,6 +187,8 @@ def prepare(
     }
     run_settings = resolve(base, given | overrides)
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
+    from flowerbed.serverapp.strategies import client_dp_warning  # Flower's strategies: not on every command
+
     warnings = [w for w in (client_dp_warning(settings, len(config.sites)),) if w]
     if check_task:
         loaded = load_task(chosen.name, chosen.sha256, chosen.wheel)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Protocol
+from typing import Protocol, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -129,6 +129,30 @@ def wait_for_nodes(grid: Grid, settings: RunSettings, clock: Clock = time.monoto
                 f"{settings.node_wait_s:.0f} s: check that the sites run `flowerbed supernode start`"
             )
         time.sleep(1)
+
+
+class NodeSnapshot:
+    """The grid with its node list read once, for one ``configure_train``/``configure_evaluate`` call.
+
+    Flower's strategies read the connected nodes twice (a sample size, then ``sample_nodes``, which
+    waits without end until that many are connected): a node that leaves between the two reads (a site
+    revoked, a SuperNode gone) would hang the round. Every other attribute is the grid's.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.nodes = list(grid.get_node_ids())
+
+    def get_node_ids(self) -> list[int]:
+        """The node ids read when the snapshot was taken."""
+        return list(self.nodes)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+    def grid(self) -> Grid:
+        """This snapshot, typed as the grid it stands for."""
+        return cast(Grid, self)
 
 
 class SiteNames:
@@ -455,8 +479,12 @@ def collect_round(
             return Replies([], [f"{name}: not connected" for name in gone], gone), None
     else:
         wait_for_nodes(grid, settings, clock)
+    snapshot = NodeSnapshot(grid)
+    if len(snapshot.nodes) < settings.min_nodes:  # one left since: the round is not started without it
+        gone = sites.absent_from(set(snapshot.nodes)) or [f"{settings.min_nodes - len(snapshot.nodes)} site(s) gone"]
+        return Replies([], [f"{name}: not connected" for name in gone], gone), None
     # A site out of privacy budget gets no more train tasks (it would only refuse them again).
-    messages = [m for m in strategy.configure_train(server_round, state.arrays, ConfigRecord(), grid)
+    messages = [m for m in strategy.configure_train(server_round, state.arrays, ConfigRecord(), snapshot.grid())
                 if m.metadata.dst_node_id not in state.retired]  # fmt: skip
     secured: Aggregate | None = None
     if settings.secure_aggregation != "off":
@@ -664,7 +692,10 @@ def evaluate_final(
     Returns its metrics or None, the number of valid replies, and the errors naming sites.
     """
     config = ConfigRecord({BASELINE_KEY: baseline_epochs} if baseline_epochs > 0 else {})
-    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    snapshot = NodeSnapshot(grid)
+    if len(snapshot.nodes) < settings.min_nodes:
+        return None, 0, [f"only {len(snapshot.nodes)} of min-nodes={settings.min_nodes} sites connected"]
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, snapshot.grid()))
     replies = exchange(grid, messages, settings.round_timeout_s + (settings.round_timeout_s if baseline_epochs else 0))
     got = _split(messages, replies, sites)
     per_site = {name: all_metrics(reply.content.metric_records.get("metrics"))

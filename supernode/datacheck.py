@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowerbed.clientapp.data import DataError, find_csv, load_site_data
 from flowerbed.config import SITE_FILE, SiteKitConfig, load_toml_model
 from flowerbed.errors import FlowerbedError
 
@@ -22,6 +21,8 @@ TIMEOUT_S = 300.0
 
 def builtin_summary(path: Path) -> str:
     """What a built-in task reads from ``path`` (raises :class:`DataError` naming what is wrong)."""
+    from flowerbed.clientapp.data import DataError, find_csv, load_site_data  # torch: only when data is checked
+
     folders = sum(1 for d in path.iterdir() if d.is_dir()) if path.is_dir() else 0
     classes = max(folders, 2) if path.is_dir() and find_csv(path) is None else 10_000  # the run sets it; any fits
     data = load_site_data(str(path), num_features=None, num_classes=classes, image_size=32,
@@ -49,6 +50,8 @@ def own_task_summary(wheel: Path, name: str, sha256: str, path: Path) -> str:
 
 def check_site_data(path: Path, site_file: Path | None) -> tuple[bool, str]:
     """(passes, detail): the data loads for a task this site may run, or every task's reason it does not."""
+    from flowerbed.clientapp.data import DataError
+
     config = load_toml_model(site_file, SiteKitConfig) if site_file is not None else None
     problems = []
     if config is None or config.allow_builtin_tasks:

@@ -25,12 +25,11 @@ from flowerbed.audit import AUDIT_ENV, AUDIT_FILE
 from flowerbed.certs.files import write_private
 from flowerbed.certs.nodekeys import load_public_key, public_fingerprint
 from flowerbed.clientapp.privacy import node_config_of
-from flowerbed.clientapp.secure import SECURE_ONLY_KEY
 from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
-from flowerbed.protocol import TASK_EVENT
+from flowerbed.protocol import SECURE_ONLY_KEY, TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off

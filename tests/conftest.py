@@ -148,18 +148,24 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-# Tests that keep both cores busy (many SuperNodes, a 60 MB model, the benchmarks, the demo) run one
-# after another on one worker, beside the tests that mostly wait: two of them at once on two cores
-# would slow each past its round timeouts.
-CPU_BOUND = ("tests/test_load.py", "tests/test_big_model.py", "tests/test_benchmarks.py", "tests/test_demo.py")
+# One lane, one test at a time: the tests that keep both cores busy (many SuperNodes, a 60 MB model,
+# the demo's five sites) and the tests that measure seconds (a link cut against round timeouts, sites
+# away and back, a site named within seconds of going dark). On two cores, a CPU-bound test beside a
+# timing test starved its sites past their round timeouts (a 137-row round took 90 s). The other
+# workers run the tests that mostly wait (a federation test uses about a third of a core).
+ONE_LANE = (
+    "tests/test_load.py", "tests/test_big_model.py", "tests/test_demo.py",
+    "tests/hosts/test_faults.py", "tests/test_absence.py", "tests/test_diagnoses.py",
+)  # fmt: skip
+LANE = "one-lane"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (it suffixes the node ids with them)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest work first, and a module's tests on one worker when it shares a fixture; the CPU-bound tests
-    share one worker.
+    """Longest work first, and a module's tests on one worker when it shares a fixture; the CPU-bound and
+    timing tests share one lane (``ONE_LANE``).
 
-    A group (a module with a shared fixture, the CPU-bound tests) is one unit of work, as long as its
+    A group (a module with a shared fixture, the one lane) is one unit of work, as long as its
     tests together; units go longest first (kept durations; a federation test not measured yet counts
     60 s), the tests of a unit stay together in collection order. The order is the same in every
     pytest-xdist worker (it must be); scripts/test.sh keeps it (``--no-loadscope-reorder``).
@@ -172,8 +178,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shared = defs is not None and any(
             d.scope == "module" for fixturedefs in defs.name2fixturedefs.values() for d in fixturedefs
         )
-        if item.nodeid.startswith(CPU_BOUND):
-            group[id(item)] = "cpu-bound"
+        if item.nodeid.startswith(ONE_LANE):
+            group[id(item)] = LANE
         elif shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
             group[id(item)] = item.module.__name__ if item.module else item.nodeid
         if id(item) in group:

@@ -51,12 +51,12 @@ import pytest
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith("test_heavy.py"):
-            item.add_marker(pytest.mark.xdist_group("cpu-bound"))
+            item.add_marker(pytest.mark.xdist_group("one-lane"))
 """
 
 
 def test_concurrent_workers_keep_a_group_on_one_worker(tmp_path: Path) -> None:
-    """The suite's budget relies on it: the CPU-bound tests run one after another on one worker."""
+    """The suite's budget relies on it: the one lane (CPU-bound and timing tests) runs one test after another on one worker."""
     (tmp_path / "conftest.py").write_text(SAMPLE_CONFTEST)
     (tmp_path / "test_heavy.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(4)))
     (tmp_path / "test_light.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(4)))
@@ -67,5 +67,12 @@ def test_concurrent_workers_keep_a_group_on_one_worker(tmp_path: Path) -> None:
     workers = {
         line.split("]")[0] for line in done.stdout.splitlines() if "test_heavy.py::" in line and "PASSED" in line
     }
-    assert len(workers) == 1 and all("@cpu-bound" in line for line in done.stdout.splitlines()
+    assert len(workers) == 1 and all("@one-lane" in line for line in done.stdout.splitlines()
                                      if "test_heavy.py::" in line and "PASSED" in line), done.stdout  # fmt: skip
+
+
+def test_the_one_lane_names_test_files_that_exist() -> None:
+    """A renamed timing or CPU-bound test file would silently leave the lane and run beside the others."""
+    from tests.conftest import ONE_LANE
+
+    assert [p for p in ONE_LANE if not (ROOT / p).is_file()] == []

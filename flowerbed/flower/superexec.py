@@ -4,12 +4,15 @@
 - ``TASK_TYPE_TO_COMMAND`` / ``TASK_TYPE_TO_APPIO_API_ADDRESS_ARG``: the command line Flower's
   subprocess executor would start, so a fork runs exactly that.
 - ``LaunchResult``: what a launch answers.
+- ``run_superexec``'s ``time.sleep``: the task loop polls quickly only while tasks come (idle, once a
+  second, as Flower's default).
 - ``pull_objects`` / ``pull_and_inflate_object_from_tree`` keyword defaults: the first retry of an
   object that is not there yet after 0.05 s instead of 1 s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flowerbed.flower import declare, module, resolve, trace
@@ -19,6 +22,9 @@ SUPEREXEC_MAIN = declare("flwr.supercore.cli.flower_superexec", "flower_superexe
 TASK_COMMAND = declare("flwr.supercore.constant", "TASK_TYPE_TO_COMMAND", "start a task as Flower would")
 TASK_ADDRESS_ARG = declare(
     "flwr.supercore.constant", "TASK_TYPE_TO_APPIO_API_ADDRESS_ARG", "start a task as Flower would"
+)
+LOOP_TIME = declare(
+    "flwr.supercore.superexec.run_superexec", "time.sleep", "poll for tasks quickly only while they come"
 )
 LAUNCH_RESULT = declare("flwr.supercore.superexec.executor", "LaunchResult", "launch a task in a fork")
 PULL_OBJECTS = declare(
@@ -54,6 +60,24 @@ def object_pull_backoff(initial_s: float, cap_s: float | None) -> None:
             defaults["initial_backoff"] = initial_s
             if cap_s is not None:
                 defaults["backoff_cap"] = cap_s
+
+
+def pace_task_polls(pause: Callable[[float], None]) -> None:
+    """Flower's task loop sleeps through ``pause`` (called with the loop's own poll interval)."""
+    loop = module(GET_EXECUTOR)  # run_superexec, whose ``time`` the loop sleeps through
+    resolve(LOOP_TIME)  # the loop still sleeps through its module's ``time``
+    clock = loop.time
+
+    class Clock:
+        """``time`` for the task loop: its ``sleep`` is ``pause``, noted in the hook trace."""
+
+        def __getattr__(self, name: str) -> Any:
+            if name != "sleep":
+                return getattr(clock, name)
+            trace(LOOP_TIME)
+            return pause
+
+    loop.time = Clock()
 
 
 def run_superexec(executor: Any) -> None:
