@@ -105,12 +105,15 @@ class ForkExecutor:
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task id, start
     last_task: float = field(default_factory=time.monotonic)  # when a task last ran (or the executor started)
 
-    def pause(self, interval_s: float) -> None:
-        """The task loop's wait before it asks again: its interval while tasks come, else IDLE_POLL_S."""
-        now = time.monotonic()
+    def poll_s(self, interval_s: float, now: float) -> float:
+        """Seconds until the task loop asks again: its interval while tasks come (or run), else IDLE_POLL_S."""
         if self.children:
             self.last_task = now
-        time.sleep(interval_s if now - self.last_task < QUICK_FOR_S else max(interval_s, IDLE_POLL_S))
+        return interval_s if now - self.last_task < QUICK_FOR_S else max(interval_s, IDLE_POLL_S)
+
+    def pause(self, interval_s: float) -> None:
+        """The task loop's wait before it asks again (Flower's loop calls it with its interval)."""
+        time.sleep(self.poll_s(interval_s, time.monotonic()))
 
     def get_eligible_capacity(
         self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None

@@ -151,8 +151,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # One lane, one test at a time: the tests that keep both cores busy (many SuperNodes, a 60 MB model,
 # the demo's five sites) and the tests that measure seconds (a link cut against round timeouts, sites
 # away and back, a site named within seconds of going dark). On two cores, a CPU-bound test beside a
-# timing test starved its sites past their round timeouts (a 137-row round took 90 s). The other
-# workers run the tests that mostly wait (a federation test uses about a third of a core).
+# timing test starved its sites past their round timeouts (a 137-row round took 90 s). With
+# FLOWERBED_TEST_WORKERS=N (scripts/test.sh), the other workers run the rest.
 ONE_LANE = (
     "tests/test_load.py", "tests/test_big_model.py", "tests/test_demo.py",
     "tests/hosts/test_faults.py", "tests/test_absence.py", "tests/test_diagnoses.py",

@@ -133,3 +133,29 @@ def test_object_pulls_retry_quickly_in_kit_processes() -> None:
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:3] == ["1", "0.05 0.2", "0.05 0.2"]
+
+
+def test_the_executor_polls_quickly_only_while_tasks_come() -> None:
+    """Ten times a second for a minute after a task (or the start), and while one runs; then once a second."""
+    from flowerbed.warmexec import IDLE_POLL_S, QUICK_FOR_S, ForkExecutor
+
+    executor = ForkExecutor({})
+    start = executor.last_task
+    assert executor.poll_s(0.1, start + 1) == 0.1
+    assert executor.poll_s(0.1, start + QUICK_FOR_S + 1) == IDLE_POLL_S  # idle: Flower's own once a second
+    executor.children[1] = (7, start)  # a task running (a long round): quick, and a minute more after it
+    assert executor.poll_s(0.1, start + 10 * QUICK_FOR_S) == 0.1
+    executor.children.clear()
+    assert executor.poll_s(0.1, start + 10 * QUICK_FOR_S + 30) == 0.1
+    assert executor.poll_s(0.1, start + 11 * QUICK_FOR_S + 1) == IDLE_POLL_S
+    assert executor.poll_s(2.0, start + 11 * QUICK_FOR_S + 1) == 2.0  # a slower interval asked for is kept
+
+
+def test_the_cli_starts_without_torch_or_flower() -> None:
+    """`flowerbed --help` and quick commands need neither: they load where a command uses them."""
+    import subprocess
+    import sys
+
+    code = "import sys, flowerbed.cli; print(sorted(m for m in ('torch', 'flwr', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
