@@ -470,18 +470,14 @@ def collect_round(
     """One round's exchange: the replies (or why there were none: sites not connected) and, under
     secure aggregation, the aggregate already made."""
     settings, sites, server_round = state.settings, state.sites, state.server_round
-    if sites.by_node:  # after the first round: a site that left is waited for, within the tolerance
-        present = set(grid.get_node_ids()) - set(state.retired)
-        if len(present) < settings.min_nodes:
-            gone = sites.absent_from(present | set(state.retired)) or [
-                f"{settings.min_nodes - len(present)} site(s) not seen yet"
-            ]
-            return Replies([], [f"{name}: not connected" for name in gone], gone), None
-    else:
-        wait_for_nodes(grid, settings, clock)
-    snapshot = NodeSnapshot(grid)
-    if len(snapshot.nodes) < settings.min_nodes:  # one left since: the round is not started without it
-        gone = sites.absent_from(set(snapshot.nodes)) or [f"{settings.min_nodes - len(snapshot.nodes)} site(s) gone"]
+    if not sites.by_node:  # the first round waits for min-nodes; later, a site that left is waited for
+        wait_for_nodes(grid, settings, clock)  # by the absence steps, within the tolerance
+    snapshot = NodeSnapshot(grid)  # the one read of the node list for this round (a node may leave after it)
+    present = set(snapshot.nodes) - set(state.retired)
+    if len(present) < settings.min_nodes:
+        gone = sites.absent_from(present | set(state.retired)) or [
+            f"{settings.min_nodes - len(present)} site(s) not seen yet"
+        ]
         return Replies([], [f"{name}: not connected" for name in gone], gone), None
     # A site out of privacy budget gets no more train tasks (it would only refuse them again).
     messages = [m for m in strategy.configure_train(server_round, state.arrays, ConfigRecord(), snapshot.grid())

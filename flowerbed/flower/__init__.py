@@ -125,6 +125,19 @@ def trace(hook: Hook) -> None:
             handle.write(hook.key + "\n")
 
 
+def traced_time(hook: Hook, base: Any, sleep: Callable[[float], None]) -> Any:
+    """A ``time`` stand-in for a Flower loop: ``base``'s, except ``sleep``, noted in the trace when taken."""
+
+    class Clock:
+        def __getattr__(self, name: str) -> Any:
+            if name != "sleep":
+                return getattr(base, name)
+            trace(hook)
+            return sleep
+
+    return Clock()
+
+
 def entry(hook: Hook) -> Callable[[], None]:
     """A Flower command's main function (it reads sys.argv), checked now and traced when it runs."""
     main = resolve(hook)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from flowerbed.flower import declare, module, resolve, trace
+from flowerbed.flower import declare, module, resolve, trace, traced_time
 
 GET_EXECUTOR = declare("flwr.supercore.superexec.run_superexec", "get_executor", "fork tasks from a warm process")
 SUPEREXEC_MAIN = declare("flwr.supercore.cli.flower_superexec", "flower_superexec", "start flower-superexec")
@@ -66,18 +66,7 @@ def pace_task_polls(pause: Callable[[float], None]) -> None:
     """Flower's task loop sleeps through ``pause`` (called with the loop's own poll interval)."""
     loop = module(GET_EXECUTOR)  # run_superexec, whose ``time`` the loop sleeps through
     resolve(LOOP_TIME)  # the loop still sleeps through its module's ``time``
-    clock = loop.time
-
-    class Clock:
-        """``time`` for the task loop: its ``sleep`` is ``pause``, noted in the hook trace."""
-
-        def __getattr__(self, name: str) -> Any:
-            if name != "sleep":
-                return getattr(clock, name)
-            trace(LOOP_TIME)
-            return pause
-
-    loop.time = Clock()
+    loop.time = traced_time(LOOP_TIME, loop.time, pause)
 
 
 def run_superexec(executor: Any) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flowerbed.flower import declare, entry, module, resolve, trace
+from flowerbed.flower import declare, entry, module, resolve, trace, traced_time
 
 PULL_LOOP_TIME = declare("flwr.supernode.start_client_internal", "time.sleep", "shorten the SuperNode's idle pull")
 PUSH_MESSAGES = declare(
@@ -57,20 +57,12 @@ def install_pull_clock(clock: Any, on_reply: Callable[[], None]) -> None:
     resolve(PULL_LOOP_TIME)
     push = resolve(PUSH_MESSAGES)
 
-    class Clock:
-        """``clock``, noting in the hook trace that the loop sleeps through it."""
-
-        def __getattr__(self, name: str) -> Any:
-            if name == "sleep":
-                trace(PULL_LOOP_TIME)
-            return getattr(clock, name)
-
     def push_and_mark(*args: Any, **kwargs: Any) -> None:
         trace(PUSH_MESSAGES)
         push(*args, **kwargs)
         on_reply()
 
-    loop.time = Clock()
+    loop.time = traced_time(PULL_LOOP_TIME, clock, clock.sleep)
     loop._push_messages = push_and_mark
 
 
