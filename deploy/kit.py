@@ -89,6 +89,7 @@ def _write_site(
         site=site,
         superlink_address=config.superlink.address,
         superlink_port=config.superlink.port,
+        supernode_port=config.supernode_port,
     )
     (stage / SITE_FILE).write_text(
         "# Site settings for `flowerbed supernode start --kit .`; set data_path before the first start.\n"

@@ -9,13 +9,26 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from flowerbed.errors import ExitCode, FlowerbedError
 
 FEDERATION_FILE = "federation.toml"
 SITE_FILE = "site.toml"
 BASELINE_KEY = "local-baseline-epochs"  # final evaluate message: train a local-only model this long first
+SOURCES_KEY = "settings-from"  # run-config key: the settings given (federation.toml, a flag), as KEY:SOURCE,...
+FROM_FILE = "federation.toml"
+FROM_FLAG = "flag"
+FROM_TASK = "task default"
+FROM_DEFAULT = "default"
+# The run settings every task uses (the loop's), and those the built-in tasks add: what `init` writes
+# into [run] and what a run's start shows.
+LOOP_KEYS = ("strategy", "max_rounds", "min_nodes", "target_metric", "target_value", "patience", "time_budget_s",
+             "round_timeout_s", "dp", "secure_aggregation")  # fmt: skip
+TABULAR_KEYS = ("num_features", "num_classes", "hidden_units", "local_epochs", "batch_size", "learning_rate",
+                "optimizer", "validation_fraction", "seed")  # fmt: skip
+IMAGE_KEYS = ("model", "image_size", "image_channels", "num_classes", "class_names", "local_epochs", "batch_size",
+              "learning_rate", "optimizer", "validation_fraction", "seed")  # fmt: skip
 DATA_PLACEHOLDER = "CHANGE-ME: /path/to/your/data.csv or image folder"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 TASK_NAME = re.compile(r"[a-z][a-z0-9-]{1,40}")  # a task's name (`flowerbed task new`, run.task)
@@ -188,6 +201,8 @@ class RunSettings(_Model):
         "", description="secagg+: a folder on the coordinator for all the ServerApp received of the updates (audits)"
     )
 
+    _sources: dict[str, str] | None = PrivateAttr(default=None)
+
     @model_validator(mode="after")
     def _consistent(self) -> RunSettings:
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
@@ -245,15 +260,35 @@ class RunSettings(_Model):
         names = [n.strip() for n in self.class_names.split(",") if n.strip()]
         return names or None
 
+    def sources(self) -> dict[str, str]:
+        """Where each setting given came from (``FROM_FILE``, ``FROM_FLAG``), by field name; an own task's
+        settings as ``task_settings.KEY``. Settings not in it are defaults: the task's own, else the kit's.
+
+        Without sources attached (:meth:`with_sources`), the fields set when the model was made
+        (those in federation.toml's [run]) count as given in federation.toml.
+        """
+        if self._sources is not None:
+            return dict(self._sources)
+        given = {key: FROM_FILE for key in self.model_fields_set if key != "task_settings"}
+        return given | {f"task_settings.{key}": FROM_FILE for key in self.task_settings}
+
+    def with_sources(self, sources: dict[str, str]) -> RunSettings:
+        """A copy that says where its settings came from (see :meth:`sources`)."""
+        copy = self.model_copy()
+        copy._sources = dict(sources)
+        return copy
+
     def to_run_config(self) -> dict[str, Any]:
         """Flower run-config (kebab-case keys; ``None`` values and empty task settings are left out).
 
-        ``task_settings`` is a table, which Flower flattens to ``task-settings.KEY`` keys.
+        ``task_settings`` is a table, which Flower flattens to ``task-settings.KEY`` keys;
+        ``SOURCES_KEY`` says which settings were given, so that an own task's defaults hold for the rest.
         """
         out: dict[str, Any] = {}
         for key, value in self.model_dump().items():
             if value is not None and value != {}:
                 out[key.replace("_", "-")] = value
+        out[SOURCES_KEY] = ",".join(f"{k.replace('_', '-')}:{v}" for k, v in sorted(self.sources().items()))
         return out
 
     @classmethod
@@ -261,9 +296,21 @@ class RunSettings(_Model):
         """Inverse of :meth:`to_run_config` (flattened by Flower or not); unknown keys are ignored."""
         known = set(cls.model_fields) - {"task_settings"}
         data = {k.replace("-", "_"): v for k, v in config.items() if "." not in k}
-        return cls.model_validate(
+        settings = cls.model_validate(
             {k: v for k, v in data.items() if k in known} | {"task_settings": task_settings_of(config)}
         )
+        given = given_settings(config)
+        return settings if given is None else settings.with_sources(given)
+
+
+def given_settings(config: dict[str, Any]) -> dict[str, str] | None:
+    """The settings a run config says were given, field name -> source (None: it does not say, as
+    in runs submitted before flowerbed kept it; then every value counts as given)."""
+    text = config.get(SOURCES_KEY)
+    if not isinstance(text, str):
+        return None
+    pairs = (item.partition(":") for item in text.split(",") if item)
+    return {key.replace("-", "_"): source for key, _, source in pairs}
 
 
 def task_settings_of(config: dict[str, Any]) -> dict[str, Any]:
@@ -349,6 +396,9 @@ class FederationConfig(_Model):
     """The content of ``federation.toml``."""
 
     name: str
+    supernode_port: Port = Field(
+        9094, description="Loopback port of each site's SuperNode local API (written into every site kit)"
+    )
     superlink: SuperLinkSettings
     sites: list[Site] = Field(min_length=1)
     run: RunSettings = Field(default_factory=lambda: RunSettings.model_validate({}))
@@ -364,6 +414,9 @@ class FederationConfig(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"site names must be unique, repeated: {', '.join(dupes)}")
+        link = self.superlink
+        if self.supernode_port in (link.port, link.internal_port, link.health_port, link.executor_health_port):
+            raise ValueError(f"supernode_port {self.supernode_port} is one of the coordinator's ports: choose another")
         if self.run.min_nodes > len(self.sites):
             raise ValueError(f"run.min_nodes is {self.run.min_nodes} but only {len(self.sites)} sites are listed")
         return self
@@ -416,9 +469,19 @@ def load_toml_model(path: Path, model: type[M], *, missing: str = "create it wit
 
 
 def save_toml_model(path: Path, model: BaseModel) -> None:
-    """Write ``model`` as TOML (atomically: temp file then rename)."""
+    """Write ``model`` as TOML (atomically: temp file then rename).
+
+    A federation's [run] keeps only the settings given (its defaults stay defaults, so that an own
+    task's defaults hold where federation.toml says nothing).
+    """
+    data = model.model_dump(exclude_none=True)
+    if isinstance(model, FederationConfig):
+        given = set(model.run.sources()) & set(RunSettings.model_fields)
+        data["run"] = model.run.model_dump(exclude_none=True, include=given)
+        if model.run.task_settings:
+            data["run"]["task_settings"] = dict(model.run.task_settings)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(tomli_w.dumps(model.model_dump(exclude_none=True)), encoding="utf-8")
+    tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
     tmp.replace(path)
 
 

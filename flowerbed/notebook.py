@@ -22,7 +22,7 @@ from flowerbed.config import load_federation
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
-from flowerbed.runfolder import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows, run_id_of
+from flowerbed.runfolder import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows, read_settings, run_id_of
 from flowerbed.runner import RunHandle, follow, prepare, run_folder, run_overview, stored_settings, submit
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
@@ -81,6 +81,11 @@ class Run:
             ]
         )
         return frame
+
+    @property
+    def settings(self) -> pd.DataFrame:
+        """The settings the run trained with (columns key, value, source: federation.toml, flag, a default)."""
+        return _pandas().DataFrame(read_settings(self.folder), columns=["key", "value", "source"])
 
     @property
     def summary(self) -> dict[str, Any] | None:
@@ -155,7 +160,8 @@ class Federation:
         for warning in prepared.warnings:
             print(f"warning: {warning}")  # noqa: T201
         handle = submit(self.layout, prepared.settings, name or time.strftime("nb-%Y%m%d-%H%M%S"),
-                        control_port=self.config.superlink.internal_port, task_wheel=prepared.chosen.wheel)  # fmt: skip
+                        control_port=self.config.superlink.internal_port, task_wheel=prepared.chosen.wheel,
+                        effective=prepared.effective)  # fmt: skip
         return Run(self, handle.out_dir.name)
 
     def get(self, name: str) -> Run:

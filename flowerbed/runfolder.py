@@ -3,10 +3,11 @@
 ``runs/NAME/`` holds ``app/pyproject.toml`` (the run's Flower App manifest, written at submit),
 ``history.jsonl`` and ``history.csv`` (rows appended as rounds end, each line whole),
 ``checkpoints/round-NNNN.pt`` (written before its round's row) and ``checkpoints/best.pt``,
+``settings.json`` (the effective settings, with where each came from),
 ``run-id`` (the Flower run that works on it now), ``serverapp.json`` (the ServerApp process that
-works on it), ``resuming`` (while a resume is submitted) and, once it has ended, ``summary.json``,
-``final_model.pt`` and ``metrics.png``. A folder without ``summary.json`` whose ServerApp process is
-gone was interrupted.
+works on it), ``resuming`` (while a resume is submitted), ``stop-requested`` (`flowerbed runs
+stop`) and, once it has ended, ``summary.json``, ``final_model.pt`` and ``metrics.png``. A folder
+without ``summary.json`` whose ServerApp process is gone was interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ APP_MANIFEST = "app/pyproject.toml"  # the run's Flower App (the kit's manifest-
 HISTORY_JSONL = "history.jsonl"
 HISTORY_CSV = "history.csv"
 SUMMARY = "summary.json"
+SETTINGS = "settings.json"  # the effective settings as the task saw them at submit, each with its source
 FINAL_MODEL = "final_model.pt"
 PLOT = "metrics.png"
 TRAIN = "train"
@@ -247,6 +249,7 @@ def plot_history(rows: list[RoundRow], path: Path) -> None:
 SERVERAPP_FILE = "serverapp.json"
 RUN_ID_FILE = "run-id"
 RESUMING_FILE = "resuming"  # present while a resume of the folder is being submitted
+STOP_FILE = "stop-requested"  # `flowerbed runs stop`: the run ends after its current round
 
 
 def process_start(pid: int) -> str | None:
@@ -314,4 +317,32 @@ def run_id_of(out_dir: Path) -> int | None:
     try:
         return int((out_dir / RUN_ID_FILE).read_text("utf-8").strip())
     except (OSError, ValueError):
+        return None
+
+
+def write_settings(out_dir: Path, rows: list[tuple[str, Any, str]]) -> None:
+    """Keep the run's effective settings (key, value, source) in ``settings.json``."""
+    data = [{"key": key, "value": value, "source": source} for key, value, source in rows]
+    write_atomic(out_dir / SETTINGS, (json.dumps(data, indent=1, default=str) + "\n").encode())
+
+
+def read_settings(out_dir: Path) -> list[dict[str, Any]]:
+    """The run's effective settings as kept at submit (empty: none kept, e.g. an older run)."""
+    try:
+        data = json.loads((out_dir / SETTINGS).read_text("utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [row for row in data if isinstance(row, dict)] if isinstance(data, list) else []
+
+
+def request_stop(out_dir: Path, why: str) -> None:
+    """Ask the run's ServerApp to end after its current round (it reads :func:`stop_requested`)."""
+    write_atomic(out_dir / STOP_FILE, (why.strip() or "stopped by the coordinator").encode())
+
+
+def stop_requested(out_dir: Path) -> str | None:
+    """Why the coordinator asked the run to stop, or None when it did not."""
+    try:
+        return (out_dir / STOP_FILE).read_text("utf-8").strip() or "stopped by the coordinator"
+    except OSError:
         return None

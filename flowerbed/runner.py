@@ -10,7 +10,7 @@ import shutil
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import tomli_w
 
 from flowerbed import audit, taskstore
 from flowerbed.artifacts import KIT_CLIENTAPP, KIT_SERVERAPP, sha256_bytes
-from flowerbed.config import FederationConfig, RunSettings, resolve
+from flowerbed.config import FROM_FLAG, FederationConfig, RunSettings, resolve
 from flowerbed.diskspace import MB, device_of, free_bytes
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.flower import HookError
@@ -34,13 +34,15 @@ from flowerbed.runfolder import (
     TRAIN,
     ended,
     read_rows,
+    request_stop,
     run_folders,
     run_id_of,
     serverapp_alive,
+    write_settings,
 )
 from flowerbed.serverapp.resume import RESUME_KEY, plan_resume
 from flowerbed.superlink import control, flwrcli
-from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
+from flowerbed.task import RUN_TASK_WHEEL, Setting, effective_settings, load_task, task_config
 
 APP_NAME = "flowerbed-app"
 FINISHED = "finished"
@@ -112,12 +114,14 @@ def submit(
     *,
     control_port: int | None = None,
     task_wheel: Path | None = None,
+    effective: list[Setting] | None = None,
 ) -> RunHandle:
     """Write the manifest with the validated settings and submit it to the local SuperLink.
 
     ``control_port``: the SuperLink's loopback port, checked first so that a stopped coordinator is
     named as such. ``task_wheel``: the own task's wheel, kept in the run folder for the ServerApp
-    (and for a resume). A run that could not be submitted leaves no run folder behind.
+    (and for a resume). ``effective``: the settings as the task sees them, kept in the run folder.
+    A run that could not be submitted leaves no run folder behind.
     """
     check_superlink(layout, control_port)
     stamp = name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
@@ -125,9 +129,11 @@ def submit(
     if out_dir.exists():
         raise FlowerbedError(f"{out_dir} already exists: choose another --name, or `--resume {stamp}` to go on")
     try:
+        out_dir.mkdir(parents=True)
         if task_wheel is not None:
-            out_dir.mkdir(parents=True)
             shutil.copyfile(task_wheel, out_dir / RUN_TASK_WHEEL)
+        if effective:
+            write_settings(out_dir, [(s.key, s.value, s.source) for s in effective])
         run_id = _submit(layout, out_dir, settings.to_run_config() | {"output-dir": str(out_dir)})
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -147,6 +153,7 @@ class Prepared:
     chosen: taskstore.Chosen
     settings: RunSettings
     warnings: list[str]
+    effective: list[Setting] = field(default_factory=list)  # as the task sees them, with sources (empty: resumed)
 
 
 def space_warning(runs: Path, model: Any, settings: RunSettings) -> str | None:
@@ -187,15 +194,23 @@ def prepare(
     }
     run_settings = resolve(base, given | overrides)
     settings = resolve(config, {"run": run_settings}).run  # min-nodes is checked against the sites too
+    sources = base.sources() | {key: FROM_FLAG for key, value in overrides.items() if value is not None}
+    sources |= {f"task_settings.{key}": FROM_FLAG for key in task_settings or {}}
+    settings = settings.with_sources(sources)
     from flowerbed.serverapp.strategies import client_dp_warning  # Flower's strategies: not on every command
 
     warnings = [w for w in (client_dp_warning(settings, len(config.sites)),) if w]
+    effective: list[Setting] = []
     if check_task:
         loaded = load_task(chosen.name, chosen.sha256, chosen.wheel)
+        effective, unused = effective_settings(loaded, settings)
+        if unused:
+            warnings.append(f"task {chosen.name} has no setting {', '.join(unused)}: the value given "
+                            f"({', '.join(f'{k} from {sources[k]}' for k in unused)}) is not used")  # fmt: skip
         space = space_warning(layout.runs, loaded.model(task_config(loaded, settings.to_run_config())), settings)
         if space:
             warnings.append(space)
-    return Prepared(chosen, settings, warnings)
+    return Prepared(chosen, settings, warnings, effective)
 
 
 def run_folder(layout: FederationLayout, name: str) -> Path:
@@ -252,6 +267,18 @@ def resume(
     audit.append(layout.audit, audit.RUN, "coordinator", event="resumed", run=name, flower_run_id=run_id,
                  previous_flower_run_id=old, why=why.removeprefix("; "))  # fmt: skip
     return RunHandle(run_id=run_id, out_dir=out_dir)
+
+
+def stop(layout: FederationLayout, name: str, why: str = "") -> Path:
+    """Ask run ``name`` to end after its current round (its final evaluation follows, the run completes
+    with ``stopped-by-coordinator``); refused for a run that has ended. Returns its folder."""
+    out_dir = run_folder(layout, name)
+    summary = ended(out_dir)
+    if summary is not None:
+        raise FlowerbedError(f"run {name} has ended already ({summary.get('status')}, {summary.get('stop_reason')})")
+    request_stop(out_dir, why or "stopped by the coordinator")
+    audit.append(layout.audit, audit.RUN, "coordinator", event="stop requested", run=name, why=why)
+    return out_dir
 
 
 @contextlib.contextmanager

@@ -29,7 +29,18 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ValidationError
 
 from flowerbed.artifacts import WheelInfo, read_task_wheel, sha256_bytes
-from flowerbed.config import ConfigError, format_validation_error, task_settings_of
+from flowerbed.config import (
+    FROM_DEFAULT,
+    FROM_TASK,
+    IMAGE_KEYS,
+    LOOP_KEYS,
+    TABULAR_KEYS,
+    ConfigError,
+    RunSettings,
+    format_validation_error,
+    given_settings,
+    task_settings_of,
+)
 from flowerbed.errors import FlowerbedError
 
 if TYPE_CHECKING:
@@ -266,7 +277,8 @@ def check_interface(task: Any, name: str) -> None:
 def task_config(task: Task, values: dict[str, Any]) -> BaseModel:
     """The task's own settings from run-config ``values``.
 
-    Keys the task's ``Config`` shares with the run settings (``local_epochs`` ...) come from there;
+    Keys the task's ``Config`` shares with the run settings (``local_epochs`` ...) come from there
+    when they were given (federation.toml, a flag; ``SOURCES_KEY``), else the task's defaults hold;
     ``task_settings`` (``[run.task_settings]`` in federation.toml, ``--task-setting KEY=VALUE``) set
     the task's own keys, and one the task does not have is refused by name.
     """
@@ -277,13 +289,49 @@ def task_config(task: Task, values: dict[str, Any]) -> BaseModel:
         raise ConfigError(
             f"task {task.name} has no setting {', '.join(unknown)} (its settings: {', '.join(sorted(fields))})"
         )
+    given = given_settings(values)  # None: an older run config, where every value counts as given
     data = {k.replace("-", "_"): v for k, v in values.items() if "." not in k}
+    if given is not None and task.Config is not RunSettings:  # the built-in tasks' defaults are the run's
+        data = {k: v for k, v in data.items() if k in given}
     data |= {k.replace("-", "_"): v for k, v in own.items()}
     try:
         return task.Config.model_validate({k: v for k, v in data.items() if k in fields})
     except ValidationError as exc:
         details = format_validation_error(f"task {task.name}", exc)
         raise ConfigError(f"task {task.name}: invalid run settings ({len(details)} problem(s))", details) from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting a run trains with, and where its value came from (federation.toml, a flag, a default)."""
+
+    key: str
+    value: Any
+    source: str
+
+
+def effective_settings(task: Task, settings: RunSettings) -> tuple[list[Setting], list[str]]:
+    """The run's settings as its task sees them, each with its source; and the settings given that the
+    task has no use for (``--local-epochs`` for an own task without ``local_epochs``).
+
+    The loop's settings come first, then the task's: an own task's every ``Config`` key (its default
+    unless given), a built-in task's keys (``TABULAR_KEYS``, ``IMAGE_KEYS``).
+    """
+    config = task_config(task, settings.to_run_config())
+    sources = settings.sources()
+    rows = [Setting(key, getattr(settings, key), sources.get(key, FROM_DEFAULT)) for key in LOOP_KEYS
+            if getattr(settings, key) is not None]  # fmt: skip
+    if task.Config is RunSettings:
+        keys = IMAGE_KEYS if task.name == "images" else TABULAR_KEYS
+        keys = (*keys, "hidden_units") if task.name == "images" and settings.model == "mlp" else keys
+        rows += [Setting(key, getattr(config, key), sources.get(key, FROM_DEFAULT)) for key in keys]
+        return rows, []
+    fields = type(config).model_fields
+    for key in fields:
+        source = sources.get(f"task_settings.{key}") or sources.get(key) or FROM_TASK
+        rows.append(Setting(key, getattr(config, key), source))
+    unused = sorted({*TABULAR_KEYS, *IMAGE_KEYS, "hidden_units"} & set(sources) - set(fields))
+    return rows, unused
 
 
 def check_metrics(metrics: Any, what: str) -> Metrics:

@@ -67,10 +67,11 @@ from flowerbed.clientapp.data import DataError
 class Config(BaseModel):
     """This task's own settings, with defaults.
 
-    Keys that flowerbed's run settings also have (num_features, hidden_units, local_epochs,
-    batch_size, learning_rate, validation_fraction, seed) take their values from federation.toml's
-    [run] table and `flowerbed run` options; any key is set by [run.task_settings] in
-    federation.toml or `flowerbed run --task-setting KEY=VALUE`.
+    These defaults hold in every run unless the coordinator sets a value: keys that flowerbed's run
+    settings also have (num_features, hidden_units, local_epochs, batch_size, learning_rate,
+    validation_fraction, seed) when federation.toml's [run] table or a `flowerbed run` option gives
+    them; any key by [run.task_settings] in federation.toml or `--task-setting KEY=VALUE`. A run's
+    start shows every value and where it came from.
     """
 
     num_features: int = Field(30, ge=1)
@@ -177,9 +178,10 @@ def test_one_local_round(tmp_path: Path) -> None:
 README = """# flowerbed task: {name}
 
 What to fill in, in `{module}/task.py`:
-- `Config`: your task's own settings with their defaults (keys that flowerbed's `[run]` table also
-  has, such as `local_epochs` or `learning_rate`, take their values from `federation.toml`; any key
-  is set by `[run.task_settings]` there, or `flowerbed run --task-setting KEY=VALUE`);
+- `Config`: your task's own settings with their defaults, which hold unless the coordinator sets a
+  value (keys that flowerbed's `[run]` table also has, such as `local_epochs` or `learning_rate`,
+  when `federation.toml` or a `flowerbed run` option gives them; any key by `[run.task_settings]`
+  there, or `flowerbed run --task-setting KEY=VALUE`; the run's start shows where each came from);
 - `model(config)`: your architecture;
 - `load_data(path, config)`: your file formats and preprocessing, returning (train, validation);
 - `train(model, data, config)`: your training loop (optimizer, augmentation, class weights);

@@ -27,6 +27,12 @@ COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "ev
 LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait", STOPPED: "stop", AWAY: "away"}
 
 
+def settings_table(rows: list[tuple[str, Any, str]]) -> Any:
+    """The run's effective settings: key, value, and where the value came from."""
+    cells = [(key, "" if value is None else str(value), source) for key, value, source in rows]
+    return table("settings", ["setting", "value", "from"], cells)
+
+
 def _round_label(row: dict[str, Any]) -> str:
     label = LABELS.get(str(row.get("kind")))
     if label is None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 2: set up, then lint, type-check and run the whole test suite (pytest).
-#   bash scripts/test.sh            the whole suite, one test at a time (FLOWERBED_TEST_WORKERS=N: N at once)
+#   bash scripts/test.sh            the whole suite: two tests at a time, then the solo ones alone
+#                                   (FLOWERBED_TEST_WORKERS=N: N at a time; 1: one at a time)
 #   bash scripts/test.sh --quick    lint, types and every test that starts no federation (marker
 #                                   `federation`): the edit-test loop, a few minutes
 # Other arguments go to pytest (e.g. a test file).
@@ -18,18 +19,23 @@ export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
 ruff format --check .
 bash scripts/typecheck.sh
-workers="${FLOWERBED_TEST_WORKERS:-1}"
+workers="${FLOWERBED_TEST_WORKERS:-2}"
 if [[ $quick == 1 ]]; then
-  python -m pytest -p no:cacheprovider -m "not federation" -n "${FLOWERBED_TEST_WORKERS:-2}" --durations=20 "$@"
+  python -m pytest -p no:cacheprovider -m "not federation" -n "$workers" --durations=20 "$@"
 elif [[ $workers == 1 ]]; then
-  # One test at a time: on this 2-core machine the suite keeps one core busy on average, and two or
-  # three workers starved tests of their round timeouts (2 workers: the 38 longest tests in 26 min
-  # instead of 46, but 4 of them failed; 3 workers: load 8-10, slower still). Longest first.
-  python -m pytest -p no:cacheprovider --durations=20 "$@"
+  python -m pytest -p no:cacheprovider --durations=20 "$@"  # one test at a time
 else
-  # FLOWERBED_TEST_WORKERS=N (for more cores): the CPU-bound tests and the tests that measure seconds
-  # share one lane, one at a time (tests/conftest.py ONE_LANE); a module's shared coordinator stays on
-  # one worker; the longest units start first (docs/test-durations.json).
-  python -m pytest -p no:cacheprovider -n "$workers" --dist loadgroup --no-loadscope-reorder \
-    --durations=20 "$@"
+  # Two phases, one session (tests/durations.py adds them up): every test but the solo ones on
+  # $workers pytest-xdist workers (a module's shared coordinator stays on one worker, the longest
+  # units start first), then the solo tests (marker `solo`, tests/conftest.py SOLO: they keep both
+  # cores busy) one at a time. A phase that selects no test (exit 5) is no failure.
+  export FLOWERBED_TEST_SESSION="${FLOWERBED_TEST_SESSION:-$$-$(date +%s)}"
+  status=0
+  python -m pytest -p no:cacheprovider -n "$workers" --dist loadgroup --no-loadscope-reorder -m "not solo" \
+    --durations=20 "$@" || status=$?
+  [[ $status == 5 ]] && status=0
+  solo=0
+  python -m pytest -p no:cacheprovider -m solo --durations=10 "$@" || solo=$?
+  [[ $solo == 5 ]] && solo=0
+  exit $(( status != 0 ? status : solo ))
 fi

@@ -11,6 +11,7 @@ TARGET = "target-reached"
 PLATEAU = "plateau"
 MAX_ROUNDS = "max-rounds"
 TIME_BUDGET = "time-budget"
+STOP_ASKED = "stopped-by-coordinator"  # `flowerbed runs stop`: ended after a round, with its final evaluation
 PRIVACY_SPENT = "privacy-budgets-spent"  # too few sites may train any more under their privacy budgets
 
 

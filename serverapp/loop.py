@@ -18,8 +18,8 @@ from flowerbed.audit import ROUND, append_here
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat
 from flowerbed.protocol import PRIVACY_CODE
-from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow
-from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, TIME_BUDGET, ConvergenceTracker
+from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow, stop_requested
+from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, STOP_ASKED, TIME_BUDGET, ConvergenceTracker
 from flowerbed.serverapp.resume import ResumePoint
 from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
 
@@ -575,6 +575,8 @@ def finish_round(
         state.arrays = new_arrays
     if reason is None:
         reason = state.tracker.limit(server_round, clock() - state.start, settings)
+    if reason is None and stop_requested(history.out_dir) is not None:
+        reason = STOP_ASKED
     # The checkpoint before its row: a row in the history always has its model to resume from.
     history.checkpoint(server_round, state.arrays.to_torch_state_dict(), keep=settings.keep_checkpoints)
     history.append(
@@ -637,7 +639,7 @@ def run_rounds(
     resume: ResumePoint | None = None,
     watch: Watch | None = None,
 ) -> Outcome:
-    """Train until target/plateau/max-rounds/time-budget.
+    """Train until target/plateau/max-rounds/time-budget, or the coordinator's stop (`flowerbed runs stop`).
 
     A round short of min-nodes valid replies because sites are absent waits and is retried with the
     nodes present, for at most ``site_absence_tolerance_s`` per absence; a site whose ClientApp
@@ -661,9 +663,16 @@ def run_rounds(
         if len(got.valid) < settings.min_nodes:
             short_round(state, got, t0, clock, sleep)  # waits (or raises RunFailedError)
             state.server_round -= 1  # the same round again, with the nodes present
+            if stop_requested(history.out_dir) is not None:
+                reason = STOP_ASKED
+                break
             continue
         reason = finish_round(strategy, state, got, secured, t0=t0, clock=clock)
-    if reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT) or state.best.arrays is None or settings.local_baseline:
+    if (
+        reason in (MAX_ROUNDS, TIME_BUDGET, PRIVACY_SPENT, STOP_ASKED)
+        or state.best.arrays is None
+        or settings.local_baseline
+    ):
         final_evaluation(grid, strategy, state, clock)
     # No trained model was evaluated: the last one, never the initial one.
     best = state.best

@@ -15,9 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from flowerbed import audit
 from flowerbed.certs import service
-from flowerbed.config import FederationConfig, load_federation, save_toml_model
+from flowerbed.config import (
+    ConfigError,
+    FederationConfig,
+    Site,
+    format_validation_error,
+    load_federation,
+    save_toml_model,
+)
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
@@ -147,8 +156,11 @@ def add_site(layout: FederationLayout, name: str) -> tuple[FederationConfig, str
         )
     if load_registry(layout).get(name, {}).get("revoked"):
         raise FlowerbedError(f"site {name!r} was revoked; its name cannot be reused: choose another name")
-    data = config.model_dump()
-    config = FederationConfig.model_validate(data | {"sites": [*data["sites"], {"name": name}]})
+    try:
+        site = Site(name=name)
+    except ValidationError as exc:
+        raise ConfigError(f"cannot add site {name!r}", format_validation_error("site", exc)) from None
+    config = config.model_copy(update={"sites": [*config.sites, site]})  # [run] keeps what it gave, no more
     save_toml_model(layout.config, config)
     if not layout.node_key(name).exists():
         service.make_node_key(layout, config, name)

@@ -146,29 +146,25 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "federation: starts Flower, nginx or a proxy (real processes); `scripts/test.sh --quick` skips these"
     )
+    config.addinivalue_line("markers", "solo: keeps both cores busy; scripts/test.sh runs these alone (conftest SOLO)")
 
 
-# One lane, one test at a time: the tests that keep both cores busy (many SuperNodes, a 60 MB model,
-# the demo's five sites) and the tests that measure seconds (a link cut against round timeouts, sites
-# away and back, a site named within seconds of going dark). On two cores, a CPU-bound test beside a
-# timing test starved its sites past their round timeouts (a 137-row round took 90 s). With
-# FLOWERBED_TEST_WORKERS=N (scripts/test.sh), the other workers run the rest.
-ONE_LANE = (
-    "tests/test_load.py", "tests/test_big_model.py", "tests/test_demo.py",
-    "tests/hosts/test_faults.py", "tests/test_absence.py", "tests/test_diagnoses.py",
-)  # fmt: skip
-LANE = "one-lane"
+# Tests that run alone, after the others (scripts/test.sh runs `-m "not solo"` on two workers, then
+# `-m solo` one at a time): the tests that keep both cores busy (sixteen SuperNodes, a 60 MB model,
+# the demo's five sites). Beside one of them, a test that waits for a round within seconds starved
+# past its round timeout (a 137-row round took 90 s; on two workers, sites missed a 20 s round).
+SOLO = ("tests/test_load.py", "tests/test_big_model.py", "tests/test_demo.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (it suffixes the node ids with them)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Longest work first, and a module's tests on one worker when it shares a fixture; the CPU-bound and
-    timing tests share one lane (``ONE_LANE``).
+    """The tests that run alone are marked ``solo`` (``SOLO``); longest work first, and a module's tests
+    on one worker when they share a fixture.
 
-    A group (a module with a shared fixture, the one lane) is one unit of work, as long as its
-    tests together; units go longest first (kept durations; a federation test not measured yet counts
-    60 s), the tests of a unit stay together in collection order. The order is the same in every
-    pytest-xdist worker (it must be); scripts/test.sh keeps it (``--no-loadscope-reorder``).
+    A module with a shared fixture is one unit of work, as long as its tests together; units go
+    longest first (kept durations; a federation test not measured yet counts 60 s), the tests of a
+    unit stay together in collection order. The order is the same in every pytest-xdist worker (it
+    must be); scripts/test.sh keeps it (``--no-loadscope-reorder``).
     """
     seconds = durations.known()
     position = {id(item): i for i, item in enumerate(items)}
@@ -178,9 +174,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shared = defs is not None and any(
             d.scope == "module" for fixturedefs in defs.name2fixturedefs.values() for d in fixturedefs
         )
-        if item.nodeid.startswith(ONE_LANE):
-            group[id(item)] = LANE
-        elif shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
+        if item.nodeid.startswith(SOLO):
+            item.add_marker(pytest.mark.solo)
+        if shared:  # a module-scoped fixture (a coordinator, a federation) is made once, on one worker
             group[id(item)] = item.module.__name__ if item.module else item.nodeid
         if id(item) in group:
             item.add_marker(pytest.mark.xdist_group(group[id(item)]))

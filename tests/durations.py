@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,19 +29,43 @@ def known() -> dict[str, float]:
         return {}
 
 
+def _phases(seconds: dict[str, float], wall_s: float, workers: int, selection: str) -> tuple[dict[str, float], str]:
+    """This pytest session's durations with those of the earlier phases of the same run of
+    scripts/test.sh (``FLOWERBED_TEST_SESSION``), and the phases said in words."""
+    session = os.environ.get("FLOWERBED_TEST_SESSION", "")
+    said = f"{selection}, {len(seconds)} tests, {workers} worker(s), wall time {wall_s / 60:.1f} min"
+    if not session:
+        return seconds, said
+    state = Path(tempfile.gettempdir()) / f"flowerbed-test-session-{session}.json"
+    try:
+        earlier = json.loads(state.read_text("utf-8"))
+    except (OSError, ValueError):
+        earlier = {"seconds": {}, "phases": [], "wall_s": 0.0}
+    together = earlier["seconds"] | seconds
+    phases = [*earlier["phases"], said]
+    total = earlier["wall_s"] + wall_s
+    state.write_text(json.dumps({"seconds": together, "phases": phases, "wall_s": total}), encoding="utf-8")
+    return together, f"{len(together)} tests in {len(phases)} phase(s), wall time {total / 60:.1f} min: " + "; ".join(
+        phases
+    )
+
+
 def keep(seconds: dict[str, float], wall_s: float, workers: int, selection: str) -> list[tuple[str, float]]:
-    """Fold this session's durations into the JSON, write the page; returns the session's slowest tests."""
+    """Fold this session's durations into the JSON, write the page; returns the session's slowest tests.
+
+    The phases of one run of scripts/test.sh (``FLOWERBED_TEST_SESSION``) make one page together.
+    """
     data = known() | {k: round(v, 2) for k, v in seconds.items()}
-    slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:SLOWEST]
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     DATA.write_text(json.dumps({"tests": dict(sorted(data.items()))}, indent=1) + "\n", encoding="utf-8")
+    seconds, said = _phases(seconds, wall_s, workers, selection)
+    slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:SLOWEST]
     lines = [
         "# Test durations",
         "",
         "Written by the test suite at the end of each session (`tests/durations.py`); never by hand.",
         "",
-        f"Last session: {when}, {selection}, {len(seconds)} tests, {workers} worker(s), "
-        f"wall time {wall_s / 60:.1f} min, {os.cpu_count()} cores.",
+        f"Last session: {when}, {said}, {os.cpu_count()} cores.",
         "",
         "| seconds | test |",
         "|---:|---|",

@@ -27,7 +27,10 @@ def test_run_config_round_trip_uses_kebab_case() -> None:
     run_config = settings.to_run_config()
     assert run_config["max-rounds"] == 7
     assert "target-value" not in run_config  # None is left out
-    assert RunSettings.from_run_config(run_config | {"output-dir": "/x"}) == settings
+    back = RunSettings.from_run_config(run_config | {"output-dir": "/x"})
+    assert back.model_dump() == settings.model_dump()
+    assert back.sources() == settings.sources() == {"strategy": "federation.toml", "proximal_mu": "federation.toml",
+                                                    "max_rounds": "federation.toml"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

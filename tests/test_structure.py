@@ -51,12 +51,12 @@ import pytest
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith("test_heavy.py"):
-            item.add_marker(pytest.mark.xdist_group("one-lane"))
+            item.add_marker(pytest.mark.xdist_group("shared"))
 """
 
 
 def test_concurrent_workers_keep_a_group_on_one_worker(tmp_path: Path) -> None:
-    """The suite's budget relies on it: the one lane (CPU-bound and timing tests) runs one test after another on one worker."""
+    """The suite's concurrency relies on it: a module's tests that share a coordinator run on one worker."""
     (tmp_path / "conftest.py").write_text(SAMPLE_CONFTEST)
     (tmp_path / "test_heavy.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(4)))
     (tmp_path / "test_light.py").write_text("".join(f"def test_{i}():\n    pass\n" for i in range(4)))
@@ -67,12 +67,12 @@ def test_concurrent_workers_keep_a_group_on_one_worker(tmp_path: Path) -> None:
     workers = {
         line.split("]")[0] for line in done.stdout.splitlines() if "test_heavy.py::" in line and "PASSED" in line
     }
-    assert len(workers) == 1 and all("@one-lane" in line for line in done.stdout.splitlines()
+    assert len(workers) == 1 and all("@shared" in line for line in done.stdout.splitlines()
                                      if "test_heavy.py::" in line and "PASSED" in line), done.stdout  # fmt: skip
 
 
-def test_the_one_lane_names_test_files_that_exist() -> None:
-    """A renamed timing or CPU-bound test file would silently leave the lane and run beside the others."""
-    from tests.conftest import ONE_LANE
+def test_the_solo_tests_name_test_files_that_exist() -> None:
+    """A renamed CPU-bound test file would silently leave the solo phase and run beside the others."""
+    from tests.conftest import SOLO
 
-    assert [p for p in ONE_LANE if not (ROOT / p).is_file()] == []
+    assert [p for p in SOLO if not (ROOT / p).is_file()] == []

@@ -33,6 +33,13 @@ import os as _os
 if _os.environ.get("TASK_MARKER"):  # proof for the tests: this module was imported, in this folder
     from pathlib import Path as _Path
     (_Path.cwd() / f"task-imported-{_os.getpid()}").write_text("imported")
+    _train = Task.train
+
+    def _train_and_say(self, model, data, config):  # proof: the epochs a site trained with
+        (_Path.cwd() / f"task-epochs-{_os.getpid()}").write_text(str(config.local_epochs))
+        return _train(self, model, data, config)
+
+    Task.train = _train_and_say
 """
 
 
@@ -118,6 +125,9 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
                              "--target-metric", "auroc", "--target-value", "0.99", timeout=600,
                              cwd=tmp_path)  # fmt: skip
             assert markers(work / a) and not markers(work / b)
+            # The template's default of 3 epochs held at the site ([run] of the test's federation.toml
+            # sets no local_epochs), as the run's settings table said.
+            assert {p.read_text() for p in (work / a).glob("task-epochs-*")} == {"3"}
             before = markers(work / a)
             stored = kits[a].parent / "approved" / f"{digest[:12]}-{wheel.name}"
             stored.write_bytes(stored.read_bytes() + b"tampered")  # the approved copy, modified after approval
@@ -133,6 +143,9 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
     assert all({"eval-auroc", "eval-sensitivity", "train-loss"} <= set(r["metrics"]) for r in trained)
     assert all(any(refusal in e for e in r["errors"]) for r in trained)
     assert "auroc" in text and "sensitivity" in text  # columns of the run table
+    assert "local_epochs 3 task default" in " ".join(result.stdout.replace("│", " ").split())
+    kept = {row["key"]: row for row in json.loads((layout.runs / "own" / "settings.json").read_text())}
+    assert kept["local_epochs"]["source"] == "task default" and kept["target_metric"]["source"] == "flag"
     summary = json.loads((layout.runs / "own" / "summary.json").read_text())
     best_auroc = max(r["metrics"]["eval-auroc"] for r in rows if "eval-auroc" in r["metrics"])
     assert summary["stop_reason"] == ("target-reached" if best_auroc >= 0.99 else "max-rounds"), (summary, best_auroc)

@@ -21,7 +21,7 @@ from flowerbed.runner import (
     stored_settings,
     submit,
 )
-from flowerbed.views import follow_and_report
+from flowerbed.views import follow_and_report, settings_table
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 
@@ -100,6 +100,7 @@ def run(
     patience: Annotated[int | None, typer.Option(help="Rounds without eval-loss improvement.")] = None,
     time_budget_s: Annotated[float | None, typer.Option(help="Wall-time budget in seconds.")] = None,
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Local learning rate.")] = None,
     proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu.")] = None,
     dp: Annotated[
@@ -148,8 +149,9 @@ def run(
     settings_given = {
         "strategy": strategy, "max_rounds": max_rounds, "min_nodes": min_nodes, "target_metric": target_metric,
         "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
-        "local_epochs": local_epochs, "learning_rate": learning_rate, "proximal_mu": proximal_mu, "dp": dp,
-        "dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "secure_aggregation": secure_aggregation,
+        "local_epochs": local_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "proximal_mu": proximal_mu, "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+        "secure_aggregation": secure_aggregation,
         "local_baseline": local_baseline,
     }  # fmt: skip
     if app is not None:
@@ -178,12 +180,15 @@ def run(
         warn(warning)
     if resume_name is None and chosen.sha256:
         out.print(f"task {chosen.name} from {chosen.wheel} (sha256 {chosen.sha256})")
+    if prepared.effective:
+        out.print(settings_table([(s.key, s.value, s.source) for s in prepared.effective]))
     port = config.superlink.internal_port
     if resume_name is not None:
         handle = resume(layout, resume_name, settings, control_port=port, why="; resumed by hand")
         out.print(f"resumed run {resume_name} as Flower run {handle.run_id}; output in {handle.out_dir}")
     else:
-        handle = submit(layout, settings, name, control_port=port, task_wheel=chosen.wheel)
+        handle = submit(layout, settings, name, control_port=port, task_wheel=chosen.wheel,
+                        effective=prepared.effective)  # fmt: skip
         out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
     if settings.secure_aggregation != "off":
         out.print(f"secure aggregation ({settings.secure_aggregation}): the coordinator learns only the sum of the "

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from flowerbed.commands.common import FedDir
-from flowerbed.console import out
+from flowerbed.console import info, out
 from flowerbed.console import table as make_table
 from flowerbed.layout import FederationLayout
 from flowerbed.runfolder import run_id_of
-from flowerbed.runner import RunHandle, run_folder, run_overview, stored_settings
+from flowerbed.runner import RunHandle, run_folder, run_overview, stop, stored_settings
 from flowerbed.views import follow_and_report
 
 app = typer.Typer(help="The federation's runs: status, rounds and best result; following one.")
@@ -43,3 +43,16 @@ def follow_cmd(
     settings = stored_settings(out_dir)
     handle = RunHandle(run_id=run_id_of(out_dir) or 0, out_dir=out_dir)
     follow_and_report(layout, handle, settings.time_budget_s + settings.round_timeout_s + 300)
+
+
+@app.command("stop", help="End a run after its current round: its final evaluation follows and it completes.")
+def stop_cmd(
+    name: Annotated[str, typer.Argument(help="The run's folder name under runs/.")],
+    why: Annotated[str, typer.Option(help="The reason, kept in the audit trail.")] = "",
+    fed_dir: FedDir = Path(),
+) -> None:
+    """Ask a run to stop gracefully (unlike `flwr stop`, which ends it at once and without a final model)."""
+    stop(FederationLayout(fed_dir), name, why)
+    out.print(f"run {name} stops after its current round, then evaluates its last model (stop reason "
+              "stopped-by-coordinator)")  # fmt: skip
+    info(f"follow it with `flowerbed runs follow {name} -d {fed_dir}`")

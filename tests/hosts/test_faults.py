@@ -19,8 +19,9 @@ import pytest
 
 from flowerbed.config import FederationConfig
 from flowerbed.demodata import make_demo_data
+from flowerbed.errors import ExitCode
 from flowerbed.runfolder import read_rows
-from tests.conftest import make_federation, wait_for
+from tests.conftest import assert_clean_error, make_federation, run_cli, wait_for
 from tests.faults import record
 from tests.hosts.netns import network
 from tests.hosts.test_deployment import GATEWAY, _requirements
@@ -28,7 +29,7 @@ from tests.hosts.test_deployment import GATEWAY, _requirements
 ROOT = Path(__file__).resolve().parent.parent.parent
 SITES = ["inst-a", "inst-b", "inst-c"]
 CUT_S = 90  # longer than Flower's 60 s node heartbeat window
-RUN_S = CUT_S + 240  # the run's time budget: 4 minutes for round 1, inst-b's return and rounds with it
+RUN_S = CUT_S + 240  # the run's time budget, a bound: the test stops the run once inst-b rounds with it again
 DELAY_MS = 150
 LOSS_PERCENT = 3
 
@@ -50,8 +51,8 @@ def test_a_site_cut_off_for_minutes_and_a_slow_lossy_site_do_not_stop_the_run(tm
             "name": "faults",
             "superlink": {"address": GATEWAY, "port": 9092, "gateway_host": "0.0.0.0"},
             "sites": [{"name": s} for s in SITES],
-            # The run lasts a fixed time, not a number of rounds (a round takes seconds): long enough
-            # for the cut, inst-b's return (about 35 s) and rounds with it again.
+            # The run is stopped once inst-b rounds with it again (a round takes seconds); its time
+            # budget is only the bound: the cut, inst-b's return (about 35 s) and rounds with it again.
             "run": {"num_features": 30, "min_nodes": 2, "max_rounds": 1000, "patience": 1000, "round_timeout_s": 45,
                     "node_wait_s": 180, "absence_retry_s": 5, "time_budget_s": RUN_S},
         }
@@ -108,12 +109,18 @@ def test_a_site_cut_off_for_minutes_and_a_slow_lossy_site_do_not_stop_the_run(tm
             nodes["inst-b"].text(),
         )
         rejoined = time.monotonic() - restored
+        # Seen what was to be seen: the coordinator ends the run (after its round, with a final evaluation)
+        # rather than letting it use up its time budget.
+        stopping = run_cli("runs", "stop", "faults", "-d", str(fed), "--why", "the fault test saw the rejoin")
+        assert stopping.returncode == 0 and "stops after its current round" in stopping.stdout, stopping.stderr
         assert run.popen.wait(timeout=600) == 0, run.text()
+        assert_clean_error(run_cli("runs", "stop", "faults", "-d", str(fed)), ExitCode.ERROR, "has ended already")
 
         all_rows = read_rows(out_dir)
         rows = trained()
         summary = json.loads((out_dir / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["stop_reason"] == "time-budget", summary
+        assert summary["status"] == "completed" and summary["stop_reason"] == "stopped-by-coordinator", summary
+        assert all_rows[-1]["kind"] == "final-eval" and (out_dir / "final_model.pt").is_file()
         assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))
         without_b = [r for r in rows if "inst-b" not in r["sites"]]
         assert without_b, rows  # it missed rounds ...
