@@ -22,7 +22,17 @@ from flowerbed.config import load_federation
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
-from flowerbed.runfolder import FINAL_MODEL, PLOT, SUMMARY, TRAIN, read_rows, read_settings, run_id_of
+from flowerbed.runfolder import (
+    FINAL_EVAL,
+    FINAL_MODEL,
+    PLOT,
+    SUMMARY,
+    TRAIN,
+    metric_column,
+    read_rows,
+    read_settings,
+    run_id_of,
+)
 from flowerbed.runner import RunHandle, follow, prepare, run_folder, run_overview, stored_settings, submit
 from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
 
@@ -40,10 +50,16 @@ def _pandas() -> Any:
 
 
 def _round_line(row: dict[str, Any]) -> str:
-    parts = [f"round {row['round']}", f"{row.get('kind', TRAIN)}", f"{row['nodes']} site(s)"]
+    final = row.get("kind") == FINAL_EVAL  # the last model's own evaluation: no round of its own
+    parts = [*(["final evaluation"] if final else [f"round {row['round']}", f"{row.get('kind', TRAIN)}"]),
+             f"{row['nodes']} site(s)"]  # fmt: skip
     for key, label in (("eval_loss", "eval loss"), ("eval_accuracy", "eval acc")):
         if row.get(key) is not None:
             parts.append(f"{label} {float(row[key]):.4f}")
+    own = {k: v for k, v in row.get("metrics", {}).items() if k.startswith("eval-")}
+    parts += [
+        f"{k.removeprefix('eval-')} {float(v):.4f}" for k, v in own.items() if k not in ("eval-loss", "eval-accuracy")
+    ]
     parts += [f"eps {site} {value:.2f}" for site, value in row.get("privacy", {}).items()]
     parts.append(f"{float(row['seconds']):.1f} s")
     if row.get("stop_reason"):
@@ -70,17 +86,18 @@ class Run:
 
     @property
     def history(self) -> pd.DataFrame:
-        """One row per round (trained rounds, waits, resumes, the final evaluation), with every metric
-        the task reports as its own column and each DP site's epsilon as ``eps SITE``."""
-        frame = _pandas().DataFrame(
-            [
-                {k: v for k, v in row.items() if k not in ("metrics", "privacy", "errors")}
-                | row.get("metrics", {})
-                | {f"eps {site}": value for site, value in row.get("privacy", {}).items()}
-                for row in self.rows
-            ]
-        )
-        return frame
+        """One row per round (trained rounds, waits, resumes) and the final evaluation (``kind``
+        ``final-eval``, no round of its own), with every metric the task reports as its own column,
+        named as in history.csv (``eval_auroc``), and each DP site's epsilon as ``eps SITE``."""
+        records = []
+        for row in self.rows:
+            record = {k: v for k, v in row.items() if k not in ("metrics", "privacy", "errors", "per_site")}
+            record |= {metric_column(k): v for k, v in row.get("metrics", {}).items() if metric_column(k) not in record}
+            record |= {f"eps {site}": value for site, value in row.get("privacy", {}).items()}
+            if row.get("kind") == FINAL_EVAL:
+                record["round"] = None
+            records.append(record)
+        return _pandas().DataFrame(records)
 
     @property
     def settings(self) -> pd.DataFrame:

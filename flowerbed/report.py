@@ -213,8 +213,12 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
     )
     overview: list[list[Any]] = [
         ["status", summary.get("status")], ["stop reason", summary.get("stop_reason")],
-        ["rounds trained", len(rounds)], ["best round", summary.get("best_round")],
-        ["best eval accuracy", summary.get("best_eval_accuracy")], ["task", settings.task or "built-in"],
+        ["rounds trained", len(rounds)], ["best model", summary.get("best_model") or summary.get("best_round")],
+        [f"best {summary.get('target_metric') or 'eval accuracy'}",
+         summary.get("best_target_value", summary.get("best_eval_accuracy"))],
+        *([f"best {name}", value] for name, value in (summary.get("best_metrics") or {}).items()
+          if name != summary.get("target_metric")),
+        ["task", settings.task or "built-in"],
         ["task sha256", settings.task_sha256 or "-"], ["strategy", settings.strategy],
         ["differential privacy", settings.dp], ["secure aggregation", settings.secure_aggregation],
         ["sites", ", ".join(sites)],

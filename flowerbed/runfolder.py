@@ -80,15 +80,19 @@ class History:
         self.rows: list[RoundRow] = list(rows or [])
 
     def append(self, row: RoundRow) -> None:
-        """Write ``row`` to history.jsonl and history.csv, each line whole or not at all (a full disk raises)."""
-        line = io.StringIO()
-        writer = csv.writer(line, lineterminator="\n")  # one kind of line ending, as in the JSON lines
+        """Write ``row`` to history.jsonl and history.csv, each line whole or not at all (a full disk raises).
+
+        history.csv has a column for every metric the rows report (``csv_columns``); a row that brings
+        a new one rewrites the file whole with the wider header (atomically), else its line is appended.
+        """
         path = self.out_dir / HISTORY_CSV
-        if not path.exists():
-            writer.writerow(COLUMNS)
-        writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
+        header = _csv_header(path)
+        columns = csv_columns([*self.rows, row], header)
         append_whole(self.out_dir / HISTORY_JSONL, (json.dumps(asdict(row)) + "\n").encode("utf-8"))
-        append_whole(path, line.getvalue().encode("utf-8"))
+        if header is not None and header == columns:
+            append_whole(path, csv_text([row], columns, header=False).encode("utf-8"))
+        else:
+            write_atomic(path, csv_text([*self.rows, row], columns).encode("utf-8"))
         self.rows.append(row)
 
     def checkpoint(self, server_round: int, state_dict: dict[str, torch.Tensor], keep: int = 3) -> Path | None:
@@ -125,6 +129,57 @@ class History:
                     raise
 
 
+def metric_column(key: str) -> str:
+    """A metric's column name (``eval-auroc`` -> ``eval_auroc``), as history.csv and the notebook name it."""
+    return key.replace("-", "_")
+
+
+def csv_columns(rows: list[RoundRow], header: list[str] | None = None) -> list[str]:
+    """history.csv's columns: ``COLUMNS``, then one per metric (eval first, each once; those of
+    ``header``, the file's present header, keep their place)."""
+    columns = list(header or COLUMNS)
+    names = sorted({metric_column(k) for r in rows for k in r.metrics}, key=lambda c: (not c.startswith("eval"), c))
+    return columns + [c for c in names if c not in columns]
+
+
+def csv_text(rows: list[RoundRow], columns: list[str], *, header: bool = True) -> str:
+    """``rows`` as CSV lines under ``columns`` (a final evaluation's round is left empty: it is no round)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")  # one kind of line ending, as in the JSON lines
+    if header:
+        writer.writerow(columns)
+    for row in rows:
+        values = {**{metric_column(k): v for k, v in row.metrics.items()}, **asdict(row)}
+        if row.kind == FINAL_EVAL:
+            values["round"] = None
+        writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
+    return out.getvalue()
+
+
+def best_evaluation(rows: list[RoundRow], best_round: int | None, rounds: int) -> tuple[str, dict[str, float]]:
+    """Which evaluation chose the best model (``round K``, or the final evaluation after the last round),
+    and every eval metric it measured (by name, without ``eval-``)."""
+    if best_round is None:
+        return "none", {}
+    final = best_round > rounds
+    row = next((r for r in reversed(rows) if (r.kind == FINAL_EVAL if final else
+                                              r.kind == TRAIN and r.round == best_round)), None)  # fmt: skip
+    where = f"the final evaluation (after round {rounds})" if final else f"round {best_round}"
+    found = {k.removeprefix("eval-"): v for k, v in (row.metrics if row else {}).items() if k.startswith("eval-")}
+    for name, value in (("loss", row.eval_loss if row else None), ("accuracy", row.eval_accuracy if row else None)):
+        if value is not None:
+            found.setdefault(name, value)
+    return where, found
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle), None)
+    except OSError:
+        return None
+
+
 def _save(obj: Any, path: Path) -> None:
     """torch.save through a temporary file: whole, or nothing; the space needed is checked first."""
     import torch
@@ -143,7 +198,8 @@ def repair(out_dir: Path) -> list[str]:
     have the history's columns. CRLF endings of older files become LF.
     """
     notes = []
-    for name, good in ((HISTORY_JSONL, _json_line), (HISTORY_CSV, _csv_line)):
+    width = len(_csv_header(out_dir / HISTORY_CSV) or COLUMNS)
+    for name, good in ((HISTORY_JSONL, _json_line), (HISTORY_CSV, lambda line: _csv_line(line, width))):
         path = out_dir / name
         if not path.exists():
             continue
@@ -169,12 +225,12 @@ def _json_line(line: bytes) -> bool:
         return False
 
 
-def _csv_line(line: bytes) -> bool:
+def _csv_line(line: bytes, width: int) -> bool:
     try:
         rows = list(csv.reader(io.StringIO(line.decode("utf-8"))))
     except (UnicodeDecodeError, csv.Error):
         return False
-    return len(rows) == 1 and len(rows[0]) == len(COLUMNS) and "\0" not in line.decode("utf-8")
+    return len(rows) == 1 and len(rows[0]) == width and "\0" not in line.decode("utf-8")
 
 
 def checkpoint_path(out_dir: Path, server_round: int) -> Path:
@@ -214,33 +270,41 @@ def run_folders(runs: Path) -> list[Path]:
 
 
 def plot_history(rows: list[RoundRow], path: Path) -> None:
-    """Loss and accuracy per round as a PNG."""
+    """The run as a PNG: train and eval loss in one panel, then one panel per evaluation metric the task
+    reports (accuracy, auroc ...), each over the rounds; the final evaluation as a star after the last round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.kind in PLOTTED]  # waits, failures and resumes are not rounds
-    rounds = [r.round for r in rows]
-    extra = sorted({k for r in rows for k in r.metrics if k.startswith("eval-")} - {"eval-loss", "eval-accuracy"})
-    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
-    ax_loss, ax_acc = axes[0], axes[1]
-    if extra:  # the task's own metrics (auroc, sensitivity ...), each as a line
-        for key in extra:
-            axes[2].plot(rounds, [r.metrics.get(key) for r in rows], marker="o", label=key.removeprefix("eval-"))
-        axes[2].set_xlabel("round")
-        axes[2].set_ylabel("eval metric (global model)")
-        axes[2].legend()
+    trained = [r for r in rows if r.kind == TRAIN]  # waits, failures and resumes are not rounds
+    final = next((r for r in reversed(rows) if r.kind == FINAL_EVAL), None)
+    names = sorted({k for r in rows if r.kind in PLOTTED for k in r.metrics if k.startswith("eval-")} - {"eval-loss"},
+                   key=lambda k: (k != "eval-accuracy", k))  # fmt: skip
+    panels = 1 + len(names)
+    cols = min(panels, 3)
+    lines = -(-panels // cols)
+    fig, grid = plt.subplots(lines, cols, figsize=(5 * cols, 4 * lines), squeeze=False)
+    axes = [ax for line in grid for ax in line]
+    rounds = [r.round for r in trained]
+    after = rounds[-1] + 1 if rounds else 1
     for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss (global model)")):
-        ax_loss.plot(rounds, [getattr(r, key) for r in rows], marker="o", label=label)
-    ax_loss.set_xlabel("round")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_acc.plot(rounds, [r.eval_accuracy for r in rows], marker="o", color="tab:green")
-    ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("eval accuracy (global model)")
-    stop = rows[-1].stop_reason
-    fig.suptitle(f"flowerbed run: {len(rows)} rounds" + (f", stopped: {stop}" if stop else ""))
+        axes[0].plot(rounds, [getattr(r, key) for r in trained], marker="o", label=label)
+    if final is not None and final.eval_loss is not None:
+        axes[0].plot([after], [final.eval_loss], marker="*", markersize=12, linestyle="", label="final evaluation")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    for ax, key in zip(axes[1:], names, strict=False):
+        ax.plot(rounds, [r.metrics.get(key) for r in trained], marker="o", color="tab:green")
+        if final is not None and final.metrics.get(key) is not None:
+            ax.plot([after], [final.metrics[key]], marker="*", markersize=12, linestyle="", color="tab:red")
+        ax.set_ylabel(f"eval {key.removeprefix('eval-')} (global model)")
+    for ax in axes[:panels]:
+        ax.set_xlabel("round")
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    stop = trained[-1].stop_reason if trained else ""
+    fig.suptitle(f"flowerbed run: {len(trained)} rounds" + (f", stopped: {stop}" if stop else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

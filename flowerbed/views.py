@@ -191,10 +191,14 @@ def best_line(run_id: int, summary: dict[str, Any]) -> str:
     if acc is None and loss is None:
         return line + "; no round was evaluated"
     best = summary.get("best_round")
-    where = (
+    where = summary.get("best_model") or (
         "the final evaluation of the last model"
         if best is not None and rounds is not None and best > rounds
         else f"round {best}"
     )
-    score = f"best eval accuracy {acc:.4f}" if acc is not None else f"best eval loss {loss:.4f}"
+    target, value = summary.get("target_metric"), summary.get("best_target_value")
+    if target and value is not None:  # the metric that drove the run names the result
+        score = f"best {target} {float(value):.4f}"
+    else:
+        score = f"best eval accuracy {acc:.4f}" if acc is not None else f"best eval loss {loss:.4f}"
     return line + f"; {score} ({where})"

@@ -19,7 +19,7 @@ from flowerbed.diskspace import DiskFullError, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
-from flowerbed.runfolder import SUMMARY, History, mark_serverapp, repair
+from flowerbed.runfolder import SUMMARY, History, best_evaluation, mark_serverapp, repair
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, resume_row
 from flowerbed.serverapp.strategies import make_strategy
@@ -78,11 +78,16 @@ def main(grid: Grid, context: Context) -> None:
         history.finish(None, summary)
         _audit_end(out_dir, summary)
         raise
+    best_model, best_metrics = best_evaluation(history.rows, outcome.best_round, outcome.rounds)
     summary.update(
         status="completed",
         stop_reason=outcome.stop_reason,
         rounds=outcome.rounds,
         best_round=outcome.best_round,
+        best_model=best_model,  # "round K", or "the final evaluation (after round N)": never a round N + 1
+        target_metric=settings.target_metric,  # the metric that drove the run, and its value for the best model
+        best_target_value=best_metrics.get(settings.target_metric),
+        best_metrics=best_metrics,
         best_eval_loss=outcome.best_eval_loss,
         best_eval_accuracy=outcome.best_eval_accuracy,
         privacy=outcome.privacy,

@@ -33,7 +33,7 @@ from flowerbed.protocol import SECURE_ONLY_KEY, TASK_EVENT
 from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
-from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork
+from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork, task_threads
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"
@@ -128,7 +128,8 @@ class SupernodeSpec:
         env["PATH"] = os.pathsep.join([str(shim.parent), env["PATH"]])
         env[SITE_FILE_ENV] = str(self.site_file or "")
         env[AUDIT_ENV] = str(self.audit_path)
-        count = str(self.threads if self.threads > 0 else os.cpu_count() or 1)
+        # torch_threads = 0: FLOWERBED_TORCH_THREADS of this process's environment, else every core.
+        count = str(self.threads if self.threads > 0 else task_threads())
         env[THREADS_ENV] = count
         env[PULL_ENV] = str(self.pull_s)
         env[ALIVE_ENV] = str(self.alive_path)

@@ -104,8 +104,22 @@ def test_flowerbed_run_cli_reaches_max_rounds(
     assert rows[0]["errors"][0].startswith("site univ-hospital") and "does not exist" in rows[0]["errors"][0]
     assert rows[1]["stop_reason"] == "max-rounds"
     assert rows[2]["stop_reason"] == "evaluation of the last model" and rows[2]["eval_accuracy"] is not None
-    header = (out / "history.csv").read_text().splitlines()[0]
-    assert header == "round,kind,nodes,failures,train_loss,eval_loss,eval_accuracy,seconds,stop_reason"
+    lines = (out / "history.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:9] == [
+        "round",
+        "kind",
+        "nodes",
+        "failures",
+        "train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "seconds",
+        "stop_reason",
+    ]
+    metrics = {k.replace("-", "_") for r in rows for k in r["metrics"]}
+    assert metrics <= set(header) and len(header) == len(set(header)), header  # every metric, each once
+    assert lines[-1].startswith(",final-eval,"), lines[-1]  # the final evaluation is no round
     for name in ("final_model.pt", "metrics.png", "summary.json", "checkpoints/round-0002.pt"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "metrics.png").read_bytes().startswith(b"\x89PNG")
@@ -114,8 +128,10 @@ def test_flowerbed_run_cli_reaches_max_rounds(
     # The table: seconds with one decimal, the final evaluation as its own row named "final".
     assert re.search(r"│ final │ 2 │ 1 │ - │ - │ \d\.\d{4} │ \d\.\d{4} │ \d+\.\d │ evaluation of the last model", flat)
     assert not re.search(r"│ \d+\.\d{4} │ (max-rounds|evaluation)", flat)
-    where = "the final evaluation of the last model" if summary["best_round"] == 3 else f"round {summary['best_round']}"
-    assert f"best eval accuracy {summary['best_eval_accuracy']:.4f} ({where})" in flat
+    where = "the final evaluation (after round 2)" if summary["best_round"] == 3 else f"round {summary['best_round']}"
+    assert summary["best_model"] == where and summary["target_metric"] == "accuracy"
+    assert summary["best_target_value"] == summary["best_eval_accuracy"] == summary["best_metrics"]["accuracy"]
+    assert f"best accuracy {summary['best_eval_accuracy']:.4f} ({where})" in flat  # the metric that drove it
 
 
 @pytest.mark.federation
