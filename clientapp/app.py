@@ -39,7 +39,7 @@ from flowerbed.clientapp.secure import (
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat
 from flowerbed.protocol import MAX_WEIGHT_KEY, PRIVACY_CODE, TRAIN_CONFIG, site_event, task_name
-from flowerbed.task import Task, check_metrics, imported_code, load_task, task_config
+from flowerbed.task import Task, check_metrics, imported_code, load_task, site_statistics, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
 
@@ -182,6 +182,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     secure = is_secure(msg)
     start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()} if secure else {}
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
+    sums = site_statistics(task, model, validation, config)  # of the global model, as ``before``
     label = _round(msg)
     server_round = int(label) if label.isdigit() else 0
     if "seed" in type(config).model_fields:  # a different shuffle each round, the same at a rerun
@@ -210,6 +211,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         inspect_change(_site(context), server_round, state)
     else:
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    if sums is not None:
+        content["sums"] = _sums_record(sums)  # summed by the coordinator into the task's pooled metrics
     spent = ""
     if private is not None:
         if private.spent is None:  # nothing was reserved: the task trained without Opacus
@@ -231,6 +234,11 @@ def train_handler(msg: Message, context: Context) -> Message:
         f"{_summary(before)} on {len(validation)} local validation examples{spent}; {sent}"
     )
     return Message(content=content, reply_to=msg)
+
+
+def _sums_record(sums: dict[str, float]) -> MetricRecord:
+    values: dict[str, int | float | list[int] | list[float]] = dict(sums)
+    return MetricRecord(values)
 
 
 def _clipping_note(msg: Message, context: Context, change: list[np.ndarray], examples: int) -> str:
@@ -266,7 +274,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         train_data, validation = _load(context, task, config)
     except DataError as exc:
         return _error(msg, context, exc)
-    result = check_metrics(task.evaluate(_model(msg, task, config), validation, config), f"{task.name}.evaluate")
+    model = _model(msg, task, config)
+    result = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
+    sums = site_statistics(task, model, validation, config)
     site_event(f"round {_round(msg)}: evaluated the final model: {_summary(result)}")
     values = _prefixed("eval", result) | {"num-examples": len(validation)}
     config_record = _config(msg)
@@ -278,4 +288,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(values)
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=_round(msg), message="evaluate",
                           metrics=sorted(result), examples=len(validation), local_baseline_epochs=epochs)  # fmt: skip
-    return Message(content=RecordDict({"metrics": metrics, "site": _site_record(context, audited)}), reply_to=msg)
+    content = RecordDict({"metrics": metrics, "site": _site_record(context, audited)})
+    if sums is not None:
+        content["sums"] = _sums_record(sums)
+    return Message(content=content, reply_to=msg)

@@ -85,7 +85,7 @@ def main() -> None:
         error(exc.message, exc.details)
         sys.exit(exc.exit_code)
     except FlowerbedError as exc:
-        error(exc.message)
+        error(exc.message, exc.details)
         sys.exit(exc.exit_code)
     except ValidationError as exc:
         lines = format_validation_error("options", exc)

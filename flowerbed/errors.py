@@ -6,6 +6,7 @@ and what to do; the CLI renders it once, in one line, without a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -26,10 +27,11 @@ class FlowerbedError(Exception):
 
     exit_code: ExitCode = ExitCode.ERROR
 
-    def __init__(self, message: str, *, exit_code: ExitCode | None = None) -> None:
+    def __init__(self, message: str, *, exit_code: ExitCode | None = None, details: Sequence[str] = ()) -> None:
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.details = list(details)  # one line each, shown as bullets under the message
 
     @property
     def message(self) -> str:

@@ -29,6 +29,7 @@ from flowerbed.runfolder import (
     SUMMARY,
     TRAIN,
     metric_column,
+    metric_kinds,
     read_rows,
     read_settings,
     run_id_of,
@@ -98,6 +99,11 @@ class Run:
                 record["round"] = None
             records.append(record)
         return _pandas().DataFrame(records)
+
+    @property
+    def metric_kinds(self) -> dict[str, str]:
+        """Each evaluation metric and how the sites' results combine: ``pooled`` or ``weighted mean``."""
+        return metric_kinds(self.rows)
 
     @property
     def settings(self) -> pd.DataFrame:

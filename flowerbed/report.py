@@ -20,7 +20,7 @@ from typing import Any
 from flowerbed import audit
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
-from flowerbed.runfolder import FINAL_EVAL, SUMMARY, TRAIN, read_rows
+from flowerbed.runfolder import FINAL_EVAL, SUMMARY, TRAIN, metric_kinds, read_rows
 from flowerbed.runner import run_folder, stored_settings
 
 REPORT = "report.html"
@@ -193,6 +193,15 @@ def audit_summary(layout: FederationLayout, run: str) -> tuple[str, bool, list[l
     return state, sound, rows
 
 
+def metric_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[list[Any]]:
+    """One line per evaluation metric: how the sites' results combine, its value for the best model and
+    in the last trained round."""
+    trained = [r for r in rows if r.get("kind") == TRAIN and r.get("metrics")]
+    last = trained[-1]["metrics"] if trained else {}
+    best = summary.get("best_metrics") or {}
+    return [[name, kind, best.get(name), last.get(f"eval-{name}")] for name, kind in metric_kinds(rows).items()]
+
+
 def write_report(layout: FederationLayout, name: str, out: Path | None = None) -> Path:
     """Write runs/NAME/report.html (or ``out``); returns its path."""
     out_dir = run_folder(layout, name)
@@ -223,7 +232,6 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         ["differential privacy", settings.dp], ["secure aggregation", settings.secure_aggregation],
         ["sites", ", ".join(sites)],
     ]  # fmt: skip
-    metric_names = sorted({k for r in rows for k in r.get("metrics", {}) if k.startswith("eval-")})
     per_round = [[r["round"], r.get("kind"), r.get("nodes"), r.get("train_loss"), r.get("eval_loss"),
                   r.get("eval_accuracy"), ", ".join(r.get("sites", [])), r.get("stop_reason")]
                  for r in rows]  # fmt: skip
@@ -239,7 +247,9 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         "<h2>Convergence</h2>", f"<img id='convergence' alt='convergence per round' src='{_convergence(rows)}'>",
         _table(["round", "kind", "sites", "train loss", "eval loss", "eval accuracy", "which", "stop"], per_round,
                "rounds"),
-        f"<p class='muted'>Metrics the task reports: {html.escape(', '.join(metric_names) or '-')}.</p>",
+        _table(["metric", "combined as", "best model", "last round"], metric_table(rows, summary), "metrics"),
+        "<p class='muted'>pooled: from the statistics each site sent, summed (its value on all sites' data as "
+        "one); weighted mean: the mean of the sites' values, weighted by their examples.</p>",
         "<h2>Participation</h2>",
         f"<img id='participation' alt='participation per site and round' src='{participation_png}'>",
         _table(["site", *[f"round {r}" for r in rounds]], [[s, *[grid[s].get(r, "-") for r in rounds]] for s in sites],

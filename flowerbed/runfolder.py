@@ -67,6 +67,8 @@ class RoundRow:
     metrics: dict[str, float] = field(default_factory=dict)  # every aggregated metric (train-*, eval-*)
     privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon it has spent so far (DP-SGD)
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # final evaluation: each site's metrics
+    pooled: list[str] = field(default_factory=list)  # metrics computed from the sites' pooled statistics (else:
+    # the mean of the sites' values, weighted by their examples)
 
 
 class History:
@@ -170,6 +172,15 @@ def best_evaluation(rows: list[RoundRow], best_round: int | None, rounds: int) -
         if value is not None:
             found.setdefault(name, value)
     return where, found
+
+
+def metric_kinds(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """How each evaluation metric of the run (by name, without ``eval-``) combines the sites' results:
+    ``pooled`` (from the sites' summed statistics, as on all their data as one) or ``weighted mean``
+    (the mean of the sites' values, weighted by their examples)."""
+    pooled = {k.removeprefix("eval-") for r in rows for k in r.get("pooled", [])}
+    names = [k.removeprefix("eval-") for r in rows for k in r.get("metrics", {}) if k.startswith("eval-")]
+    return {name: "pooled" if name in pooled else "weighted mean" for name in dict.fromkeys(names)}
 
 
 def _csv_header(path: Path) -> list[str] | None:

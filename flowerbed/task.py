@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -74,6 +74,42 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, data: Dataset[Any], config: Any) -> Metrics:
         """Metrics of ``model`` on ``data`` (e.g. ``loss``, ``accuracy``, ``auroc``)."""
         ...
+
+
+# Optional members of a task (not part of the Protocol): metrics computed from the sites' pooled data.
+#
+#   def statistics(self, model, data, config) -> Metrics:
+#       """Additive statistics of ``model`` on ``data`` (counts, a confusion matrix, calibration bins, score
+#       histograms): the coordinator sums them over the sites."""
+#   def pooled(self, sums: Metrics) -> Metrics:
+#       """Metrics from the summed statistics: their value on all sites' data as one (e.g. the AUROC of
+#       the pooled predictions, which the mean of per-site AUROCs is not)."""
+#
+# A metric ``pooled`` returns replaces the weighted mean of ``evaluate``'s metric of the same name,
+# and every output says which of the two each metric is (``RoundRow.pooled``).
+POOLED = "pooled"
+WEIGHTED = "weighted mean"
+
+
+def pools(task: Any) -> bool:
+    """True when the task computes pooled metrics (it has ``statistics`` and ``pooled``)."""
+    return callable(getattr(task, "statistics", None)) and callable(getattr(task, "pooled", None))
+
+
+def site_statistics(task: Any, model: nn.Module, data: Dataset[Any], config: Any) -> Metrics | None:
+    """The task's additive statistics of ``model`` on a site's ``data`` (None: it pools no metric)."""
+    if not pools(task):
+        return None
+    return check_metrics(task.statistics(model, data, config), f"{task.name}.statistics")
+
+
+def pool_metrics(task: Any, each: list[Metrics]) -> Metrics:
+    """The task's pooled metrics from each site's statistics, summed key by key."""
+    total: Metrics = {}
+    for sums in each:
+        for key, value in sums.items():
+            total[key] = total.get(key, 0.0) + float(value)
+    return check_metrics(task.pooled(total), f"{task.name}.pooled")
 
 
 def _load_object(target: str) -> Any:
@@ -359,6 +395,7 @@ class LocalRound:
     train: Metrics
     after: Metrics
     seconds: float
+    pooled: Metrics = field(default_factory=dict)  # after training, from this site's statistics alone
 
 
 def local_round(task: Task, data_path: Path, config: BaseModel) -> LocalRound:
@@ -372,4 +409,7 @@ def local_round(task: Task, data_path: Path, config: BaseModel) -> LocalRound:
     for metrics in (before, after):
         if not any(math.isfinite(v) for v in metrics.values()):
             raise FlowerbedError(f"{task.name}.evaluate returned no finite metric: {metrics}")
-    return LocalRound(len(train_data), len(validation), before, trained, after, time.monotonic() - start)  # type: ignore[arg-type]
+    sums = site_statistics(task, model, validation, config)
+    pooled = pool_metrics(task, [sums]) if sums is not None else {}
+    return LocalRound(len(train_data), len(validation), before, trained, after, time.monotonic() - start,  # type: ignore[arg-type]
+                      pooled)  # fmt: skip

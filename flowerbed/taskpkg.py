@@ -6,12 +6,14 @@ import importlib
 import sys
 import tempfile
 import tomllib
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flowerbed.artifacts import TASK_GROUP, sha256_file
 from flowerbed.config import TASK_NAME
+from flowerbed.datasummary import DataSummary, problems, summarize
 from flowerbed.deploy.bundle import run_pip
 from flowerbed.errors import FlowerbedError
 from flowerbed.task import LocalRound, Task, check_interface, local_round, task_config
@@ -83,6 +85,9 @@ class Config(BaseModel):
     seed: int = 42
 
 
+BINS = 200  # score bins of the pooled AUROC
+
+
 class Task:
     name = "{name}"
     Config = Config
@@ -134,7 +139,8 @@ class Task:
         tp = float(((predicted == 1) & (y == 1)).sum())
         tn = float(((predicted == 0) & (y == 0)).sum())
         pos, neg = score[y == 1], score[y == 0]
-        auroc = float((pos[:, None] > neg[None, :]).float().mean()) if len(pos) and len(neg) else float("nan")
+        pairs = (pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()  # ties: half
+        auroc = float(pairs.mean()) if len(pos) and len(neg) else float("nan")
         return {{
             "loss": float(nn.functional.cross_entropy(logits, y)),
             "accuracy": (tp + tn) / max(len(y), 1),
@@ -142,6 +148,30 @@ class Task:
             "sensitivity": tp / max(float((y == 1).sum()), 1.0),
             "specificity": tn / max(float((y == 0).sum()), 1.0),
         }}
+
+    @torch.no_grad()
+    def statistics(self, model: nn.Module, data: Dataset[Any], config: Config) -> dict[str, float]:
+        """Counts the coordinator sums over the sites for `pooled` (optional, with `pooled`): how many
+        positive and negative examples fall in each of BINS score bins."""
+        model.eval()
+        x, y = next(iter(DataLoader(data, batch_size=len(data))))  # type: ignore[arg-type]
+        bins = (model(x).softmax(1)[:, 1] * BINS).long().clamp(max=BINS - 1)
+        counts = {{}}
+        for b in range(BINS):
+            counts[f"pos{{b}}"] = float(((bins == b) & (y == 1)).sum())
+            counts[f"neg{{b}}"] = float(((bins == b) & (y == 0)).sum())
+        return counts
+
+    def pooled(self, sums: dict[str, float]) -> dict[str, float]:
+        """The AUROC of all sites' predictions as one, from their summed score counts (ties count half):
+        the mean of per-site AUROCs is not that."""
+        below, area = 0.0, 0.0
+        for b in range(BINS):
+            pos, neg = sums[f"pos{{b}}"], sums[f"neg{{b}}"]
+            area += pos * (below + neg / 2)
+            below += neg
+        positives = sum(sums[f"pos{{b}}"] for b in range(BINS))
+        return {{"auroc": area / (positives * below)}} if positives and below else {{}}
 
     @staticmethod
     def example_data(folder: Path) -> Path:
@@ -185,7 +215,11 @@ What to fill in, in `{module}/task.py`:
 - `model(config)`: your architecture;
 - `load_data(path, config)`: your file formats and preprocessing, returning (train, validation);
 - `train(model, data, config)`: your training loop (optimizer, augmentation, class weights);
-- `evaluate(model, data, config)`: the metrics that matter (AUROC, sensitivity, specificity, ...).
+- `evaluate(model, data, config)`: the metrics that matter (AUROC, sensitivity, specificity, ...);
+  the coordinator combines each as the mean of the sites' values, weighted by their examples;
+- `statistics(model, data, config)` and `pooled(sums)` (optional): a metric computed as if all
+  sites' data were one (here the AUROC of the pooled predictions, from score counts each site sends
+  and the coordinator sums), which a mean of per-site AUROCs is not; outputs mark it `pooled`.
 
 Then:
 
@@ -257,23 +291,89 @@ def import_source(source: TaskSource) -> Task:
     return task  # type: ignore[no-any-return]
 
 
-def check_source(path: Path, data: Path | None = None, values: dict[str, Any] | None = None) -> LocalRound:
-    """The interface checks and one local round, on ``data`` or the task's own ``example_data``."""
+STEPS = ("load_data", "model", "train", "evaluate", "statistics", "pooled", "example_data")
+
+
+class TaskCodeError(FlowerbedError):
+    """The task's own code failed: names its function and line; ``trace`` is the whole traceback."""
+
+    def __init__(self, message: str, trace: str) -> None:
+        super().__init__(message)
+        self.trace = trace
+
+
+def task_failure(source: TaskSource, exc: BaseException) -> TaskCodeError:
+    """``exc`` raised in the task's code, said as the task's function that failed and the line in its file."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(source.root)]  # fmt: skip
+    step = next((f.name for f in frames if f.name in STEPS), None)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" at {Path(last.filename).resolve().relative_to(source.root)}:{last.lineno}"
+    said = f"{type(exc).__name__}: {exc}"
+    if "Size mismatch between tensors" in str(exc):
+        said += " (features and labels of different lengths)"
+    what = f"{step} failed{where}" if step else f"a local round failed{where}"
+    trace = "".join(traceback.format_exception(exc))
+    return TaskCodeError(f"task {source.name}: {what}: {said} (the whole trace: --traceback)", trace)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What `flowerbed task check` found: per data file, the data's summary and one local round."""
+
+    files: list[tuple[Path, list[DataSummary], LocalRound]]
+    problems: list[str]
+
+
+def check_source(path: Path, data: list[Path] | None = None, values: dict[str, Any] | None = None) -> CheckResult:
+    """The interface checks, then for each data file (default: the task's ``example_data``) a summary of
+    what ``load_data`` loaded and one local round. Raises :class:`TaskCodeError` naming the failing
+    function and line; the data's problems (labels out of range, one class, NaNs) come back listed."""
     source = read_source(path)
     task = import_source(source)
+    if task.name != source.name:
+        raise FlowerbedError(
+            f"task {source.root.name}: its name is {task.name!r} but pyproject.toml's entry point names it "
+            f"{source.name!r}: make them the same (runs and approvals go by the entry point's name)"
+        )
     config = task_config(task, values or {})
+    files: list[tuple[Path, list[DataSummary], LocalRound]] = []
+    found: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            example = getattr(task, "example_data", None)
-            if example is None:
-                raise FlowerbedError(f"task {source.name} has no example_data(folder): pass --data PATH")
-            data = Path(example(Path(tmp)))
         try:
-            return local_round(task, data, config)
+            if not data:
+                example = getattr(task, "example_data", None)
+                if example is None:
+                    raise FlowerbedError(f"task {source.name} has no example_data(folder): pass --data PATH")
+                data = [Path(example(Path(tmp)))]
+            for file in data:
+                train, validation = task.load_data(file, config)
+                summaries = [summarize("train", train), summarize("validation", validation)]
+                outputs = _outputs(task.model(config), train)
+                issues = [f"{file}: {line}" for line in problems(summaries, outputs)]
+                found += issues
+                if issues:
+                    continue  # a local round on such data says nothing more
+                files.append((file, summaries, local_round(task, file, config)))
         except FlowerbedError:
             raise
         except Exception as exc:  # noqa: BLE001 - the task's own code
-            raise FlowerbedError(f"task {source.name}: a local round failed: {type(exc).__name__}: {exc}") from None
+            raise task_failure(source, exc) from None
+    return CheckResult(files, found)
+
+
+def _outputs(model: Any, data: Any) -> int | None:
+    """How many classes the model scores (its output's last size for one row; None: not a classifier)."""
+    import torch
+
+    if len(data) == 0:
+        return None
+    x = torch.as_tensor(data[0][0]).float().unsqueeze(0)
+    with torch.no_grad():
+        out = model.eval()(x) if hasattr(model, "eval") else model(x)
+    return int(out.shape[-1]) if getattr(out, "ndim", 0) >= 2 and out.shape[-1] > 1 else None
 
 
 def build_source(path: Path, out: Path, report: Report) -> tuple[Path, str]:

@@ -13,7 +13,18 @@ from rich.live import Live
 
 from flowerbed.console import err, out, table
 from flowerbed.layout import FederationLayout
-from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, PLOT, RESUMED, STOPPED, TRAIN, WAITING, run_id_of
+from flowerbed.runfolder import (
+    AWAY,
+    FAILED,
+    FINAL_EVAL,
+    PLOT,
+    RESUMED,
+    STOPPED,
+    TRAIN,
+    WAITING,
+    metric_kinds,
+    run_id_of,
+)
 from flowerbed.runner import (
     RunHandle,
     RunResult,
@@ -78,10 +89,12 @@ def history_table(rows: list[dict[str, Any]], title: str) -> Any:
     spent, the final evaluation as its own row."""
     extra = extra_metrics(rows)
     private = private_sites(rows)
+    kinds = metric_kinds(rows)
+    names = [n.removeprefix("eval-") + (" (pooled)" if kinds.get(n.removeprefix("eval-")) == "pooled" else "")
+             for n in extra]  # fmt: skip
     return table(
         title,
-        COLUMNS[:-2] + [name.removeprefix("eval-") for name in extra] + [f"eps {site}" for site in private]
-        + COLUMNS[-2:],
+        COLUMNS[:-2] + names + [f"eps {site}" for site in private] + COLUMNS[-2:],
         (
             [_round_label(r), r["nodes"], r["failures"], ", ".join(r.get("missing", [])), r["train_loss"],
              r["eval_loss"], r["eval_accuracy"], *(_value(r.get("metrics", {}).get(n)) for n in extra),

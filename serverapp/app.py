@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
+from dataclasses import asdict
 from logging import WARNING
 from pathlib import Path
 
@@ -19,13 +21,13 @@ from flowerbed.diskspace import DiskFullError, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
-from flowerbed.runfolder import SUMMARY, History, best_evaluation, mark_serverapp, repair
+from flowerbed.runfolder import SUMMARY, History, best_evaluation, mark_serverapp, metric_kinds, repair
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, resume_row
 from flowerbed.serverapp.strategies import make_strategy
 from flowerbed.superlink.launch import CONTACTS_FILE
 from flowerbed.superlink.sites import load_registry
-from flowerbed.task import RUN_TASK_WHEEL, load_task, task_config
+from flowerbed.task import RUN_TASK_WHEEL, load_task, pool_metrics, pools, task_config
 
 app = ServerApp()
 
@@ -54,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
         summary["resumed_from_round"] = resume.round
     try:
         outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history,
-                             resume=resume, watch=SiteWatch(FederationLayout(out_dir.parent.parent)))  # fmt: skip
+                             resume=resume, watch=SiteWatch(FederationLayout(out_dir.parent.parent)),
+                             pool=functools.partial(pool_metrics, task) if pools(task) else None)  # fmt: skip
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
@@ -88,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         target_metric=settings.target_metric,  # the metric that drove the run, and its value for the best model
         best_target_value=best_metrics.get(settings.target_metric),
         best_metrics=best_metrics,
+        metric_kinds=metric_kinds([asdict(row) for row in history.rows]),  # pooled or weighted mean, each
         best_eval_loss=outcome.best_eval_loss,
         best_eval_accuracy=outcome.best_eval_accuracy,
         privacy=outcome.privacy,

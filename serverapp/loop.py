@@ -280,6 +280,23 @@ def all_metrics(metrics: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if k != "num-examples" and isinstance(v, int | float)}
 
 
+Pool = Callable[[list[dict[str, float]]], dict[str, float]]  # each site's statistics -> pooled metrics
+
+
+def sums_of(replies: list[Message]) -> list[MetricRecord | None]:
+    """The statistics each reply sent for the task's pooled metrics (its ``sums`` record; None: none)."""
+    return [reply.content.metric_records.get("sums") for reply in replies]
+
+
+def pooled_metrics(pool: Pool | None, sums: list[MetricRecord | None]) -> dict[str, float]:
+    """The task's pooled evaluation metrics (``eval-NAME``) from the statistics every reply sent:
+    computed as if the sites' data were one; empty when the task pools none, or a reply lacks them."""
+    if pool is None or not sums or any(s is None for s in sums):
+        return {}
+    each = [{k: float(v) for k, v in s.items() if isinstance(v, int | float)} for s in sums if s is not None]
+    return {f"eval-{name}": value for name, value in pool(each).items()}
+
+
 def eval_metrics(metrics: MetricRecord | None) -> dict[str, float]:
     """The evaluation metrics of the global model by the task's own names (``auroc``, ``loss`` ...)."""
     return {k.removeprefix("eval-"): v for k, v in all_metrics(metrics).items() if k.startswith("eval-")}
@@ -299,6 +316,7 @@ class FinalEval:
     accuracy: float | None
     metrics: dict[str, float]
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # each site's own metrics
+    pooled: list[str] = field(default_factory=list)  # the metrics computed from the sites' pooled statistics
 
 
 @dataclass
@@ -438,6 +456,7 @@ class RoundState:
     last_waiting_row: float = -math.inf
     retired: dict[int, str] = field(default_factory=dict)  # node -> why it trains no more (privacy budget spent)
     spent: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent so far
+    pool: Pool | None = None  # the task's pooled metrics from the sites' statistics (None: it pools none)
 
 
 def start_rounds(
@@ -565,10 +584,13 @@ def finish_round(
         audit_round(history, history.rows[-1], got.heads, got.masked)
         raise RunFailedError(why)
     reason: str | None = None
-    eval_loss = _metric(metrics, "eval-loss")
-    eval_acc = _metric(metrics, "eval-accuracy")
+    pooled = pooled_metrics(state.pool, sums_of(got.valid))  # they replace the weighted means of the same names
+    every = all_metrics(metrics) | pooled
+    eval_loss = every.get("eval-loss")
+    eval_acc = every.get("eval-accuracy")
     if eval_loss is not None:
-        reason = state.tracker.observe(server_round, eval_loss, eval_acc, eval_metrics(metrics))
+        evaluated = {k.removeprefix("eval-"): v for k, v in every.items() if k.startswith("eval-")}
+        reason = state.tracker.observe(server_round, eval_loss, eval_acc, evaluated)
         if server_round > 1 and state.best.offer(server_round, eval_loss, eval_acc, state.arrays, settings.min_delta):
             history.save_best(server_round, state.arrays.to_torch_state_dict())
     if new_arrays is not None:
@@ -592,8 +614,9 @@ def finish_round(
             errors=got.errors,
             sites=got.sites,
             missing=sorted(set(state.sites.by_node.values()) - set(got.sites)),
-            metrics=all_metrics(metrics),
+            metrics=every,
             privacy=dict(state.spent),
+            pooled=sorted(pooled),
         )
     )
     audit_round(history, history.rows[-1], got.heads, got.masked)
@@ -607,7 +630,7 @@ def final_evaluation(grid: Grid, strategy: Strategy, state: RoundState, clock: C
     t0 = clock()
     baseline = server_round * settings.local_epochs if settings.local_baseline else 0
     final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=state.sites,
-                                                 baseline_epochs=baseline)  # fmt: skip
+                                                 baseline_epochs=baseline, pool=state.pool)  # fmt: skip
     history.append(
         RoundRow(
             round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
@@ -616,7 +639,7 @@ def final_evaluation(grid: Grid, strategy: Strategy, state: RoundState, clock: C
             seconds=round(clock() - t0, 2),
             stop_reason="evaluation of the last model" if final_eval else "final evaluation: too few replies",
             errors=errors, kind=FINAL_EVAL, metrics=final_eval.metrics if final_eval else {},
-            per_site=final_eval.per_site if final_eval else {},
+            per_site=final_eval.per_site if final_eval else {}, pooled=final_eval.pooled if final_eval else [],
         )
     )  # fmt: skip
     audit_round(history, history.rows[-1], {})
@@ -638,6 +661,7 @@ def run_rounds(
     sleep: Callable[[float], None] = time.sleep,
     resume: ResumePoint | None = None,
     watch: Watch | None = None,
+    pool: Pool | None = None,
 ) -> Outcome:
     """Train until target/plateau/max-rounds/time-budget, or the coordinator's stop (`flowerbed runs stop`).
 
@@ -648,9 +672,11 @@ def run_rounds(
     ``resume``: go on after the round it names, with the convergence state its history implies
     (the time budget counts the time already spent in rounds, not the time the coordinator was down).
     ``watch``: revocations and last contacts of the sites, asked while a round waits: a revoked site
-    is dropped at once, a dark one named in an ``away`` row within half a minute.
+    is dropped at once, a dark one named in an ``away`` row within half a minute. ``pool``: the task's
+    pooled metrics from the sites' statistics (:func:`flowerbed.task.pool_metrics`).
     """
     state = start_rounds(initial, settings, history, clock(), resume=resume, watch=watch)
+    state.pool = pool
     reason: str | None = None
     while reason is None:
         state.server_round += 1
@@ -689,6 +715,7 @@ def evaluate_final(
     *,
     sites: SiteNames,
     baseline_epochs: int = 0,
+    pool: Pool | None = None,
 ) -> tuple[FinalEval | None, int, list[str]]:
     """One evaluate exchange for the last aggregated model (it was never evaluated).
 
@@ -707,9 +734,10 @@ def evaluate_final(
                 for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
     if len(got.valid) < settings.min_nodes:
         return None, len(got.valid), got.errors
-    metrics = strategy.aggregate_evaluate(server_round, got.valid)
-    loss = _metric(metrics, "eval-loss")
+    pooled = pooled_metrics(pool, sums_of(got.valid))
+    every = all_metrics(strategy.aggregate_evaluate(server_round, got.valid)) | pooled
+    loss = every.get("eval-loss")
     if loss is None:
         return None, len(got.valid), got.errors
-    final = FinalEval(loss, _metric(metrics, "eval-accuracy"), all_metrics(metrics), per_site)
+    final = FinalEval(loss, every.get("eval-accuracy"), every, per_site, sorted(pooled))
     return final, len(got.valid), got.errors

@@ -96,3 +96,62 @@ def test_the_notebook_history_has_each_metric_once(tmp_path: Path) -> None:
     assert len(columns) == len(set(columns)) and "eval-loss" not in columns and "eval_auroc" in columns
     assert frame["round"].isna().tolist() == [False, False, True]  # the final evaluation is no round
     assert frame["eval_ece"].tolist()[-1] == 0.04
+
+
+def _auroc(scores: list[float], labels: list[int]) -> float:
+    """The AUROC of these predictions, exactly (Mann-Whitney U, ties count half)."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_a_pooled_metric_is_the_metric_of_the_pooled_data_and_the_weighted_mean_is_not(tmp_path: Path) -> None:
+    """The template task's pooled AUROC (score counts each site sends, summed at the coordinator) against
+    the truth, the AUROC of both sites' predictions as one; the weighted mean of their AUROCs misses it."""
+    import importlib
+    import sys
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from flowerbed.serverapp.loop import pooled_metrics
+    from flowerbed.task import pool_metrics, pools, site_statistics
+    from flowerbed.taskpkg import new_task
+
+    package = new_task(tmp_path, "pool-check")
+    sys.path.insert(0, str(package))
+    try:
+        task = importlib.import_module("flowerbed_task_pool_check.task").task
+    finally:
+        sys.path.remove(str(package))
+    assert pools(task)
+
+    class Fixed(torch.nn.Module):  # a model whose scores are its input's first feature: known predictions
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.zeros(len(x)), x[:, 0]], dim=1)
+
+    generator = torch.Generator().manual_seed(3)
+    sites = []
+    for shift, n in ((0.0, 300), (2.5, 200)):  # site B's scores run higher, positives and negatives alike
+        y = (torch.rand(n, generator=generator) < 0.4).long()
+        logit = shift + 1.2 * y.float() + torch.randn(n, generator=generator)
+        sites.append(TensorDataset(torch.stack([logit, torch.zeros(n)], dim=1), y))
+    config = task.Config()
+    model = Fixed()
+    each = [site_statistics(task, model, data, config) for data in sites]
+    scores = [[float(torch.sigmoid(v)) for v in data.tensors[0][:, 0]] for data in sites]
+    labels = [data.tensors[1].tolist() for data in sites]
+    truth = _auroc([v for s in scores for v in s], [v for y in labels for v in y])
+    per_site = [_auroc(s, y) for s, y in zip(scores, labels, strict=True)]
+    mean = (per_site[0] * 300 + per_site[1] * 200) / 500
+    pooled = pool_metrics(task, [e for e in each if e is not None])["auroc"]
+    assert abs(pooled - truth) < 0.005, (pooled, truth)  # 200 score bins: close to the exact value
+    assert abs(mean - truth) > 0.03, (mean, truth)  # what a weighted mean would have said instead
+
+    # The ServerApp's side: the statistics of each reply's "sums" record, summed there.
+    from flwr.app import MetricRecord
+
+    records = [MetricRecord(dict(e or {})) for e in each]
+    assert pooled_metrics(lambda sums: pool_metrics(task, sums), list(records)) == {"eval-auroc": pooled}
+    assert pooled_metrics(lambda sums: pool_metrics(task, sums), [*records, None]) == {}  # a site sent none

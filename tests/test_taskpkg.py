@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def build_wheel(tmp_path: Path, marker: bool = False) -> Path:
     text = " ".join(checked.stdout.split())
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "task check passed" in text and "auroc" in text and "sensitivity" in text
+    assert "pooled auroc" in text  # the template pools its AUROC over the sites (statistics + pooled)
 
     own_test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
                               capture_output=True, text=True, cwd=pkg, env={**os.environ, "PYTHONPATH": str(pkg)},
@@ -82,6 +84,11 @@ def site_toml(folder: Path, site: str, config: FederationConfig) -> Path:
     path = folder / SITE_FILE
     save_toml_model(path, SiteKitConfig(federation=config.name, site=site, superlink_address="localhost"))
     return path
+
+
+def summary_kinds(out_dir: Path) -> dict[str, str]:
+    """How the run combined each metric, as its summary says (pooled or weighted mean)."""
+    return dict(json.loads((out_dir / "summary.json").read_text())["metric_kinds"])
 
 
 def markers(folder: Path) -> list[Path]:
@@ -144,6 +151,8 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
     assert all(any(refusal in e for e in r["errors"]) for r in trained)
     assert "auroc" in text and "sensitivity" in text  # columns of the run table
     assert "local_epochs 3 task default" in " ".join(result.stdout.replace("│", " ").split())
+    assert "(pooled)" in text and summary_kinds(layout.runs / "own")["auroc"] == "pooled"
+    assert summary_kinds(layout.runs / "own")["sensitivity"] == "weighted mean"
     kept = {row["key"]: row for row in json.loads((layout.runs / "own" / "settings.json").read_text())}
     assert kept["local_epochs"]["source"] == "task default" and kept["target_metric"]["source"] == "flag"
     summary = json.loads((layout.runs / "own" / "summary.json").read_text())
@@ -171,3 +180,48 @@ def test_task_mistakes_are_one_line(tmp_path: Path) -> None:
     module.write_text("raise ImportError('no module named nibabel')\n")
     assert_clean_error(run_cli("task", "check", str(tmp_path / "broken")), ExitCode.ERROR,
                        "importing flowerbed_task_broken.task:task", "no module named nibabel")  # fmt: skip
+
+
+def test_task_check_teaches(tmp_path: Path) -> None:
+    """`task check` names the task's function and line that failed, sums up the data it loaded for each
+    file, and refuses data that would spoil a run: labels out of range, one class, NaNs."""
+    assert run_cli("task", "new", "wine-study", "--dir", str(tmp_path)).returncode == 0
+    pkg = tmp_path / "wine-study"
+    module = pkg / "flowerbed_task_wine_study" / "task.py"
+    good = module.read_text()
+
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def csv_file(name: str, labels: list[str], nan_row: int | None = None) -> Path:
+        rows = [",".join(["nan" if i == nan_row and j == 0 else f"{(i * 7 + j) % 5 - 2}" for j in range(30)]
+                         + [label]) for i, label in enumerate(labels)]  # fmt: skip
+        path = data / name
+        path.write_text(",".join([*(f"f{j}" for j in range(30)), "target"]) + "\n" + "\n".join(rows) + "\n")
+        return path
+
+    fine = csv_file("fine.csv", ["0", "1"] * 30)
+    checked = run_cli("task", "check", str(pkg), "--data", str(fine))
+    flat = " ".join(checked.stdout.replace("│", " ").split())
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "the data load_data read" in flat and re.search(r"train 48 30 0: \d+, 1: \d+ 0 0\.\.1", flat), flat
+
+    bad = [csv_file("labels.csv", ["0", "1", "2"] * 20), csv_file("one.csv", ["1"] * 60),
+           csv_file("nan.csv", ["0", "1"] * 30, nan_row=3)]  # fmt: skip
+    result = run_cli("task", "check", str(pkg), *(a for path in bad for a in ("--data", str(path))))
+    assert_clean_error(result, ExitCode.ERROR, "task check found", "labels 0..2 are outside the model's 2 classes",
+                       "one.csv: train: a single class (1)", "NaN or infinite feature value(s)")  # fmt: skip
+
+    # The task's own code fails: its function and line, one line; --traceback adds the whole trace.
+    module.write_text(good.replace("        rows = list(csv.DictReader(handle))",
+                                   "        rows = list(csv.DictReader(handle))\n        rows[0]['nope']"))  # fmt: skip
+    line = next(i for i, text in enumerate(module.read_text().splitlines(), 1) if "rows[0]['nope']" in text)
+    failed = run_cli("task", "check", str(pkg))
+    assert_clean_error(failed, ExitCode.ERROR, f"task wine-study: load_data failed at flowerbed_task_wine_study/"
+                       f"task.py:{line}: KeyError: 'nope'", "--traceback")  # fmt: skip
+    traced = run_cli("task", "check", str(pkg), "--traceback")
+    assert "Traceback (most recent call last)" in traced.stderr and "rows[0]['nope']" in traced.stderr
+
+    module.write_text(good.replace('name = "wine-study"', 'name = "wine_study_v2"'))
+    assert_clean_error(run_cli("task", "check", str(pkg)), ExitCode.ERROR, "its name is 'wine_study_v2' but "
+                       "pyproject.toml's entry point names it 'wine-study'")  # fmt: skip

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from flowerbed.console import info, out, table
-from flowerbed.taskpkg import build_source, check_source, new_task
+from flowerbed.console import err, info, out, table
+from flowerbed.errors import FlowerbedError
+from flowerbed.taskpkg import TaskCodeError, build_source, check_source, new_task
 
 app = typer.Typer(help="Your own task (model, data loading, training, metrics) as a package.", no_args_is_help=True)
 
@@ -22,20 +23,44 @@ def new(
     out.print(f"created {root}: fill in {root.name}'s task.py (see its README), then `flowerbed task check {root}`")
 
 
-@app.command("check", help="Check the interface and run one local round (no Flower) on --data or example data.")
+@app.command("check", help="Check the interface, the data load_data reads, and one local round (no Flower).")
 def check(
     path: Annotated[Path, typer.Argument(help="The task package folder.")] = Path(),
-    data: Annotated[Path | None, typer.Option(help="Local data to try (default: the task's example_data).")] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option(help="Local data to try (repeat it; default: the task's example_data).")
+    ] = None,
+    show_traceback: Annotated[
+        bool, typer.Option("--traceback", help="When the task's code fails, print the whole trace too.")
+    ] = False,
 ) -> None:
-    result = check_source(path, data)
-    names = sorted(set(result.before) | set(result.after))
-    out.print(
-        table(f"One local round: {result.num_train} train, {result.num_validation} validation examples",
-              ["metric", "before training", "after training"],
-              ([n, f"{result.before.get(n, float('nan')):.4f}", f"{result.after.get(n, float('nan')):.4f}"]
-               for n in names))
-    )  # fmt: skip
-    out.print(f"task check passed in {result.seconds:.1f} s; build it with `flowerbed task build {path}`")
+    """Run the checks; print each data file's summary and its local round, or what is wrong in one line."""
+    try:
+        result = check_source(path, data)
+    except TaskCodeError as exc:
+        if show_traceback:
+            err.print(exc.trace, markup=False, highlight=False)
+        raise
+    for file, summaries, local in result.files:
+        out.print(table(f"{file}: the data load_data read", ["split", "rows", "features", "classes (count)", "NaN/inf",
+                                                               "labels"],
+                        ([s.split, s.rows, s.features, ", ".join(f"{c}: {n}" for c, n in sorted(s.classes.items())),
+                          s.non_finite, s.label_range] for s in summaries)))  # fmt: skip
+        names = sorted(set(local.before) | set(local.after))
+        out.print(
+            table(f"One local round: {local.num_train} train, {local.num_validation} validation examples",
+                  ["metric", "before training", "after training"],
+                  ([n, f"{local.before.get(n, float('nan')):.4f}", f"{local.after.get(n, float('nan')):.4f}"]
+                   for n in names))
+        )  # fmt: skip
+        for metric, value in local.pooled.items():
+            out.print(f"pooled {metric} {value:.4f} (from the statistics this data gave: a run sums every site's)")
+    if result.problems:
+        raise FlowerbedError(
+            f"task check found {len(result.problems)} problem(s) in the data: fix load_data or the "
+            "data, then check again",
+            details=result.problems,
+        )
+    out.print(f"task check passed; build it with `flowerbed task build {path}`")
 
 
 @app.command("build", help="Build the task's wheel (offline) and print its sha256 for the sites to approve.")
