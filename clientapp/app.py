@@ -38,6 +38,7 @@ from flowerbed.clientapp.secure import (
 )
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat
+from flowerbed.heldout import HELD_OUT_KEY, TEST_PATH_KEY, bootstrap, split_off
 from flowerbed.protocol import MAX_WEIGHT_KEY, PRIVACY_CODE, TRAIN_CONFIG, site_event, task_name
 from flowerbed.task import Task, check_metrics, imported_code, load_task, site_statistics, task_config
 
@@ -89,10 +90,49 @@ _RECORDED: set[str] = set()  # wheels whose imported code this process has put i
 
 
 def _load(context: Context, task: Task, config: Any) -> tuple[Any, Any]:
+    """The site's (train, validation) data, without its held-out test share (see :func:`_test_data`)."""
     data_path = str(context.node_config.get("data-path", ""))
     if not data_path:
         raise DataError("data-path is not set in the SuperNode's node config")
-    return task.load_data(Path(data_path).expanduser(), config)
+    train, validation = task.load_data(Path(data_path).expanduser(), config)
+    settings = _settings(context)
+    if settings.test_fraction > 0 and not context.node_config.get(TEST_PATH_KEY):
+        validation, _ = split_off(validation, settings.test_fraction, settings.seed)
+    return train, validation
+
+
+def _test_data(context: Context, task: Task, config: Any) -> Any | None:
+    """The site's held-out test data: its test_path (both splits load_data gives), else the run's
+    test_fraction of its validation data; None when it has none."""
+    from torch.utils.data import ConcatDataset
+
+    test_path = str(context.node_config.get(TEST_PATH_KEY, ""))
+    if test_path:
+        return ConcatDataset(list(task.load_data(Path(test_path).expanduser(), config)))
+    settings = _settings(context)
+    if settings.test_fraction <= 0:
+        return None
+    data_path = Path(str(context.node_config.get("data-path", ""))).expanduser()
+    _, validation = task.load_data(data_path, config)
+    return split_off(validation, settings.test_fraction, settings.seed)[1]
+
+
+def _held_out(context: Context, task: Task, config: Any, model: Any) -> MetricValues:
+    """The final model on the site's test data: each metric with its 95% bootstrap interval, and for
+    accuracy the count of correct predictions (the coordinator's pooled Wilson interval)."""
+    test = _test_data(context, task, config)
+    if test is None or len(test) == 0:
+        return {"num-test": 0}
+
+    def measure(data: Any) -> dict[str, float]:
+        return check_metrics(task.evaluate(model, data, config), f"{task.name}.evaluate")
+
+    point = measure(test)
+    values: MetricValues = {"num-test": len(test)}
+    for name, (lo, hi) in bootstrap(measure, test, _settings(context).seed).items():
+        values |= {f"test-{name}-lo": lo, f"test-{name}-hi": hi}
+    values |= _prefixed("test", point)
+    return values
 
 
 def _model(msg: Message, task: Task, config: Any) -> Any:
@@ -236,9 +276,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _sums_record(sums: dict[str, float]) -> MetricRecord:
-    values: dict[str, int | float | list[int] | list[float]] = dict(sums)
-    return MetricRecord(values)
+def _sums_record(sums: dict[str, float]) -> ConfigRecord:
+    """The task's statistics as a record of their own kind: Flower's strategies take a reply's only
+    MetricRecord as its metrics, so these travel as a ConfigRecord."""
+    return ConfigRecord(dict(sums))
 
 
 def _clipping_note(msg: Message, context: Context, change: list[np.ndarray], examples: int) -> str:
@@ -275,11 +316,18 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     except DataError as exc:
         return _error(msg, context, exc)
     model = _model(msg, task, config)
+    config_record = _config(msg)
+    if config_record is not None and config_record.get(HELD_OUT_KEY):  # the final model on the test data, once
+        held = _held_out(context, task, config, model)
+        site_event(f"round {_round(msg)}: the final model on {held['num-test']} held-out test examples")
+        audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=_round(msg), message="held-out test",
+                              examples=held["num-test"])  # fmt: skip
+        return Message(content=RecordDict({"metrics": MetricRecord(held), "site": _site_record(context, audited)}),
+                       reply_to=msg)  # fmt: skip
     result = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
     sums = site_statistics(task, model, validation, config)
     site_event(f"round {_round(msg)}: evaluated the final model: {_summary(result)}")
     values = _prefixed("eval", result) | {"num-examples": len(validation)}
-    config_record = _config(msg)
     epochs = int(str(config_record.get(BASELINE_KEY, 0))) if config_record is not None else 0
     if epochs > 0:
         local = local_baseline(task, config, train_data, validation, epochs)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,24 @@ def project_root() -> Path | None:
     """The source tree this flowerbed runs from (it builds the kit's own wheel), if any."""
     here = Path(__file__).resolve().parent.parent
     return here if (here / "pyproject.toml").is_file() else None
+
+
+@contextlib.contextmanager
+def source_build_lock(root: Path) -> Iterator[None]:
+    """One wheel build from the source tree ``root`` at a time on this machine: setuptools writes its
+    ``build/`` and ``*.egg-info`` into the tree, and two builds at once (two kit builds) broke each other."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; a kit is built on the coordinator, one at a time there
+        yield
+        return
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    with (Path(tempfile.gettempdir()) / f"flowerbed-build-{digest}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_pip(args: list[str], report: Report, what: str, where: str | None = None) -> None:
@@ -130,7 +151,8 @@ def bundle_wheels(
     run_pip(args, report, "downloading the wheels", where)
     root = source or project_root()
     if root is not None:
-        run_pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(root)], report, "building the flowerbed wheel")
+        with source_build_lock(root):
+            run_pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(root)], report, "building the flowerbed wheel")
     (out / "INSTALL.txt").write_text(
         INSTALL_NOTE.format(
             role=role,

@@ -20,7 +20,7 @@ from flowerbed.certs import service
 from flowerbed.certs.files import PRIVATE_MODE
 from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig
 from flowerbed.deploy import install
-from flowerbed.deploy.bundle import TASKS_DIR, Report, project_root, run_pip
+from flowerbed.deploy.bundle import TASKS_DIR, Report, project_root, run_pip, source_build_lock
 from flowerbed.deploy.condaenv import Role, render
 from flowerbed.deploy.render import fill, template
 from flowerbed.errors import FlowerbedError
@@ -163,8 +163,9 @@ def _kit_wheel(stage_root: Path, wheel: Path | None, report: Report) -> Path:
     report(f"building the flowerbed wheel from {root}")
     # No build isolation: the environment's own setuptools builds it, so a coordinator without
     # internet access can build kits too (scripts/setup.sh installs setuptools and wheel).
-    run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(root)], report,
-            "building the flowerbed wheel")  # fmt: skip
+    with source_build_lock(root):
+        run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(root)], report,
+                "building the flowerbed wheel")  # fmt: skip
     return next(out.glob("flowerbed-*.whl"))
 
 

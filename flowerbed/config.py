@@ -170,6 +170,18 @@ class RunSettings(_Model):
     hidden_units: int = Field(32, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 42
+    held_out_test: bool = Field(
+        False,
+        description="At the end, the final model is evaluated on each site's held-out test data (site.toml "
+        "test_path, or test_fraction), with 95% intervals per site and pooled",
+    )
+    test_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="A share of each site's validation data held out as its test data (never "
+        "trained on, never used to choose the model); > 0 turns held_out_test on",
+    )
     local_baseline: bool = Field(
         False, description="Each site also trains a local-only model at the end and reports only its metrics"
     )
@@ -248,6 +260,10 @@ class RunSettings(_Model):
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", value):
             raise ValueError(f"{value!r} is not a metric name (letters, digits, - and _; e.g. auroc)")
         return value
+
+    def held_out(self) -> bool:
+        """True when the run ends with a held-out test of its final model."""
+        return self.held_out_test or self.test_fraction > 0
 
     def target_direction(self) -> str:
         """``max`` when a higher ``target_metric`` is better, ``min`` when lower is (``*loss`` in auto mode)."""
@@ -356,6 +372,11 @@ class SiteKitConfig(_Model):
     superlink_address: str
     superlink_port: Port = 9092
     data_path: str = Field(DATA_PLACEHOLDER, description="CSV file or folder of class folders")
+    test_path: str = Field(
+        "",
+        description="Held-out test data in load_data's format (relative to the kit): never trained on; only the "
+        "final model of a run with held_out_test is evaluated on it",
+    )
     workdir: str = Field("supernode-work", description="Logs and Flower state, relative to the kit")
     supernode_port: Port = Field(9094, description="Loopback port of the SuperNode's local API")
     allow_builtin_tasks: bool = Field(True, description="Runs of flowerbed's built-in tasks need no approval")

@@ -193,6 +193,20 @@ def audit_summary(layout: FederationLayout, run: str) -> tuple[str, bool, list[l
     return state, sound, rows
 
 
+def _held_out_html(rows: list[dict[str, Any]]) -> str:
+    """The final model on the sites' held-out test data, with 95% intervals; or why there is none."""
+    from flowerbed.views import held_out_rows
+
+    table = held_out_rows(rows)
+    if not table:
+        return ("<p id='no-test'>This run had no held-out test (set held_out_test, with test_path in each "
+                "site.toml, or test_fraction in [run]).</p>")  # fmt: skip
+    note = ("<p class='muted'>Never trained on, never used to choose the model. A site's interval: bootstrap "
+            "(200 resamples of its test data); pooled accuracy: Wilson, from the sites' counts together; other "
+            "pooled figures: the mean weighted by test examples.</p>")  # fmt: skip
+    return _table(table[0], table[1:], "held-out") + note
+
+
 def metric_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[list[Any]]:
     """One line per evaluation metric: how the sites' results combine, its value for the best model and
     in the last trained round."""
@@ -250,6 +264,8 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         _table(["metric", "combined as", "best model", "last round"], metric_table(rows, summary), "metrics"),
         "<p class='muted'>pooled: from the statistics each site sent, summed (its value on all sites' data as "
         "one); weighted mean: the mean of the sites' values, weighted by their examples.</p>",
+        "<h2>Held-out test</h2>",
+        _held_out_html(rows),
         "<h2>Participation</h2>",
         f"<img id='participation' alt='participation per site and round' src='{participation_png}'>",
         _table(["site", *[f"round {r}" for r in rounds]], [[s, *[grid[s].get(r, "-") for r in rounds]] for s in sites],

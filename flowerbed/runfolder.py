@@ -36,6 +36,7 @@ FINAL_MODEL = "final_model.pt"
 PLOT = "metrics.png"
 TRAIN = "train"
 FINAL_EVAL = "final-eval"  # the last model's own evaluation, after max-rounds or the time budget
+HELD_OUT = "held-out"  # the final model on the sites' held-out test data, once, after the final evaluation
 WAITING = "waiting"  # a round short of min-nodes because sites are away, retried after a wait
 FAILED = "failed"  # the round that ended the run (a resumed run trains this round again)
 STOPPED = "stopped"  # a round that too few sites could train in (their privacy budgets are spent)
@@ -152,7 +153,7 @@ def csv_text(rows: list[RoundRow], columns: list[str], *, header: bool = True) -
         writer.writerow(columns)
     for row in rows:
         values = {**{metric_column(k): v for k, v in row.metrics.items()}, **asdict(row)}
-        if row.kind == FINAL_EVAL:
+        if row.kind in (FINAL_EVAL, HELD_OUT):
             values["round"] = None
         writer.writerow(["" if values.get(c) is None else values[c] for c in columns])
     return out.getvalue()

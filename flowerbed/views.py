@@ -17,6 +17,7 @@ from flowerbed.runfolder import (
     AWAY,
     FAILED,
     FINAL_EVAL,
+    HELD_OUT,
     PLOT,
     RESUMED,
     STOPPED,
@@ -35,7 +36,8 @@ from flowerbed.runner import (
 COLUMNS = ["round", "nodes", "failed", "missing", "train loss", "eval loss", "eval acc", "s", "stop"]
 
 
-LABELS = {FINAL_EVAL: "final", RESUMED: "resume", FAILED: "failed", WAITING: "wait", STOPPED: "stop", AWAY: "away"}
+LABELS = {FINAL_EVAL: "final", HELD_OUT: "test", RESUMED: "resume", FAILED: "failed", WAITING: "wait",
+          STOPPED: "stop", AWAY: "away"}  # fmt: skip
 
 
 def settings_table(rows: list[tuple[str, Any, str]]) -> Any:
@@ -48,7 +50,7 @@ def _round_label(row: dict[str, Any]) -> str:
     label = LABELS.get(str(row.get("kind")))
     if label is None:
         return str(row["round"])
-    return label if row.get("kind") in (FINAL_EVAL, RESUMED) else f"{row['round']} {label}"
+    return label if row.get("kind") in (FINAL_EVAL, HELD_OUT, RESUMED) else f"{row['round']} {label}"
 
 
 def _trained(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,7 +195,33 @@ def follow_and_report(layout: FederationLayout, handle: RunHandle, timeout_s: fl
     result = follow_live(layout, handle, timeout_s)
     check_result(result, handle)
     out.print(best_line(result.run_id, result.summary))
+    held = held_out_rows(result.rows)
+    if held:
+        out.print(table("held-out test of the final model (95% intervals)", held[0], held[1:]))
     out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")
+
+
+def held_out_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """The held-out test as a table (a header, then a line per site and one for all sites pooled): each
+    metric with its 95% interval (a bootstrap at the site; pooled accuracy: Wilson, from the counts;
+    other pooled metrics: the mean weighted by test examples). Empty when the run had none."""
+    row = next((r for r in reversed(rows) if r.get("kind") == HELD_OUT), None)
+    if row is None or not row.get("metrics"):
+        return []
+    lines = [(site, m) for site, m in sorted(row.get("per_site", {}).items()) if m.get("num-test")]
+    lines.append(("all sites (pooled)", row["metrics"]))
+    keys = {k for _, m in lines for k in m if k.startswith("test-") and not k.endswith(("-lo", "-hi"))}
+    found = {k.removeprefix("test-") for k in keys}
+    names = sorted(found, key=lambda n: (n != "accuracy", n))
+
+    def cell(m: dict[str, Any], name: str) -> str:
+        value, lo, hi = m.get(f"test-{name}"), m.get(f"test-{name}-lo"), m.get(f"test-{name}-hi")
+        if value is None:
+            return "-"
+        return f"{value:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else f"{value:.4f}"
+
+    return [["site", "test examples", *names], *([s, int(m.get("num-test", 0)), *(cell(m, n) for n in names)]
+                                                  for s, m in lines)]  # fmt: skip
 
 
 def best_line(run_id: int, summary: dict[str, Any]) -> str:

@@ -21,7 +21,16 @@ from flowerbed.diskspace import DiskFullError, write_atomic
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.protocol import task_name
-from flowerbed.runfolder import SUMMARY, History, best_evaluation, mark_serverapp, metric_kinds, repair
+from flowerbed.runfolder import (
+    HELD_OUT,
+    SUMMARY,
+    History,
+    RoundRow,
+    best_evaluation,
+    mark_serverapp,
+    metric_kinds,
+    repair,
+)
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, resume_row
 from flowerbed.serverapp.strategies import make_strategy
@@ -92,6 +101,7 @@ def main(grid: Grid, context: Context) -> None:
         best_target_value=best_metrics.get(settings.target_metric),
         best_metrics=best_metrics,
         metric_kinds=metric_kinds([asdict(row) for row in history.rows]),  # pooled or weighted mean, each
+        held_out=held_out_of(history.rows),  # the final model on the sites' test data (None: not tested)
         best_eval_loss=outcome.best_eval_loss,
         best_eval_accuracy=outcome.best_eval_accuracy,
         privacy=outcome.privacy,
@@ -99,6 +109,12 @@ def main(grid: Grid, context: Context) -> None:
     )
     history.finish(outcome.final_arrays.to_torch_state_dict(), summary)
     _audit_end(out_dir, summary)
+
+
+def held_out_of(rows: list[RoundRow]) -> dict[str, object] | None:
+    """The run's held-out test figures for its summary: pooled and per site (None: the run had none)."""
+    row = next((r for r in reversed(rows) if r.kind == HELD_OUT), None)
+    return {"pooled": row.metrics, "per_site": row.per_site} if row is not None else None
 
 
 class SiteWatch:

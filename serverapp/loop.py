@@ -17,8 +17,19 @@ from flwr.serverapp.strategy import Strategy
 from flowerbed.audit import ROUND, append_here
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat
+from flowerbed.heldout import HELD_OUT_KEY, pooled
 from flowerbed.protocol import PRIVACY_CODE
-from flowerbed.runfolder import AWAY, FAILED, FINAL_EVAL, STOPPED, WAITING, History, RoundRow, stop_requested
+from flowerbed.runfolder import (
+    AWAY,
+    FAILED,
+    FINAL_EVAL,
+    HELD_OUT,
+    STOPPED,
+    WAITING,
+    History,
+    RoundRow,
+    stop_requested,
+)
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, STOP_ASKED, TIME_BUDGET, ConvergenceTracker
 from flowerbed.serverapp.resume import ResumePoint
 from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
@@ -283,12 +294,12 @@ def all_metrics(metrics: MetricRecord | None) -> dict[str, float]:
 Pool = Callable[[list[dict[str, float]]], dict[str, float]]  # each site's statistics -> pooled metrics
 
 
-def sums_of(replies: list[Message]) -> list[MetricRecord | None]:
+def sums_of(replies: list[Message]) -> list[ConfigRecord | None]:
     """The statistics each reply sent for the task's pooled metrics (its ``sums`` record; None: none)."""
-    return [reply.content.metric_records.get("sums") for reply in replies]
+    return [reply.content.config_records.get("sums") for reply in replies]
 
 
-def pooled_metrics(pool: Pool | None, sums: list[MetricRecord | None]) -> dict[str, float]:
+def pooled_metrics(pool: Pool | None, sums: list[ConfigRecord | None]) -> dict[str, float]:
     """The task's pooled evaluation metrics (``eval-NAME``) from the statistics every reply sent:
     computed as if the sites' data were one; empty when the task pools none, or a reply lacks them."""
     if pool is None or not sums or any(s is None for s in sums):
@@ -650,6 +661,26 @@ def final_evaluation(grid: Grid, strategy: Strategy, state: RoundState, clock: C
             history.save_best(server_round + 1, arrays.to_torch_state_dict())
 
 
+def held_out_test(grid: Grid, strategy: Strategy, arrays: ArrayRecord, state: RoundState, clock: Clock) -> None:
+    """The final model on each site's held-out test data, once: a ``held-out`` row with each site's figures
+    and 95% intervals (``per_site``) and the pooled ones (``metrics``). A failure here costs only the row."""
+    t0 = clock()
+    try:
+        snapshot = NodeSnapshot(grid)
+        config = ConfigRecord({HELD_OUT_KEY: 1})
+        messages = list(strategy.configure_evaluate(state.server_round + 1, arrays, config, snapshot.grid()))
+        got = _split(messages, exchange(grid, messages, state.settings.round_timeout_s), state.sites)
+        per_site = {name: all_metrics(reply.content.metric_records.get("metrics"))
+                    for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
+        together, errors = pooled(per_site), got.errors
+    except Exception as exc:  # noqa: BLE001 - the run has ended well; its test figures are an extra
+        per_site, together, errors = {}, {}, [f"held-out test failed: {type(exc).__name__}: {exc}"]
+    said = "held-out test of the final model" if together else "held-out test: no site has test data"
+    state.history.append(RoundRow(state.server_round + 1, len(per_site), len(errors), None, None, None,
+                                  round(clock() - t0, 2), said, errors, kind=HELD_OUT, metrics=together,
+                                  per_site=per_site))  # fmt: skip
+
+
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -703,6 +734,8 @@ def run_rounds(
     # No trained model was evaluated: the last one, never the initial one.
     best = state.best
     final = best.arrays if best.arrays is not None else state.arrays
+    if settings.held_out():
+        held_out_test(grid, strategy, final, state, clock)
     return Outcome(reason, state.server_round, best.round, best.loss, best.accuracy, final, state.spent)
 
 

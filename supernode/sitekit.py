@@ -12,6 +12,7 @@ from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.service import cert_sans, read_cert
 from flowerbed.config import DATA_PLACEHOLDER, SITE_FILE, SiteKitConfig, load_toml_model, resolve
 from flowerbed.errors import ExitCode, FlowerbedError
+from flowerbed.heldout import TEST_PATH_KEY
 from flowerbed.supernode.preflight import parse_address
 from flowerbed.supernode.supervisor import WARM, SupernodeSpec
 
@@ -154,6 +155,7 @@ def site_spec(
             pull_s=config.pull_s,
             privacy=config.privacy,
             secure_only=config.require_secure_aggregation,
+            extra_node_config={TEST_PATH_KEY: str(kit._under_root(config.test_path))} if config.test_path else {},
         )
     missing = [n for n, v in (("--superlink", superlink), ("--ca", ca), ("--key", key), ("--data", data)) if v is None]
     if missing or superlink is None or ca is None or key is None or data is None:

@@ -7,6 +7,7 @@ Real files written by the run folder's own writer (the federated path is in test
 from __future__ import annotations
 
 import csv
+import math
 import struct
 from pathlib import Path
 
@@ -150,8 +151,30 @@ def test_a_pooled_metric_is_the_metric_of_the_pooled_data_and_the_weighted_mean_
     assert abs(mean - truth) > 0.03, (mean, truth)  # what a weighted mean would have said instead
 
     # The ServerApp's side: the statistics of each reply's "sums" record, summed there.
-    from flwr.app import MetricRecord
+    from flwr.app import ConfigRecord
 
-    records = [MetricRecord(dict(e or {})) for e in each]
+    records = [ConfigRecord(dict(e or {})) for e in each]
     assert pooled_metrics(lambda sums: pool_metrics(task, sums), list(records)) == {"eval-auroc": pooled}
     assert pooled_metrics(lambda sums: pool_metrics(task, sums), [*records, None]) == {}  # a site sent none
+
+
+def test_held_out_splits_and_intervals() -> None:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from flowerbed.heldout import bootstrap, pooled, split_off, wilson
+
+    lo, hi = wilson(8, 10)
+    assert (round(lo, 3), round(hi, 3)) == (0.49, 0.943)  # the textbook Wilson interval of 8 of 10
+    assert all(math.isnan(v) for v in wilson(0, 0))  # no trial, no interval
+    data = TensorDataset(torch.arange(50).float().unsqueeze(1), torch.arange(50) % 2)
+    kept, test = split_off(data, 0.2, seed=42)
+    again = split_off(data, 0.2, seed=42)[1]
+    assert len(test) == 10 and len(kept) == 40 and list(test.indices) == list(again.indices)  # the same each round
+    assert not set(kept.indices) & set(test.indices)
+    ci = bootstrap(lambda d: {"mean": float(torch.stack([d[i][0] for i in range(len(d))]).mean())}, data, seed=1)
+    assert ci["mean"][0] < 24.5 < ci["mean"][1] and ci["mean"][1] - ci["mean"][0] < 15
+    together = pooled({"a": {"num-test": 10, "test-accuracy": 0.8}, "b": {"num-test": 30, "test-accuracy": 0.6},
+                       "c": {"num-test": 0}})  # fmt: skip
+    assert together["num-test"] == 40 and abs(together["test-accuracy"] - 0.65) < 1e-9
+    assert (together["test-accuracy-lo"], together["test-accuracy-hi"]) == wilson(26, 40)

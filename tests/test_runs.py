@@ -248,3 +248,34 @@ def test_killed_supernode_is_restarted_and_rejoins_at_once(nodes: list[Superviso
     record("kill -9 one SuperNode, restarted by its supervisor", "a sign-off line, then connected again",
            injected="SIGKILL to flower-supernode's process group", noticed_s=None, recovered_s=rejoined,
            rounds_lost=0, replies_lost=0)  # fmt: skip
+
+
+@pytest.mark.federation
+def test_a_held_out_test_split_is_reported_with_intervals(running: RunningFederation, nodes: list[Supervisor]) -> None:
+    """test_fraction holds a share of each site's validation data out of training and model selection; the
+    final model is evaluated on it once, with a 95% bootstrap interval per site and Wilson's for the pool."""
+    result = run_cli("run", "-d", str(running.layout.root), "--max-rounds", "2", "--min-nodes", "2", "--name",
+                     "held-out", "--test-fraction", "0.4", timeout=400)  # fmt: skip
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    flat = " ".join(text.replace("│", " ").split())
+    assert "held-out test of the final model (95% intervals)" in flat and "all sites (pooled)" in flat, flat
+    out = running.layout.runs / "held-out"
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    held = rows[-1]
+    assert held["kind"] == "held-out" and rows[-2]["kind"] == "final-eval", [r["kind"] for r in rows]
+    sites = {s: m for s, m in held["per_site"].items() if m.get("num-test")}
+    assert set(sites) == {"inst-a", "inst-b"}, held  # univ-hospital has no data at all: its error is named
+    assert any("univ-hospital" in e for e in held["errors"]), held["errors"]
+    for figures in sites.values():
+        assert figures["test-accuracy-lo"] <= figures["test-accuracy"] <= figures["test-accuracy-hi"], figures
+        assert figures["test-loss-lo"] <= figures["test-loss"] <= figures["test-loss-hi"], figures
+    pooled = held["metrics"]
+    assert pooled["num-test"] == sum(m["num-test"] for m in sites.values())
+    assert pooled["test-accuracy-lo"] < pooled["test-accuracy"] < pooled["test-accuracy-hi"]
+    validation = [r for r in rows if r["kind"] == "train"]
+    assert all(r["nodes"] == 2 for r in validation)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out"]["pooled"] == pooled
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert "test_accuracy" in header and "test_accuracy_lo" in header

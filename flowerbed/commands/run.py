@@ -115,6 +115,13 @@ def run(
         str | None,
         typer.Option(help="off; secagg+: Flower's SecAgg+, the coordinator learns only the sum of the updates."),
     ] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Hold this share of each site's validation data out as test data; the final model is "
+            "evaluated on it at the end, with 95% intervals."
+        ),
+    ] = None,
     local_baseline: Annotated[
         bool | None,
         typer.Option(
@@ -151,7 +158,7 @@ def run(
         "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
         "local_epochs": local_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "proximal_mu": proximal_mu, "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
-        "secure_aggregation": secure_aggregation,
+        "secure_aggregation": secure_aggregation, "test_fraction": test_fraction,
         "local_baseline": local_baseline,
     }  # fmt: skip
     if app is not None:
