@@ -8,8 +8,11 @@ resume) is not involved: the app's ServerApp decides everything.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import datetime as dt
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -89,6 +92,41 @@ def reply_tally(layout: FederationLayout, run_id: int) -> ReplyTally:
                       tuple(str(r) for r in data.get("reasons", [])))  # fmt: skip
 
 
+ROUND_LINE = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+METRICS_LINE = re.compile(r"Aggregated MetricRecord: (\{.*\})")
+
+
+@dataclass
+class AppRound:
+    """One round of an app run that uses Flower's strategies, as its ServerApp's log says it."""
+
+    round: int
+    of: int
+    train: dict[str, float]
+    evaluate: dict[str, float]
+
+
+def app_rounds(log_text: str) -> list[AppRound]:
+    """The rounds a ServerApp's log reports (Flower's ``Strategy.start`` lines: ``[ROUND r/N]``, then the
+    aggregated train and evaluate MetricRecords); empty for an app that logs none."""
+    rounds: list[AppRound] = []
+    for line in log_text.splitlines():
+        heading = ROUND_LINE.search(line)
+        if heading:
+            rounds.append(AppRound(int(heading[1]), int(heading[2]), {}, {}))
+            continue
+        found = METRICS_LINE.search(line)
+        if found and rounds:
+            try:
+                values = ast.literal_eval(found[1])
+            except (ValueError, SyntaxError):
+                continue
+            metrics = {str(k): float(v) for k, v in values.items() if isinstance(v, int | float)}
+            target = rounds[-1].train if not rounds[-1].train else rounds[-1].evaluate
+            target.update(metrics)
+    return rounds
+
+
 def follow_app(
     layout: FederationLayout,
     run: AppRun,
@@ -96,15 +134,25 @@ def follow_app(
     timeout_s: float,
     poll_s: float = 2.0,
     on_status: Callable[[str, float], None] = lambda _s, _t: None,
+    on_rounds: Callable[[list[AppRound]], None] | None = None,
+    log_every_s: float = 10.0,
 ) -> str:
-    """Wait until Flower reports the run finished; keep the ServerApp's log in the run folder."""
+    """Wait until Flower reports the run finished; keep the ServerApp's log in the run folder.
+
+    ``on_rounds``: called with the rounds the ServerApp's log reports so far, every ``log_every_s``.
+    """
     started = time.monotonic()
     status = "unknown"
+    read_log = started
     while time.monotonic() - started < timeout_s:
         status = control.run_status(layout.flwr_home, run.run_id)
         on_status(status, time.monotonic() - started)
         if status.startswith(FINISHED):
             break
+        if on_rounds is not None and time.monotonic() - read_log >= log_every_s:
+            read_log = time.monotonic()
+            with contextlib.suppress(FlowerbedError):
+                on_rounds(app_rounds(flwrcli.run_log(layout.flwr_home, run.run_id)))
         time.sleep(poll_s)
     else:
         raise FlowerbedError(f"run {run.run_id} still {status} after {timeout_s:.0f} s; it goes on (`flwr ls`)")

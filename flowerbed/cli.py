@@ -10,6 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from flowerbed import __version__
+from flowerbed.commands import app as appcmd
 from flowerbed.commands import (
     audit,
     bundle,
@@ -72,6 +73,7 @@ app.add_typer(supernode.app, name="supernode")
 app.add_typer(sites.app, name="sites")
 app.add_typer(runs.app, name="runs")
 app.add_typer(task.app, name="task")
+app.add_typer(appcmd.app, name="app")
 
 
 def main() -> None:

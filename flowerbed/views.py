@@ -201,6 +201,15 @@ def follow_and_report(layout: FederationLayout, handle: RunHandle, timeout_s: fl
     out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")
 
 
+def app_table(run_id: int, rounds: list[Any]) -> Any:
+    """An app run's rounds (``flowerbed.apprun.AppRound``): each aggregated train and evaluate metric."""
+    train = list(dict.fromkeys(k for r in rounds for k in r.train if k != "num-examples"))
+    evaluate = list(dict.fromkeys(k for r in rounds for k in r.evaluate if k != "num-examples"))
+    return table(f"run {run_id}: {len(rounds)} round(s)", ["round", *train, *evaluate],
+                 ([r.round, *(_value(r.train.get(k)) for k in train), *(_value(r.evaluate.get(k)) for k in evaluate)]
+                  for r in rounds))  # fmt: skip
+
+
 def held_out_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """The held-out test as a table (a header, then a line per site and one for all sites pooled): each
     metric with its 95% interval (a bootstrap at the site; pooled accuracy: Wilson, from the counts;

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flowerbed.apprun import APP_LOG, follow_app, reply_tally, submit_app
+from flowerbed.apprun import APP_LOG, AppRound, app_rounds, follow_app, reply_tally, submit_app
 from flowerbed.commands.common import FedDir
 from flowerbed.config import load_federation
 from flowerbed.console import err, out, warn
@@ -21,7 +21,7 @@ from flowerbed.runner import (
     stored_settings,
     submit,
 )
-from flowerbed.views import follow_and_report, settings_table
+from flowerbed.views import app_table, follow_and_report, settings_table
 
 HELP = "Submit a federated run to the local SuperLink and follow it until it stops."
 
@@ -36,12 +36,22 @@ def run_app(
     out.print("each site runs it only if it approved this sha256 (`flowerbed supernode approve APP_FOLDER`)")
     if timeout_s is None:
         return
+    latest: list[str] = [""]
+
+    def said(rounds: list[AppRound]) -> None:
+        if rounds:
+            last = rounds[-1]
+            latest[0] = f", round {last.round}/{last.of}" + "".join(f", {k} {v:.4f}" for k, v in last.evaluate.items())
+
     with err.status(f"run {started.run_id}: submitted") as status:
         final = follow_app(
-            layout, started, timeout_s=timeout_s,
-            on_status=lambda s, t: status.update(f"run {started.run_id}: {s}, {t:.0f} s elapsed"),
+            layout, started, timeout_s=timeout_s, on_rounds=said,
+            on_status=lambda s, t: status.update(f"run {started.run_id}: {s}{latest[0]}, {t:.0f} s elapsed"),
         )  # fmt: skip
     log = started.out_dir / APP_LOG
+    rounds = app_rounds(log.read_text(encoding="utf-8")) if log.exists() else []
+    if rounds:
+        out.print(app_table(started.run_id, rounds))
     out.print(f"run {started.run_id} {final}; the ServerApp's log: {log}")
     tally = reply_tally(layout, started.run_id)
     for reason in tally.reasons:
