@@ -55,8 +55,13 @@ def _site(context: Context) -> str:
 
 def _site_record(context: Context, audited: dict[str, Any] | None = None) -> ConfigRecord:
     """The site's name, so that the ServerApp's messages about this node name the site, and the head
-    of the site's audit trail after this task (the coordinator's trail records it)."""
-    return ConfigRecord({"site-name": _site(context), "audit-head": head_of(audited)})
+    of the site's audit trail after this task (the coordinator's trail records it), and for an own task
+    the digest of the files it was imported from (the code that ran here)."""
+    record = ConfigRecord({"site-name": _site(context), "audit-head": head_of(audited)})
+    code = imported_code(_settings(context).task_sha256) if _settings(context).task_sha256 else None
+    if code is not None:  # the files of the approved wheel this task was imported from: the code that ran here
+        record["code-sha256"] = code.sha256
+    return record
 
 
 def update_digest(state: dict[str, Any]) -> tuple[int, str]:

@@ -9,6 +9,7 @@ the local-only vs federated (vs centralized, where known) table, and the audit s
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import html
 import io
@@ -18,10 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from flowerbed import audit
+from flowerbed.artifacts import read_task_wheel
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
-from flowerbed.runfolder import FINAL_EVAL, SUMMARY, TRAIN, metric_kinds, read_rows
+from flowerbed.runfolder import (
+    FINAL_EVAL,
+    FINAL_MODEL,
+    HELD_OUT,
+    SUMMARY,
+    TRAIN,
+    metric_kinds,
+    read_rows,
+    read_settings,
+)
 from flowerbed.runner import run_folder, stored_settings
+from flowerbed.task import RUN_TASK_WHEEL
 
 REPORT = "report.html"
 COMPARISON = "comparison.json"  # the demo's held-out table (local only, federated, centralized)
@@ -32,6 +44,13 @@ h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-botto
 table { border-collapse: collapse; margin: 0.5rem 0; } td, th { border: 1px solid #ccc; padding: 0.2rem 0.6rem; }
 th { background: #f3f3f3; } td.num { text-align: right; } img { max-width: 100%; }
 .ok { color: #1a7f37; } .bad { color: #b42318; } .muted { color: #666; font-size: 0.9rem; }
+.wide { overflow-x: auto; max-width: 100%; } code { word-break: break-all; }
+@media print {
+  body { max-width: none; margin: 0; font-size: 9pt; }
+  .wide { overflow: visible; }
+  table { width: 100%; table-layout: fixed; font-size: 7pt; } td, th { word-break: break-all; padding: 1px 3px; }
+  tr, img { page-break-inside: avoid; } h2 { page-break-after: avoid; }
+}
 """
 
 
@@ -58,7 +77,7 @@ def _table(columns: list[str], rows: list[list[Any]], table_id: str) -> str:
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<div class="wide"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _integer_rounds(ax: Any) -> None:
@@ -207,6 +226,53 @@ def _held_out_html(rows: list[dict[str, Any]]) -> str:
     return _table(table[0], table[1:], "held-out") + note
 
 
+def model_card(out_dir: Path, settings: Any, summary: dict[str, Any]) -> list[list[Any]]:
+    """What the model is: its task (name, version, sha256), its layers and parameters (from the final
+    model), why the run stopped and the metric that drove it."""
+    version = "-"
+    wheel = out_dir / RUN_TASK_WHEEL
+    if wheel.exists():
+        with contextlib.suppress(FlowerbedError, OSError, ValueError):
+            version = read_task_wheel(wheel).version
+    layers, params = [], 0
+    final = out_dir / FINAL_MODEL
+    if final.exists():
+        import torch
+
+        with contextlib.suppress(Exception):  # a model file from elsewhere: the card says what it can
+            state = torch.load(final, weights_only=True, map_location="cpu")
+            for key, tensor in state.items():
+                layers.append(f"{key} {'x'.join(map(str, tensor.shape)) or 'scalar'}")
+                params += int(tensor.numel())
+    return [
+        ["task", settings.task or "tabular (built-in)"], ["task version", version],
+        ["task sha256", settings.task_sha256 or "- (built into flowerbed)"],
+        ["parameters", params or "- (no final model)"], ["layers", "; ".join(layers) or "-"],
+        ["stop reason", summary.get("stop_reason")], ["metric that drove the run", summary.get("target_metric")],
+        ["its value for the final model", summary.get("best_target_value")],
+        ["final model", f"the best validated model: {summary.get('best_model', '-')}"],
+    ]  # fmt: skip
+
+
+def site_rows(rows: list[dict[str, Any]], spent: dict[str, float]) -> list[list[Any]]:
+    """Per site: rounds taken part, its last update's training examples, validation and test examples,
+    epsilon spent, and the digest of the own task's code it ran (said when missing, and why)."""
+    trained = [r for r in rows if r.get("kind") == TRAIN]
+    final: dict[str, Any] = next((r for r in reversed(rows) if r.get("kind") == FINAL_EVAL), {})
+    held: dict[str, Any] = next((r for r in reversed(rows) if r.get("kind") == HELD_OUT), {})
+    sites = sorted({s for r in trained for s in r.get("sites", [])})
+    out = []
+    for site in sites:
+        taken = [r["round"] for r in trained if site in r.get("sites", [])]
+        examples = next((r["examples"][site] for r in reversed(trained) if site in r.get("examples", {})), None)
+        code = next((r["code"][site] for r in reversed(trained) if site in r.get("code", {})), None)
+        out.append([site, f"{len(taken)} of {len(trained)}", examples,
+                    final.get("per_site", {}).get(site, {}).get("examples", "-"),
+                    held.get("per_site", {}).get(site, {}).get("num-test", "- (no held-out test)"),
+                    spent.get(site, "- (no DP)"), code or "- (built-in task)"])  # fmt: skip
+    return out
+
+
 def metric_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[list[Any]]:
     """One line per evaluation metric: how the sites' results combine, its value for the best model and
     in the last trained round."""
@@ -266,6 +332,15 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         "one); weighted mean: the mean of the sites' values, weighted by their examples.</p>",
         "<h2>Held-out test</h2>",
         _held_out_html(rows),
+        "<h2>Model card</h2>", _table(["", "value"], model_card(out_dir, settings, summary), "model-card"),
+        _table(["setting", "value", "from"], [[r.get("key"), r.get("value"), r.get("source")]
+                                              for r in read_settings(out_dir)], "settings"),
+        "<h2>Sites</h2>", _table(["site", "rounds taken part", "train examples (last update)", "validation examples",
+                                  "test examples", "epsilon spent", "code that ran (sha256 of the imported files)"],
+                                 site_rows(rows, spent), "sites"),
+        "<p class='muted'>Each site approved the task's wheel by its sha256 (the task sha256 above) in its own "
+        "site.toml; when, and every task it ran, is in the site's own audit trail. Class balance stays at the "
+        "sites: `flowerbed task check --data` shows it there.</p>",
         "<h2>Participation</h2>",
         f"<img id='participation' alt='participation per site and round' src='{participation_png}'>",
         _table(["site", *[f"round {r}" for r in rounds]], [[s, *[grid[s].get(r, "-") for r in rounds]] for s in sites],

@@ -70,6 +70,8 @@ class RoundRow:
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)  # final evaluation: each site's metrics
     pooled: list[str] = field(default_factory=list)  # metrics computed from the sites' pooled statistics (else:
     # the mean of the sites' values, weighted by their examples)
+    examples: dict[str, int] = field(default_factory=dict)  # site -> the training examples of its update
+    code: dict[str, str] = field(default_factory=dict)  # site -> digest of the own task's files it ran
 
 
 class History:

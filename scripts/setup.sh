@@ -30,6 +30,8 @@ if [ "$dev" -eq 1 ]; then
   compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || need+=(libfaketime)
   # The evidence report is checked in a real headless browser (tests/test_report.py).
   command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || need+=(chromium-headless-shell)
+  # ... and printed to PDF, whose pages are drawn with pdftoppm.
+  command -v pdftoppm >/dev/null 2>&1 || need+=(poppler-utils)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]} (apt-get)"

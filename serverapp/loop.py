@@ -213,6 +213,8 @@ class Replies:
     retired: dict[int, str] = field(default_factory=dict)  # node -> its refusal: its privacy budget is spent
     privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent, from the valid replies
     heads: dict[str, str] = field(default_factory=dict)  # site -> its audit trail's head after this task
+    code: dict[str, str] = field(default_factory=dict)  # site -> digest of the own task's files it imported
+    examples: dict[str, int] = field(default_factory=dict)  # site -> the examples its reply was made on
     sites_unsorted: list[str] = field(default_factory=list)  # the site of each valid reply, in their order
     masked: dict[str, str] = field(default_factory=dict)  # secure aggregation: site -> its masked vector's sha256
 
@@ -249,6 +251,11 @@ def _split(
             record = reply.content.config_records.get("site")
             if record is not None and record.get("audit-head"):
                 out.heads[site] = str(record["audit-head"])
+            if record is not None and record.get("code-sha256"):
+                out.code[site] = str(record["code-sha256"])
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and isinstance(metrics.get("num-examples"), int | float):
+                out.examples[site] = int(metrics["num-examples"])  # type: ignore[arg-type]
             spent = reply.content.config_records.get("privacy")
             if spent is not None and isinstance(spent.get("epsilon"), float):
                 out.privacy[site] = round(float(spent["epsilon"]), 4)  # type: ignore[arg-type]
@@ -628,6 +635,8 @@ def finish_round(
             metrics=every,
             privacy=dict(state.spent),
             pooled=sorted(pooled),
+            examples=dict(got.examples),
+            code=dict(got.code),
         )
     )
     audit_round(history, history.rows[-1], got.heads, got.masked)
@@ -763,7 +772,7 @@ def evaluate_final(
     messages = list(strategy.configure_evaluate(server_round, arrays, config, snapshot.grid()))
     replies = exchange(grid, messages, settings.round_timeout_s + (settings.round_timeout_s if baseline_epochs else 0))
     got = _split(messages, replies, sites)
-    per_site = {name: all_metrics(reply.content.metric_records.get("metrics"))
+    per_site = {name: all_metrics(reply.content.metric_records.get("metrics")) | {"examples": got.examples.get(name, 0)}
                 for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
     if len(got.valid) < settings.min_nodes:
         return None, len(got.valid), got.errors

@@ -3,6 +3,7 @@ a real headless browser (Debian's Chromium): its DOM holds every section and the
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -70,3 +71,29 @@ def test_the_report_of_a_run_opens_in_a_browser(running: RunningFederation, tmp_
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
     assert colours is not None and len(colours) > 50  # text, tables and plots, not a blank page
+    for needle in ('id="model-card"', "parameters", 'id="sites"', " of 3", 'id="settings"', 'id="no-test"',
+                   'id="metrics"'):  # fmt: skip  # what an ethics board reads
+        assert needle in page, needle
+
+    # A long run's wide tables (participation over 24 rounds) wrap to the page when printed: the same run's
+    # files with its rounds repeated, printed to PDF by Chromium, each page drawn by pdftoppm.
+    long = tmp_path / "long"
+    shutil.copytree(copy, long)
+    history = long / "runs" / "evidence" / "history.jsonl"
+    trained = [json.loads(line) for line in history.read_text().splitlines() if '"kind": "train"' in line]
+    history.write_text("".join(json.dumps(trained[i % len(trained)] | {"round": i + 1}) + "\n" for i in range(24)))
+    assert run_cli("report", "evidence", "-d", str(long)).returncode == 0
+    pdf = tmp_path / "report.pdf"
+    printed = headless(f"--print-to-pdf={pdf}", "--no-pdf-header-footer",
+                       (long / "runs" / "evidence" / "report.html").as_uri(), cwd=tmp_path)  # fmt: skip
+    assert printed.returncode == 0 and pdf.read_bytes()[:5] == b"%PDF-", printed.stderr[-2000:]
+    drawn = subprocess.run(["pdftoppm", "-png", "-r", "50", str(pdf), str(tmp_path / "page")], capture_output=True,
+                           text=True, timeout=120, check=False)  # fmt: skip
+    assert drawn.returncode == 0, drawn.stderr
+    pages = sorted(tmp_path.glob("page-*.png"))
+    assert len(pages) >= 2
+    for path in pages:  # nothing runs off the page: the right-hand edge of every page stays blank
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+            edge = [rgb.getpixel((x, y)) for x in range(rgb.width - 4, rgb.width) for y in range(rgb.height)]
+        assert all(min(pixel) > 235 for pixel in edge), path.name
