@@ -22,6 +22,7 @@ from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port
 from flowerbed.superlink import flwrcli
+from flowerbed.supernode.sitekit import site_spec
 from tests.conftest import assert_clean_error, coordinator, make_config, make_federation, run_cli, wait_for
 
 KIT_SITES = ["kit-a", "kit-b", "kit-c"]
@@ -120,6 +121,15 @@ def test_kit_checks_refuse_clearly(kitfed: FederationLayout, tmp_path: Path) -> 
         tar.extractall(placeholder, filter="data")
     assert_clean_error(run_cli("supernode", "start", "--kit", str(placeholder / "kit-a")), ExitCode.PREFLIGHT_FAILED,
                        "set data_path in")  # fmt: skip
+
+    # A held-out test file named in site.toml, relative to the kit, reaches the SuperNode's node config.
+    toml = (folder / "site.toml").read_text()
+    assert 'test_path = ""' in toml  # the kit shows the key, empty
+    (folder / "site.toml").write_text(toml.replace('test_path = ""', 'test_path = "held-out.csv"'))
+    spec = site_spec(folder)
+    assert spec.extra_node_config == {"test-path": str((folder / "held-out.csv").resolve())}
+    assert 'test-path="' in spec.node_config()
+    (folder / "site.toml").write_text(toml)
 
     (folder / "kit-a.key").chmod(0o644)
     assert_clean_error(run_cli("supernode", "start", "--kit", str(folder)), ExitCode.PREFLIGHT_FAILED,
