@@ -30,7 +30,7 @@ from flowerbed.runfolder import FINAL_MODEL
 from flowerbed.runner import RunResult, check_result, follow, submit
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
-from flowerbed.task import load_task
+from flowerbed.task import effective_settings, load_task
 
 Report = Callable[[str], None]
 DATASETS = ("digits", "breast-cancer")
@@ -242,7 +242,8 @@ def run_demo(
             for s in sites_of
         ]  # fmt: skip
         sites.start(specs, report)
-        handle = submit(layout, config.run, name="demo")
+        effective, _ = effective_settings(load_task(task_name(config.run)), config.run)
+        handle = submit(layout, config.run, name="demo", effective=effective)
         report(f"submitted run {handle.run_id}; output: {handle.out_dir}")
 
         def rows_and_check(rows: list[dict[str, Any]]) -> None:

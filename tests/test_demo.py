@@ -28,6 +28,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert match, flat
     assert match.group(1) in (TARGET, PLATEAU, MAX_ROUNDS, TIME_BUDGET)
     out = tmp_path / "federation" / "runs" / "demo"
+    # the run's settings with their sources, and the result line naming the metric that drove the run
+    settings = {row["key"]: row for row in json.loads((out / "settings.json").read_text())}
+    assert settings["max_rounds"]["source"] in flat and "settings" in flat, flat
+    assert re.search(r"run \d+ stopped: \S+ after \d+ rounds; best \S+ \d\.\d{4} \(", flat), flat
     assert f"table: {out / 'comparison.json'}" in flat
 
     rows = json.loads((out / "comparison.json").read_text())

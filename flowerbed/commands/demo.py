@@ -11,8 +11,8 @@ from rich.live import Live
 from rich.text import Text
 
 from flowerbed.console import err, info, out, table
-from flowerbed.runfolder import PLOT
-from flowerbed.views import history_table
+from flowerbed.runfolder import PLOT, read_settings
+from flowerbed.views import best_line, history_table, settings_table
 
 HELP = (
     "Run a TLS federation on this machine (gateway, SuperLink, ServerApp, SuperNodes; 5 sites of "
@@ -51,7 +51,9 @@ def demo(
             on_rows=update,
             data_set=data,
         )
+    out.print(settings_table([(r["key"], r["value"], r["source"]) for r in read_settings(result.out_dir)]))
     out.print(history_table(result.run.rows, "Federated rounds"))
+    out.print(best_line(result.run.run_id, result.run.summary))
     federated = next(c.accuracy for c in result.comparisons if c.model == FEDERATED)
     out.print(
         table(
