@@ -1,4 +1,4 @@
-"""Write the results sections of docs/performance.md and docs/privacy.md from docs/benchmarks/*.json.
+"""Write the results sections of docs/performance.md, privacy.md and demo.md from docs/benchmarks/*.json.
 
 Each benchmark's table, its plot, the machine it ran on and the command that reproduces it, between
 the markers ``<!-- results: begin -->`` and ``<!-- results: end -->``; the rest of the page is prose.
@@ -115,10 +115,30 @@ def privacy(d: dict[str, Any]) -> list[str]:
             *_table(["accountant", "epsilon"], agree)]  # fmt: skip
 
 
+def standardize(d: dict[str, Any]) -> list[str]:
+    rounds = d["rounds"]
+    shown = sorted({0, 1, 2, rounds // 2 - 1, rounds - 1} & set(range(rounds)))
+    rows = [[r["config"], *(f"{r['median_accuracy'][i]:.3f} ({r['worst_accuracy'][i]:.3f})" for i in shown),
+             f"{r['largest_drop']:.3f}", r["round1_train_loss"],
+             f"{min(r['test_accuracy']):.3f}-{max(r['test_accuracy']):.3f}"] for r in d["rows"]]  # fmt: skip
+    return [f"Raw breast-cancer features, {d['sites']} sites (random halves), the kit's default training settings, "
+            f"{rounds} rounds, {d['seeds']} seed(s); validation accuracy of the global model after each round, "
+            "median over seeds (worst seed):", "",
+            *_table(["configuration", *(f"round {i + 1}" for i in shown), "largest drop between rounds",
+                     "round-1 train loss", "final model, test accuracy (seeds)"], rows)]  # fmt: skip
+
+
 PRIVACY_DOC = OUT.parent / "privacy.md"
 PRIVACY_MARKERS = ("<!-- privacy: begin -->", "<!-- privacy: end -->")
 PRIVACY_SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("privacy", "DP-SGD's accuracy cost", privacy),
+]
+
+
+DEMO_DOC = OUT.parent / "demo.md"
+DEMO_MARKERS = ("<!-- standardize: begin -->", "<!-- standardize: end -->")
+DEMO_SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
+    ("standardize", "Before and after", standardize),
 ]
 
 
@@ -141,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=OUT)
     args = parser.parse_args(argv)
     pages = [(args.doc, SECTIONS, (BEGIN, END)),
-             (args.doc.parent / PRIVACY_DOC.name, PRIVACY_SECTIONS, PRIVACY_MARKERS)]  # fmt: skip
+             (args.doc.parent / PRIVACY_DOC.name, PRIVACY_SECTIONS, PRIVACY_MARKERS),
+             (args.doc.parent / DEMO_DOC.name, DEMO_SECTIONS, DEMO_MARKERS)]  # fmt: skip
     for doc, sections, (begin, end_marker) in pages:
         text = doc.read_text(encoding="utf-8")
         start, end = text.index(begin), text.index(end_marker) + len(end_marker)

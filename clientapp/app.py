@@ -8,6 +8,7 @@ round gives the ServerApp both (every exchange costs seconds in Flower, whatever
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,25 @@ from flowerbed.clientapp.secure import (
     make_secure_mod,
     secure_only_refusal,
 )
-from flowerbed.config import BASELINE_KEY, RunSettings
+from flowerbed.config import BASELINE_KEY, RunSettings, SiteKitConfig, load_toml_model
+from flowerbed.datasummary import class_counts
+from flowerbed.errors import FlowerbedError
 from flowerbed.flower import compat
 from flowerbed.heldout import HELD_OUT_KEY, TEST_PATH_KEY, bootstrap, split_off
-from flowerbed.protocol import MAX_WEIGHT_KEY, PRIVACY_CODE, TRAIN_CONFIG, site_event, task_name
+from flowerbed.protocol import (
+    APPROVED_AT,
+    CLASS_COUNTS,
+    CLASS_LABELS,
+    FEATURE_STATS_KEY,
+    FEATURE_SUMS,
+    MAX_WEIGHT_KEY,
+    PRIVACY_CODE,
+    SITE_FILE_ENV,
+    TRAIN_CONFIG,
+    site_event,
+    task_name,
+)
+from flowerbed.scaling import feature_sums, fit_scaling
 from flowerbed.task import Task, check_metrics, imported_code, load_task, site_statistics, task_config
 
 DATA_ERROR_CODE = 4001  # an application error code: the site's data path is missing or malformed
@@ -53,15 +69,36 @@ def _site(context: Context) -> str:
     return str(context.node_config.get("site-name", f"node {context.node_id}"))
 
 
-def _site_record(context: Context, audited: dict[str, Any] | None = None) -> ConfigRecord:
+def _site_record(
+    context: Context, audited: dict[str, Any] | None = None, classes: dict[int, int] | None = None
+) -> ConfigRecord:
     """The site's name, so that the ServerApp's messages about this node name the site, and the head
     of the site's audit trail after this task (the coordinator's trail records it), and for an own task
-    the digest of the files it was imported from (the code that ran here)."""
+    the digest of the files it was imported from (the code that ran here) and when this site approved
+    it; ``classes``: the training split's class counts (the report's class balance)."""
     record = ConfigRecord({"site-name": _site(context), "audit-head": head_of(audited)})
-    code = imported_code(_settings(context).task_sha256) if _settings(context).task_sha256 else None
+    sha256 = _settings(context).task_sha256
+    code = imported_code(sha256) if sha256 else None
     if code is not None:  # the files of the approved wheel this task was imported from: the code that ran here
         record["code-sha256"] = code.sha256
+        approved = approved_at(sha256)
+        if approved:
+            record[APPROVED_AT] = approved
+    if classes:
+        record[CLASS_LABELS], record[CLASS_COUNTS] = list(classes), list(classes.values())
     return record
+
+
+def approved_at(sha256: str) -> str:
+    """When this site's data steward approved the task ``sha256`` (its site.toml; empty: not found)."""
+    site_file = os.environ.get(SITE_FILE_ENV, "")
+    if not site_file:
+        return ""
+    try:
+        config = load_toml_model(Path(site_file), SiteKitConfig)
+    except (OSError, FlowerbedError):
+        return ""
+    return next((a.approved_at for a in config.approved if a.kind == "task" and a.sha256 == sha256), "")
 
 
 def update_digest(state: dict[str, Any]) -> tuple[int, str]:
@@ -270,7 +307,10 @@ def train_handler(msg: Message, context: Context) -> Message:
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=server_round, message="train",
                           update_bytes=size, update_sha256=sha256, examples=len(train_data),
                           epsilon=private.spent if private is not None else None)  # fmt: skip
-    content["site"] = _site_record(context, audited)
+    # The class balance of the training split, for the report; not under secure aggregation or DP, where
+    # even the site's example count is masked or its release budgeted.
+    classes = class_counts(train_data) if not secure and private is None else None
+    content["site"] = _site_record(context, audited, classes)
     amount = f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
     sent = f"masks its update of {amount} (sha256 {sha256[:12]}) with SecAgg+{masked}" if secure else (
         f"sent an update of {amount} (sha256 {sha256[:12]})")  # fmt: skip
@@ -303,6 +343,7 @@ def local_baseline(task: Task, config: Any, train_data: Any, validation: Any, ep
     """Train a fresh model on this site's data alone for ``epochs`` epochs; its metrics on the validation
     split (the model never leaves the site, so no privacy budget is spent on it)."""
     model = task.model(config)
+    fit_scaling(model, train_data)  # a local-only model standardizes with this site's own statistics
     if "local_epochs" in type(config).model_fields:
         task.train(model, train_data, config.model_copy(update={"local_epochs": epochs}))
     else:
@@ -344,4 +385,35 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     content = RecordDict({"metrics": metrics, "site": _site_record(context, audited)})
     if sums is not None:
         content["sums"] = _sums_record(sums)
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """The training split's per-feature count, sums and sums of squares, once before round 1 (federated
+    feature standardization, :mod:`flowerbed.scaling`); a site that trains under DP sends none."""
+    asked = msg.content.config_records.get("config")
+    if asked is None or not asked.get(FEATURE_STATS_KEY):
+        return Message(Error(code=DATA_ERROR_CODE, reason=f"site {_site(context)}: unknown query"), reply_to=msg)
+    refusal = secure_only_refusal(msg, dict(context.node_config), _site(context))
+    if refusal is not None:  # a site that trains only under secure aggregation sends nothing in the clear
+        site_event(f"round 1: feature statistics REFUSED: {refusal}")
+        return Message(Error(code=POLICY_CODE, reason=refusal), reply_to=msg)
+    budget = effective_budget(site_privacy(dict(context.node_config)), _settings(context))
+    if budget is not None:
+        reason = (f"site {_site(context)} trains only under {budget.describe()}: it sends no feature statistics "
+                  "(the run goes on without federated standardization)")  # fmt: skip
+        site_event(f"round 1: feature statistics REFUSED: {reason}")
+        return Message(Error(code=PRIVACY_CODE, reason=reason), reply_to=msg)
+    task, config = _task(context)
+    try:
+        train_data, _ = _load(context, task, config)
+        sums = feature_sums(train_data)
+    except (DataError, ValueError) as exc:
+        return _error(msg, context, DataError(str(exc)))
+    audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=0, message="feature statistics",
+                          examples=sums.count, features=len(sums.sums))  # fmt: skip
+    site_event(f"sent per-feature counts, sums and sums of squares of {sums.count} training examples "
+               f"({len(sums.sums)} features) for federated standardization")  # fmt: skip
+    content = RecordDict({FEATURE_SUMS: ConfigRecord(sums.record()), "site": _site_record(context, audited)})
     return Message(content=content, reply_to=msg)

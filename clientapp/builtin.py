@@ -33,10 +33,12 @@ class BuiltinTask:
         self.kind = kind
 
     def model(self, config: RunSettings) -> nn.Module:
-        """The task's model for ``config`` (MLP or CNN, features and classes from the run)."""
+        """The task's model for ``config`` (MLP or CNN, features and classes from the run); the tabular
+        MLP standardizes its features first, with statistics from all sites (``standardize_features``)."""
         return make_model(self.kind or config.model, num_features=config.num_features,
                           num_classes=config.num_classes, hidden_units=config.hidden_units,
-                          image_size=config.image_size, channels=config.image_channels)  # fmt: skip
+                          image_size=config.image_size, channels=config.image_channels,
+                          scaling=self.name == "tabular")  # fmt: skip
 
     def load_data(self, path: Path, config: RunSettings) -> tuple[Dataset[Any], Dataset[Any]]:
         """The site's train and validation sets from ``path``."""

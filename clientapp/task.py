@@ -10,20 +10,30 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flowerbed.config import RunSettings
+from flowerbed.scaling import FeatureScaling
 
 if TYPE_CHECKING:
     from flowerbed.clientapp.privacy import PrivateTraining
 
 
 def make_model(
-    kind: str, *, num_features: int, num_classes: int, hidden_units: int, image_size: int, channels: int = 3
+    kind: str,
+    *,
+    num_features: int,
+    num_classes: int,
+    hidden_units: int,
+    image_size: int,
+    channels: int = 3,
+    scaling: bool = False,
 ) -> nn.Module:
     """``mlp`` for tabular CSV data or small images (flattened to ``num_features`` values), ``cnn`` for
-    images (``channels`` x image_size x image_size)."""
+    images (``channels`` x image_size x image_size). ``scaling``: the MLP standardizes its features
+    first (:class:`flowerbed.scaling.FeatureScaling`, filled from all sites' statistics)."""
     if kind == "mlp":
+        first: list[nn.Module] = [FeatureScaling(num_features)] if scaling else []
         return nn.Sequential(
             nn.Flatten(),
+            *first,
             nn.Linear(num_features, hidden_units),
             nn.ReLU(),
             nn.Linear(hidden_units, num_classes),
@@ -43,18 +53,6 @@ def make_model(
             nn.Linear(hidden_units, num_classes),
         )
     raise ValueError(f"unknown model {kind!r}: use 'mlp' or 'cnn'")
-
-
-def model_for(settings: RunSettings) -> nn.Module:
-    """The model the run settings describe (the same on the server and at every site)."""
-    return make_model(
-        settings.model,
-        num_features=settings.num_features,
-        num_classes=settings.num_classes,
-        hidden_units=settings.hidden_units,
-        image_size=settings.image_size,
-        channels=settings.image_channels,
-    )
 
 
 def device() -> torch.device:

@@ -25,8 +25,8 @@ FROM_DEFAULT = "default"
 # into [run] and what a run's start shows.
 LOOP_KEYS = ("strategy", "max_rounds", "min_nodes", "target_metric", "target_value", "patience", "time_budget_s",
              "round_timeout_s", "dp", "secure_aggregation")  # fmt: skip
-TABULAR_KEYS = ("num_features", "num_classes", "hidden_units", "local_epochs", "batch_size", "learning_rate",
-                "optimizer", "validation_fraction", "seed")  # fmt: skip
+TABULAR_KEYS = ("num_features", "num_classes", "hidden_units", "standardize_features", "local_epochs", "batch_size",
+                "learning_rate", "optimizer", "validation_fraction", "seed")  # fmt: skip
 IMAGE_KEYS = ("model", "image_size", "image_channels", "num_classes", "class_names", "local_epochs", "batch_size",
               "learning_rate", "optimizer", "validation_fraction", "seed")  # fmt: skip
 DATA_PLACEHOLDER = "CHANGE-ME: /path/to/your/data.csv or image folder"
@@ -168,6 +168,12 @@ class RunSettings(_Model):
         "", description="Image classes in label order, comma-separated (default: sorted folder names)"
     )
     hidden_units: int = Field(32, ge=1)
+    standardize_features: bool = Field(
+        True,
+        description="Before round 1 the sites' per-feature counts, sums and sums of squares give the global "
+        "mean and standard deviation the model standardizes with (the tabular task, or an own task whose "
+        "model has a FeatureScaling layer; off under secure aggregation and DP)",
+    )
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 42
     held_out_test: bool = Field(

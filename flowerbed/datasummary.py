@@ -76,3 +76,39 @@ def problems(summaries: list[DataSummary], outputs: int | None) -> list[str]:
         if s.labels_not_int:
             found.append(f"{s.split}: {s.labels_not_int} label(s) are not whole numbers (NaN, or a fraction)")
     return found
+
+
+def class_counts(data: Any, limit: int = 2000) -> dict[int, int] | None:
+    """The count of each label in a data set of ``(features, label)`` pairs, read cheaply: a TensorDataset
+    (or a Subset or ConcatDataset of them) from its label tensor, another data set item by item when it
+    has at most ``limit`` items. None: not counted (larger, or labels that are not whole numbers)."""
+    import torch
+
+    labels = _labels(data)
+    if labels is None:
+        if len(data) > limit:
+            return None
+        try:
+            labels = torch.stack([torch.as_tensor(data[i][1]).reshape(-1)[0] for i in range(len(data))])
+        except (IndexError, TypeError, ValueError, RuntimeError):
+            return None
+    if labels.numel() == 0 or (labels.is_floating_point() and not bool((labels == labels.round()).all())):
+        return None
+    values, counts = torch.unique(labels.long(), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
+def _labels(data: Any) -> Any:
+    """The label tensor behind a TensorDataset, a Subset or a ConcatDataset of them (None: another kind)."""
+    import torch
+    from torch.utils.data import ConcatDataset, Subset, TensorDataset
+
+    if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        return data.tensors[1].reshape(len(data), -1)[:, 0]
+    if isinstance(data, Subset):
+        inner = _labels(data.dataset)
+        return inner[torch.as_tensor(list(data.indices), dtype=torch.long)] if inner is not None else None
+    if isinstance(data, ConcatDataset):
+        parts = [_labels(d) for d in data.datasets]
+        return torch.cat(parts) if parts and all(p is not None for p in parts) else None
+    return None

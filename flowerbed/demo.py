@@ -28,6 +28,7 @@ from flowerbed.protocol import task_name
 from flowerbed.report import write_report
 from flowerbed.runfolder import FINAL_MODEL
 from flowerbed.runner import RunResult, check_result, follow, submit
+from flowerbed.scaling import fit_scaling
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
 from flowerbed.task import effective_settings, load_task
@@ -181,6 +182,7 @@ def compare_models(
         train_data, _ = task.load_data(path, settings)
         train_sets.append(train_data)  # type: ignore[arg-type]
         model = fresh()
+        fit_scaling(model, train_data)  # a model of one site's data standardizes with that site's statistics
         task.train(model, train_data, longer)
         rows.append(scored(f"local only: {site}", model, len(train_sets[-1])))
     total = sum(len(t) for t in train_sets)
@@ -188,6 +190,7 @@ def compare_models(
     model.load_state_dict(torch.load(federated, weights_only=True))
     rows.append(scored(FEDERATED, model, total))
     model = fresh()
+    fit_scaling(model, ConcatDataset(train_sets))
     task.train(model, ConcatDataset(train_sets), longer)
     rows.append(scored(CENTRALIZED, model, total))
     return rows

@@ -95,11 +95,28 @@ def make_digits_data(out_dir: Path, sites: list[str], seed: int = 0) -> DemoData
     return DemoData(site_files=files, test_file=test_dir, num_features=64)
 
 
-def load_breast_cancer_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """Features standardized with the whole set's statistics (an agreed preprocessing protocol)."""
+def load_breast_cancer_arrays(raw: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Features standardized with the whole set's statistics (an agreed preprocessing protocol), or
+    ``raw``: as measured (areas in the thousands next to ratios below 0.1, as a clinic's export holds them)."""
     x, y = _sklearn().datasets.load_breast_cancer(return_X_y=True)
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    if not raw:
+        x = (x - x.mean(axis=0)) / x.std(axis=0)
     return x.astype(np.float32), y.astype(np.int64)
+
+
+def make_raw_split(out_dir: Path, sites: list[str], seed: int = 7, test_fraction: float = 0.25) -> DemoData:
+    """Raw (unscaled) breast-cancer features: a held-out test CSV and the rest in equal random shares,
+    one CSV per site (the case federated standardization is for)."""
+    x, y = load_breast_cancer_arrays(raw=True)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = round(len(y) * test_fraction)
+    test_file = out_dir / "test.csv"
+    write_csv(test_file, x[order[:n_test]], y[order[:n_test]])
+    files: dict[str, Path] = {}
+    for site, part in zip(sites, np.array_split(order[n_test:], len(sites)), strict=True):
+        files[site] = out_dir / site / "data.csv"
+        write_csv(files[site], x[part], y[part])
+    return DemoData(site_files=files, test_file=test_file, num_features=int(x.shape[1]))
 
 
 def write_csv(path: Path, x: np.ndarray, y: np.ndarray) -> None:

@@ -29,6 +29,15 @@ MAX_WEIGHT_KEY = "secagg-max-weight"  # the max_weight every site scales its upd
 SECURE_ONLY_KEY = "secagg-required"  # a SuperNode's node config: the site trains only under secure aggregation
 TRAIN_ARRAYS, TRAIN_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy FitIns layout
 
+# Federated feature standardization (flowerbed.scaling): the query before round 1, and its reply's record.
+FEATURE_STATS_KEY = "feature-stats"  # a query's config: send the training split's per-feature sums
+FEATURE_SUMS = "feature-sums"  # the reply's ConfigRecord: count, sum, sumsq
+
+# The kit's site.toml of a SuperNode (its approvals), in the environment of its task processes.
+SITE_FILE_ENV = "FLOWERBED_SITE_FILE"  # empty: no kit, built-in tasks only
+# A reply's "site" record: the training split's classes (labels and counts) and when the site approved the task.
+CLASS_LABELS, CLASS_COUNTS, APPROVED_AT = "class-labels", "class-counts", "approved-at"
+
 # A site's own console: lines a task prints with this marker are shown and logged by its supervisor.
 TASK_EVENT = "flowerbed-task:"
 

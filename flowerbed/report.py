@@ -34,6 +34,7 @@ from flowerbed.runfolder import (
 )
 from flowerbed.runner import run_folder, stored_settings
 from flowerbed.task import RUN_TASK_WHEEL
+from flowerbed.views import scaling_line
 
 REPORT = "report.html"
 COMPARISON = "comparison.json"  # the demo's held-out table (local only, federated, centralized)
@@ -164,26 +165,43 @@ def _epsilon_png(rows: list[dict[str, Any]]) -> str | None:
     return _png(draw)
 
 
-def comparison_rows(out_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, list[list[Any]]]:
-    """The "local-only vs federated vs centralized" table and what its data is."""
+NO_LOCAL = "not measured: run with local_baseline = true (`--local-baseline`) for each site's local-only model"
+NO_CENTRAL = ("not measured: a centralized model needs the sites' data pooled in one place, which a federation "
+              "avoids (the demo measures it on data it made)")  # fmt: skip
+
+
+def comparison_rows(
+    out_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
+) -> tuple[str, str, list[list[Any]]]:
+    """The "local-only vs federated vs centralized" table: what its data is, its metric, its rows; a cell that was not
+    measured says why (the run did not ask for local baselines; centralized needs pooled data; the task
+    reports no such metric)."""
     path = out_dir / COMPARISON
     if path.exists():  # the demo: every model on one held-out test set
         data = json.loads(path.read_text(encoding="utf-8"))
-        return ("the demo's held-out test set, the same for every model", [
+        return ("the demo's held-out test set, the same for every model", "accuracy", [
             [r["model"], r.get("train_examples"), r.get("accuracy"), r.get("loss")] for r in data
         ])  # fmt: skip
+    metric = str(summary.get("target_metric") or "accuracy")
+
+    def cell(metrics: dict[str, Any], key: str, name: str) -> Any:
+        return metrics[key] if metrics.get(key) is not None else f"- (the task reports no {name})"
+
+    best = summary.get("best_metrics") or {}
+    table: list[list[Any]] = [[f"federated (best model, all sites' validation data): {summary.get('best_model', '-')}",
+                               None, cell(best, metric, metric), cell(best, "loss", "loss")]]  # fmt: skip
     final = next((r for r in reversed(rows) if r.get("kind") == FINAL_EVAL and r.get("per_site")), None)
-    if final is None:
-        return ("not measured: run with local_baseline = true (`--local-baseline`) to have each site train a "
-                "local-only model and report its metrics", [])  # fmt: skip
-    table: list[list[Any]] = []
-    for site, metrics in sorted(final["per_site"].items()):
-        table.append([f"local only: {site}", None, metrics.get("local-accuracy"), metrics.get("local-loss")])
-        table.append([f"federated, on {site}'s held-out split", None, metrics.get("eval-accuracy"),
-                      metrics.get("eval-loss")])  # fmt: skip
-    table.append(["centralized", None, None, None])
-    return ("each site's held-out validation split (centralized needs pooled data, which a federation does not "
-            "have)", table)  # fmt: skip
+    local = final is not None and any("local-loss" in m for m in final["per_site"].values())
+    if final is None or not local:
+        table.append(["local only (each site)", None, NO_LOCAL, NO_LOCAL])
+    else:
+        for site, metrics in sorted(final["per_site"].items()):
+            table.append([f"local only: {site}", None, cell(metrics, f"local-{metric}", metric),
+                          cell(metrics, "local-loss", "loss")])  # fmt: skip
+            table.append([f"federated, on {site}'s held-out split", None, cell(metrics, f"eval-{metric}", metric),
+                          cell(metrics, "eval-loss", "loss")])  # fmt: skip
+    table.append(["centralized", None, NO_CENTRAL, NO_CENTRAL])
+    return ("each site's held-out validation split", metric, table)
 
 
 def audit_summary(layout: FederationLayout, run: str) -> tuple[str, bool, list[list[Any]]]:
@@ -251,12 +269,14 @@ def model_card(out_dir: Path, settings: Any, summary: dict[str, Any]) -> list[li
         ["stop reason", summary.get("stop_reason")], ["metric that drove the run", summary.get("target_metric")],
         ["its value for the final model", summary.get("best_target_value")],
         ["final model", f"the best validated model: {summary.get('best_model', '-')}"],
+        ["feature scaling", scaling_line(summary.get("feature_scaling")) or "- (the model standardizes nothing)"],
     ]  # fmt: skip
 
 
-def site_rows(rows: list[dict[str, Any]], spent: dict[str, float]) -> list[list[Any]]:
-    """Per site: rounds taken part, its last update's training examples, validation and test examples,
-    epsilon spent, and the digest of the own task's code it ran (said when missing, and why)."""
+def site_rows(rows: list[dict[str, Any]], spent: dict[str, float], secure: bool = False) -> list[list[Any]]:
+    """Per site: rounds taken part, its last update's training examples and their class balance,
+    validation and test examples, epsilon spent, the digest of the own task's code it ran and when it
+    approved that task (each said when missing, and why)."""
     trained = [r for r in rows if r.get("kind") == TRAIN]
     final: dict[str, Any] = next((r for r in reversed(rows) if r.get("kind") == FINAL_EVAL), {})
     held: dict[str, Any] = next((r for r in reversed(rows) if r.get("kind") == HELD_OUT), {})
@@ -266,11 +286,24 @@ def site_rows(rows: list[dict[str, Any]], spent: dict[str, float]) -> list[list[
         taken = [r["round"] for r in trained if site in r.get("sites", [])]
         examples = next((r["examples"][site] for r in reversed(trained) if site in r.get("examples", {})), None)
         code = next((r["code"][site] for r in reversed(trained) if site in r.get("code", {})), None)
-        out.append([site, f"{len(taken)} of {len(trained)}", examples,
+        classes = next((r["classes"][site] for r in reversed(trained) if site in r.get("classes", {})), None)
+        approved = next((r["approved"][site] for r in reversed(trained) if site in r.get("approved", {})), None)
+        out.append([site, f"{len(taken)} of {len(trained)}", examples, balance(classes, secure or site in spent),
                     final.get("per_site", {}).get(site, {}).get("examples", "-"),
                     held.get("per_site", {}).get(site, {}).get("num-test", "- (no held-out test)"),
-                    spent.get(site, "- (no DP)"), code or "- (built-in task)"])  # fmt: skip
+                    spent.get(site, "- (no DP)"), code or "- (built-in task)",
+                    approved or ("- (built-in task)" if code is None else "- (not in the site's reply)")])  # fmt: skip
     return out
+
+
+def balance(classes: dict[str, int] | None, withheld: bool) -> str:
+    """A site's class balance, ``0: 120 (60%), 1: 80 (40%)``; said why when the site sent none."""
+    if not classes:
+        return ("- (not sent under secure aggregation or DP)" if withheld else
+                "- (not counted: a large data set that is no TensorDataset)")  # fmt: skip
+    total = sum(classes.values()) or 1
+    return ", ".join(f"{label}: {count} ({100 * count / total:.0f}%)"
+                     for label, count in sorted(classes.items(), key=lambda kv: int(kv[0])))  # fmt: skip
 
 
 def metric_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[list[Any]]:
@@ -294,7 +327,7 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
     )
     settings = stored_settings(out_dir)
     sites, rounds, grid = participation(rows)
-    basis, compared = comparison_rows(out_dir, rows)
+    basis, compared_metric, compared = comparison_rows(out_dir, rows, summary)
     state, sound, audit_rows = audit_summary(layout, name)
     epsilon = _epsilon_png(rows)
     spent: dict[str, float] = summary.get("privacy") or next(
@@ -335,12 +368,13 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         "<h2>Model card</h2>", _table(["", "value"], model_card(out_dir, settings, summary), "model-card"),
         _table(["setting", "value", "from"], [[r.get("key"), r.get("value"), r.get("source")]
                                               for r in read_settings(out_dir)], "settings"),
-        "<h2>Sites</h2>", _table(["site", "rounds taken part", "train examples (last update)", "validation examples",
-                                  "test examples", "epsilon spent", "code that ran (sha256 of the imported files)"],
-                                 site_rows(rows, spent), "sites"),
+        "<h2>Sites</h2>", _table(["site", "rounds taken part", "train examples (last update)",
+                                  "class balance (training split)", "validation examples", "test examples",
+                                  "epsilon spent", "code that ran (sha256 of the imported files)",
+                                  "approved the task sha256 above at"],
+                                 site_rows(rows, spent, settings.secure_aggregation != "off"), "sites"),
         "<p class='muted'>Each site approved the task's wheel by its sha256 (the task sha256 above) in its own "
-        "site.toml; when, and every task it ran, is in the site's own audit trail. Class balance stays at the "
-        "sites: `flowerbed task check --data` shows it there.</p>",
+        "site.toml, at the time its replies carried; every task it ran is in the site's own audit trail.</p>",
         "<h2>Participation</h2>",
         f"<img id='participation' alt='participation per site and round' src='{participation_png}'>",
         _table(["site", *[f"round {r}" for r in rounds]], [[s, *[grid[s].get(r, "-") for r in rounds]] for s in sites],
@@ -351,7 +385,7 @@ def write_report(layout: FederationLayout, name: str, out: Path | None = None) -
         _table(["site", "epsilon spent"], [[s, float(v)] for s, v in sorted(spent.items())], "epsilon-table")
         if spent else "",
         "<h2>Local-only vs federated vs centralized</h2>", f"<p>On {html.escape(basis)}.</p>",
-        _table(["model", "train examples", "accuracy", "loss"], compared, "comparison"),
+        _table(["model", "train examples", compared_metric, "loss"], compared, "comparison"),
         "<h2>Audit</h2>",
         f"<p id='audit-state' class='{'ok' if sound else 'bad'}'>"
         f"{html.escape(state)}</p>",

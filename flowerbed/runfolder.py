@@ -31,6 +31,7 @@ APP_MANIFEST = "app/pyproject.toml"  # the run's Flower App (the kit's manifest-
 HISTORY_JSONL = "history.jsonl"
 HISTORY_CSV = "history.csv"
 SUMMARY = "summary.json"
+FEATURE_SCALING = "feature_scaling.json"  # federated standardization: the global mean and std, or why none
 SETTINGS = "settings.json"  # the effective settings as the task saw them at submit, each with its source
 FINAL_MODEL = "final_model.pt"
 PLOT = "metrics.png"
@@ -72,6 +73,8 @@ class RoundRow:
     # the mean of the sites' values, weighted by their examples)
     examples: dict[str, int] = field(default_factory=dict)  # site -> the training examples of its update
     code: dict[str, str] = field(default_factory=dict)  # site -> digest of the own task's files it ran
+    classes: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its training split's class counts
+    approved: dict[str, str] = field(default_factory=dict)  # site -> when it approved the own task that ran
 
 
 class History:
@@ -402,6 +405,20 @@ def write_settings(out_dir: Path, rows: list[tuple[str, Any, str]]) -> None:
     """Keep the run's effective settings (key, value, source) in ``settings.json``."""
     data = [{"key": key, "value": value, "source": source} for key, value, source in rows]
     write_atomic(out_dir / SETTINGS, (json.dumps(data, indent=1, default=str) + "\n").encode())
+
+
+def write_feature_scaling(out_dir: Path, record: dict[str, Any]) -> None:
+    """Keep what the run standardized its features with (``status``: standardized, or off and why)."""
+    write_atomic(out_dir / FEATURE_SCALING, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def read_feature_scaling(out_dir: Path) -> dict[str, Any] | None:
+    """The run's feature scaling as kept (None: the task's model has no scaling layer, or an older run)."""
+    try:
+        data = json.loads((out_dir / FEATURE_SCALING).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_settings(out_dir: Path) -> list[dict[str, Any]]:

@@ -366,7 +366,13 @@ def effective_settings(task: Task, settings: RunSettings) -> tuple[list[Setting]
     for key in fields:
         source = sources.get(f"task_settings.{key}") or sources.get(key) or FROM_TASK
         rows.append(Setting(key, getattr(config, key), source))
-    unused = sorted({*TABULAR_KEYS, *IMAGE_KEYS, "hidden_units"} & set(sources) - set(fields))
+    from flowerbed.scaling import scaling_layers  # torch: only once a task is loaded
+
+    if scaling_layers(task.model(config)):  # the loop fills an own task's FeatureScaling layer too
+        rows.append(Setting("standardize_features", settings.standardize_features,
+                            sources.get("standardize_features", FROM_DEFAULT)))  # fmt: skip
+    kit_only = {"standardize_features"}  # the loop's, for any task (it has no use without a FeatureScaling layer)
+    unused = sorted({*TABULAR_KEYS, *IMAGE_KEYS, "hidden_units"} - kit_only & set(sources) - set(fields))
     return rows, unused
 
 
@@ -403,6 +409,9 @@ def local_round(task: Task, data_path: Path, config: BaseModel) -> LocalRound:
     start = time.monotonic()
     train_data, validation = task.load_data(data_path, config)
     model = task.model(config)
+    from flowerbed.scaling import fit_scaling
+
+    fit_scaling(model, train_data)  # alone, a site standardizes with its own statistics
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
     trained = check_metrics(task.train(model, train_data, config), f"{task.name}.train")
     after = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")

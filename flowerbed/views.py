@@ -195,10 +195,25 @@ def follow_and_report(layout: FederationLayout, handle: RunHandle, timeout_s: fl
     result = follow_live(layout, handle, timeout_s)
     check_result(result, handle)
     out.print(best_line(result.run_id, result.summary))
+    scaled = scaling_line(result.summary.get("feature_scaling"))
+    if scaled:
+        out.print(scaled)
     held = held_out_rows(result.rows)
     if held:
         out.print(table("held-out test of the final model (95% intervals)", held[0], held[1:]))
     out.print(f"plot: {handle.out_dir / PLOT}   history: {handle.out_dir / 'history.csv'}")
+
+
+def scaling_line(record: dict[str, Any] | None) -> str:
+    """What the run standardized its features with, in a line (empty: its model standardizes nothing)."""
+    if not record:
+        return ""
+    if record.get("status") == "standardized":
+        sites = record.get("sites") or {}
+        return (f"features standardized with the mean and std of {record.get('examples')} training examples at "
+                f"{len(sites)} sites (each site sent only per-feature counts, sums and sums of squares; "
+                "feature_scaling.json, in the final model too)")  # fmt: skip
+    return f"features not standardized: {record.get('reason')}"
 
 
 def app_table(run_id: int, rounds: list[Any]) -> Any:

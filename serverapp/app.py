@@ -29,10 +29,13 @@ from flowerbed.runfolder import (
     best_evaluation,
     mark_serverapp,
     metric_kinds,
+    read_feature_scaling,
     repair,
 )
+from flowerbed.scaling import scaling_layers
 from flowerbed.serverapp.loop import RunFailedError, run_rounds
 from flowerbed.serverapp.resume import RESUME_KEY, load_resume_point, resume_row
+from flowerbed.serverapp.scaling import standardize
 from flowerbed.serverapp.strategies import make_strategy
 from flowerbed.superlink.launch import CONTACTS_FILE
 from flowerbed.superlink.sites import load_registry
@@ -59,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
     # The same task, hence the same model, as at every site; an own task from the run folder's wheel.
     task = load_task(task_name(settings), settings.task_sha256, out_dir / RUN_TASK_WHEEL)
     model = task.model(task_config(task, dict(context.run_config)))
+    layers = [name for name, _ in scaling_layers(model)]  # federated standardization fills them before round 1
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
     if resume is not None:
@@ -66,7 +70,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history,
                              resume=resume, watch=SiteWatch(FederationLayout(out_dir.parent.parent)),
-                             pool=functools.partial(pool_metrics, task) if pools(task) else None)  # fmt: skip
+                             pool=functools.partial(pool_metrics, task) if pools(task) else None,
+                             standardize=functools.partial(standardize, layers=layers) if layers else None)  # fmt: skip
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)
@@ -101,6 +106,7 @@ def main(grid: Grid, context: Context) -> None:
         best_target_value=best_metrics.get(settings.target_metric),
         best_metrics=best_metrics,
         metric_kinds=metric_kinds([asdict(row) for row in history.rows]),  # pooled or weighted mean, each
+        feature_scaling=scaling_summary(out_dir),  # what the features were standardized with, or why not
         held_out=held_out_of(history.rows),  # the final model on the sites' test data (None: not tested)
         best_eval_loss=outcome.best_eval_loss,
         best_eval_accuracy=outcome.best_eval_accuracy,
@@ -109,6 +115,12 @@ def main(grid: Grid, context: Context) -> None:
     )
     history.finish(outcome.final_arrays.to_torch_state_dict(), summary)
     _audit_end(out_dir, summary)
+
+
+def scaling_summary(out_dir: Path) -> dict[str, object] | None:
+    """feature_scaling.json without its per-feature vectors (None: the model standardizes nothing)."""
+    record = read_feature_scaling(out_dir)
+    return {k: v for k, v in record.items() if k not in ("mean", "std")} if record is not None else None
 
 
 def held_out_of(rows: list[RoundRow]) -> dict[str, object] | None:

@@ -18,7 +18,7 @@ from flowerbed.audit import ROUND, append_here
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat
 from flowerbed.heldout import HELD_OUT_KEY, pooled
-from flowerbed.protocol import PRIVACY_CODE
+from flowerbed.protocol import APPROVED_AT, CLASS_COUNTS, CLASS_LABELS, PRIVACY_CODE
 from flowerbed.runfolder import (
     AWAY,
     FAILED,
@@ -217,6 +217,8 @@ class Replies:
     examples: dict[str, int] = field(default_factory=dict)  # site -> the examples its reply was made on
     sites_unsorted: list[str] = field(default_factory=list)  # the site of each valid reply, in their order
     masked: dict[str, str] = field(default_factory=dict)  # secure aggregation: site -> its masked vector's sha256
+    classes: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its training split's class counts
+    approved: dict[str, str] = field(default_factory=dict)  # site -> when it approved the own task (its site.toml)
 
     @property
     def data_errors(self) -> bool:
@@ -224,9 +226,11 @@ class Replies:
         return len(self.errors) > len(self.absent) + len(self.retired)
 
 
-def _split(
+def split_replies(
     messages: list[Message], replies: list[Message], sites: SiteNames, dropped: dict[int, str] | None = None
 ) -> Replies:
+    """One exchange's replies sorted out: the valid ones with what they carry, a line per failure naming
+    its site, the absent sites, and the sites out of privacy budget (``dropped``: revoked nodes, and why)."""
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     out = Replies([], [], [])
     for reply in replies:
@@ -253,6 +257,11 @@ def _split(
                 out.heads[site] = str(record["audit-head"])
             if record is not None and record.get("code-sha256"):
                 out.code[site] = str(record["code-sha256"])
+            if record is not None and record.get(APPROVED_AT):
+                out.approved[site] = str(record[APPROVED_AT])
+            if record is not None and record.get(CLASS_LABELS):
+                labels, counts = record[CLASS_LABELS], record.get(CLASS_COUNTS, [])
+                out.classes[site] = {str(k): int(v) for k, v in zip(labels, counts, strict=False)}  # type: ignore[call-overload, arg-type]
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None and isinstance(metrics.get("num-examples"), int | float):
                 out.examples[site] = int(metrics["num-examples"])  # type: ignore[arg-type]
@@ -434,11 +443,11 @@ def secure_exchange(
                           config=config or ConfigRecord(), server_round=server_round, settings=settings)  # fmt: skip
     inspect_round(result, server_round, settings.secagg_inspect)
     train = result.train
-    got = _split(train.messages, train.replies, sites) if train is not None else Replies([], [], [])
+    got = split_replies(train.messages, train.replies, sites) if train is not None else Replies([], [], [])
     for part in result.exchanges:
         if part is train:
             continue
-        other = _split(part.messages, part.replies, sites)
+        other = split_replies(part.messages, part.replies, sites)
         # a site that failed a key stage is named once, at the first stage it failed
         named = {e.partition(":")[0] for e in got.errors}
         got.errors += [e for e in other.errors if e.partition(":")[0] not in named]
@@ -527,7 +536,7 @@ def collect_round(
         dropped: dict[int, str] = {}
         replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
                            on_dark=state.dark.noted(server_round))  # fmt: skip
-        got = screen(_split(messages, replies, sites, dropped), initial, state.arrays, settings.max_update_norm)
+        got = screen(split_replies(messages, replies, sites, dropped), initial, state.arrays, settings.max_update_norm)
     state.retired |= got.retired
     state.spent |= got.privacy
     return got, secured
@@ -637,6 +646,8 @@ def finish_round(
             pooled=sorted(pooled),
             examples=dict(got.examples),
             code=dict(got.code),
+            classes=dict(got.classes),
+            approved=dict(got.approved),
         )
     )
     audit_round(history, history.rows[-1], got.heads, got.masked)
@@ -678,7 +689,7 @@ def held_out_test(grid: Grid, strategy: Strategy, arrays: ArrayRecord, state: Ro
         snapshot = NodeSnapshot(grid)
         config = ConfigRecord({HELD_OUT_KEY: 1})
         messages = list(strategy.configure_evaluate(state.server_round + 1, arrays, config, snapshot.grid()))
-        got = _split(messages, exchange(grid, messages, state.settings.round_timeout_s), state.sites)
+        got = split_replies(messages, exchange(grid, messages, state.settings.round_timeout_s), state.sites)
         per_site = {name: all_metrics(reply.content.metric_records.get("metrics"))
                     for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
         together, errors = pooled(per_site), got.errors
@@ -702,6 +713,7 @@ def run_rounds(
     resume: ResumePoint | None = None,
     watch: Watch | None = None,
     pool: Pool | None = None,
+    standardize: Callable[[Grid, RoundState, Clock, Callable[[float], None]], None] | None = None,
 ) -> Outcome:
     """Train until target/plateau/max-rounds/time-budget, or the coordinator's stop (`flowerbed runs stop`).
 
@@ -713,10 +725,14 @@ def run_rounds(
     (the time budget counts the time already spent in rounds, not the time the coordinator was down).
     ``watch``: revocations and last contacts of the sites, asked while a round waits: a revoked site
     is dropped at once, a dark one named in an ``away`` row within half a minute. ``pool``: the task's
-    pooled metrics from the sites' statistics (:func:`flowerbed.task.pool_metrics`).
+    pooled metrics from the sites' statistics (:func:`flowerbed.task.pool_metrics`). ``standardize``:
+    fills the model's feature scaling from the sites' sums before round 1 (:mod:`flowerbed.serverapp.scaling`;
+    a resumed run's checkpoint holds it already).
     """
     state = start_rounds(initial, settings, history, clock(), resume=resume, watch=watch)
     state.pool = pool
+    if standardize is not None and (resume is None or resume.state_dict is None):
+        standardize(grid, state, clock, sleep)
     reason: str | None = None
     while reason is None:
         state.server_round += 1
@@ -771,7 +787,7 @@ def evaluate_final(
         return None, 0, [f"only {len(snapshot.nodes)} of min-nodes={settings.min_nodes} sites connected"]
     messages = list(strategy.configure_evaluate(server_round, arrays, config, snapshot.grid()))
     replies = exchange(grid, messages, settings.round_timeout_s + (settings.round_timeout_s if baseline_epochs else 0))
-    got = _split(messages, replies, sites)
+    got = split_replies(messages, replies, sites)
     per_site = {name: all_metrics(reply.content.metric_records.get("metrics")) | {"examples": got.examples.get(name, 0)}
                 for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
     if len(got.valid) < settings.min_nodes:

@@ -28,14 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from flowerbed import flower
 from flowerbed.flower import supernode
-from flowerbed.protocol import REFUSED_CODE, site_event
+from flowerbed.protocol import REFUSED_CODE, SITE_FILE_ENV, site_event
 
 if TYPE_CHECKING:
     from flwr.app import Message
 
     from flowerbed.supernode.approval import Decision
 
-SITE_FILE_ENV = "FLOWERBED_SITE_FILE"  # the kit's site.toml; empty: no kit, built-in tasks only
 SHIM = "flwr-clientapp"
 REFUSAL_MARK = "_flowerbed_refusal"  # on a ClientApp that only refuses
 

@@ -29,8 +29,8 @@ from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
-from flowerbed.protocol import SECURE_ONLY_KEY, TASK_EVENT
-from flowerbed.supernode.gate import SITE_FILE_ENV, write_shim
+from flowerbed.protocol import SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
+from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
 from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork, task_threads

@@ -40,8 +40,8 @@ def preload() -> None:
 def _preload_approved() -> int:
     """Import each task wheel in the site's approvals (a task of another hash is still imported per run)."""
     from flowerbed.errors import FlowerbedError
+    from flowerbed.protocol import SITE_FILE_ENV
     from flowerbed.supernode.approval import load_site
-    from flowerbed.supernode.gate import SITE_FILE_ENV
     from flowerbed.task import preload_wheel_task
 
     site_file = os.environ.get(SITE_FILE_ENV, "")

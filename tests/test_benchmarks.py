@@ -22,6 +22,7 @@ BENCHMARKS = {
     "scaling": ("Scaling on this machine", ["Linear fits"]),
     "kit_ops": ("Certificates and kits", ["kit build"]),
     "privacy": ("Pooled digits, MLP", ["no DP", "epsilon 1", "dp-accounting RDP"]),
+    "standardize": ("Raw breast-cancer features", ["standardize_features = false", "standardize_features = true"]),
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from flowerbed.config import RunSettings
+from flowerbed.report import comparison_rows
 from flowerbed.runner import check_result, follow, submit
 from tests.conftest import SITES, RunningFederation, run_cli, supervised_sites, wait_for
 
@@ -54,6 +55,12 @@ def test_the_report_of_a_run_opens_in_a_browser(running: RunningFederation, tmp_
                    "the chain is intact", "data:image/png;base64,"):  # fmt: skip
         assert needle in page, needle
     assert page.count("<tr>") > 10 and "inst-a" in page and "inst-b" in page
+    # Each site's class balance, from the class counts its replies carried (the built-in task's CSV).
+    counts = next(r["classes"] for r in reversed(result.rows) if r["kind"] == "train")
+    for site in SITES[:2]:
+        total = sum(counts[site].values())
+        shown = ", ".join(f"{k}: {v} ({100 * v / total:.0f}%)" for k, v in sorted(counts[site].items()))
+        assert shown in page, (site, shown)
     # Judged from the verification, not its wording: "unchanged" holds "changed".
     assert '<p id="audit-state" class="ok">' in page and "anchored gateway logs unchanged" in page
     copy = tmp_path / "copy"  # the same run with its coordinator trail altered: the line turns red
@@ -97,3 +104,19 @@ def test_the_report_of_a_run_opens_in_a_browser(running: RunningFederation, tmp_
             rgb = image.convert("RGB")
             edge = [rgb.getpixel((x, y)) for x in range(rgb.width - 4, rgb.width) for y in range(rgb.height)]
         assert all(min(pixel) > 235 for pixel in edge), path.name
+
+
+def test_every_missing_comparison_cell_says_why(tmp_path: Path) -> None:
+    """An own task's run driven by AUROC, without local baselines: the table is not a row of dashes."""
+    summary = {"target_metric": "auroc", "best_model": "round 4", "best_metrics": {"auroc": 0.91, "loss": 0.3}}
+    final = {"kind": "final-eval", "per_site": {"inst-a": {"eval-auroc": 0.9, "eval-loss": 0.31, "examples": 40}}}
+    basis, metric, rows = comparison_rows(tmp_path, [final], summary)
+    assert metric == "auroc" and "validation split" in basis
+    assert rows[0][2:] == [0.91, 0.3] and "round 4" in rows[0][0]
+    assert rows[1][0] == "local only (each site)" and "--local-baseline" in rows[1][2]
+    assert rows[-1][0] == "centralized" and "pooled in one place" in rows[-1][2]
+    # With local baselines from a task that reports no AUROC locally: that cell names the metric missing.
+    final["per_site"]["inst-a"] |= {"local-loss": 0.4}
+    _, _, rows = comparison_rows(tmp_path, [final], summary)
+    assert rows[1][0] == "local only: inst-a" and rows[1][2] == "- (the task reports no auroc)" and rows[1][3] == 0.4
+    assert rows[2][2:] == [0.9, 0.31]

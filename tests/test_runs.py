@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowerbed.clientapp.task import model_for
 from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.probes import free_port
 from flowerbed.runner import check_result, follow, submit
 from flowerbed.superlink import flwrcli
 from flowerbed.supernode.supervisor import SupernodeSpec, Supervisor
+from flowerbed.task import load_task
 from tests.conftest import RunningFederation, assert_clean_error, make_config, make_federation, run_cli, wait_for
 from tests.faults import record
 from tests.procs import alive
@@ -171,7 +171,7 @@ def test_other_strategies_aggregate(running: RunningFederation, nodes: list[Supe
     assert final.keys() == best["state_dict"].keys()
     assert all(torch.equal(final[k], best["state_dict"][k]) for k in final)
     torch.manual_seed(settings.seed)
-    initial = model_for(settings).state_dict()
+    initial = load_task("tabular").model(settings).state_dict()
     assert not all(torch.equal(final[k], initial[k]) for k in final)
 
 

@@ -74,8 +74,9 @@ def test_secure_aggregation_matches_fedavg_and_the_serverapp_never_holds_an_upda
     monkeypatch.setenv(INSPECT_ENV, str(at_sites))  # the sites' SuperNodes inherit it (their own folder)
     trace = tmp_path / "hooks.trace"
     monkeypatch.setenv(TRACE_ENV, str(trace))  # the sites' half of SecAgg+ is Flower's mod, reached by the kit
+    # No federated standardization in the plain run either: a secure run sends no feature sums (the same model).
     base = running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "patience": 20, "node_wait_s": 120,
-                                              "keep_checkpoints": 3}  # fmt: skip
+                                              "keep_checkpoints": 3, "standardize_features": False}  # fmt: skip
     # inst-a trains on more examples than Flower's default max_weight (1000): each row 8 times.
     files = dict(running.data.site_files)
     header, *rows = files["inst-a"].read_text().splitlines()
@@ -181,4 +182,5 @@ def test_a_site_that_requires_secure_aggregation_trains_only_under_it(
     assert [r["kind"] for r in refused.rows] == ["failed"]
     trained = [r for r in done.rows if r["kind"] == "train"]
     assert [sorted(r["sites"]) for r in trained] == [["inst-a", "inst-b"]]
-    assert "train task REFUSED: site inst-b: trains only" in sups["inst-b"].log_path.read_text()
+    # It refused the plain run at its first message, the feature statistics before round 1 (nothing in the clear).
+    assert "feature statistics REFUSED: site inst-b: trains only" in sups["inst-b"].log_path.read_text()

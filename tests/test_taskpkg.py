@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig, save_toml_model
+from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig, load_toml_model, save_toml_model
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
 from tests.conftest import (
@@ -149,6 +149,11 @@ def test_an_approved_own_task_trains_and_an_unapproved_site_refuses_it_unimporte
     assert trained and all(r["sites"] == [a] for r in trained)
     assert all({"eval-auroc", "eval-sensitivity", "train-loss"} <= set(r["metrics"]) for r in trained)
     assert all(any(refusal in e for e in r["errors"]) for r in trained)
+    # The report's evidence: when A approved this build (its site.toml), and A's class balance.
+    when = next(x.approved_at for x in load_toml_model(kits[a], SiteKitConfig).approved if x.sha256 == digest)
+    assert when and all(r["approved"] == {a: when} for r in trained), [r["approved"] for r in trained]
+    assert all(sum(r["classes"][a].values()) == r["examples"][a] and set(r["classes"][a]) == {"0", "1"}
+               for r in trained)  # fmt: skip
     assert "auroc" in text and "sensitivity" in text  # columns of the run table
     assert "local_epochs 3 task default" in " ".join(result.stdout.replace("│", " ").split())
     assert "(pooled)" in text and summary_kinds(layout.runs / "own")["auroc"] == "pooled"

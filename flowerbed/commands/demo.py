@@ -12,7 +12,7 @@ from rich.text import Text
 
 from flowerbed.console import err, info, out, table
 from flowerbed.runfolder import PLOT, read_settings
-from flowerbed.views import best_line, history_table, settings_table
+from flowerbed.views import best_line, history_table, scaling_line, settings_table
 
 HELP = (
     "Run a TLS federation on this machine (gateway, SuperLink, ServerApp, SuperNodes; 5 sites of "
@@ -54,6 +54,9 @@ def demo(
     out.print(settings_table([(r["key"], r["value"], r["source"]) for r in read_settings(result.out_dir)]))
     out.print(history_table(result.run.rows, "Federated rounds"))
     out.print(best_line(result.run.run_id, result.run.summary))
+    scaled = scaling_line(result.run.summary.get("feature_scaling"))
+    if scaled:
+        out.print(scaled)
     federated = next(c.accuracy for c in result.comparisons if c.model == FEDERATED)
     out.print(
         table(
