@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--smoke", action="store_true", help="1 seed, 3 rounds (CI)")
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 2 rounds (CI)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    seeds, rounds = (1, 3) if args.smoke else (args.seeds, args.rounds)
+    seeds, rounds = (1, 2) if args.smoke else (args.seeds, args.rounds)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fb-bench-standardize-") as tmp:
         root = Path(tmp)

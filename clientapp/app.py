@@ -409,8 +409,10 @@ def query_handler(msg: Message, context: Context) -> Message:
     try:
         train_data, _ = _load(context, task, config)
         sums = feature_sums(train_data)
-    except (DataError, ValueError) as exc:
-        return _error(msg, context, DataError(str(exc)))
+    except DataError as exc:
+        return _error(msg, context, exc)
+    except (ValueError, TypeError, RuntimeError) as exc:  # NaNs, or items that are no (features, label) pairs
+        return _error(msg, context, DataError(f"its training data gives no feature statistics: {exc}"))
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=0, message="feature statistics",
                           examples=sums.count, features=len(sums.sums))  # fmt: skip
     site_event(f"sent per-feature counts, sums and sums of squares of {sums.count} training examples "

@@ -484,6 +484,7 @@ class RoundState:
     retired: dict[int, str] = field(default_factory=dict)  # node -> why it trains no more (privacy budget spent)
     spent: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent so far
     pool: Pool | None = None  # the task's pooled metrics from the sites' statistics (None: it pools none)
+    carried: list[str] = field(default_factory=list)  # said of sites before round 1 (revoked while asked): its row's
 
 
 def start_rounds(
@@ -738,6 +739,9 @@ def run_rounds(
         state.server_round += 1
         t0 = clock()
         got, secured = collect_round(grid, strategy, initial, state, clock=clock, watch=watch)
+        if state.carried:  # a site revoked while the feature statistics were asked is named in round 1's row
+            got.errors = [*state.carried, *(e for e in got.errors if e not in state.carried)]
+            state.carried = []
         if privacy_stop(state, got, t0, clock):
             reason = PRIVACY_SPENT
             state.server_round -= 1  # nothing was trained in it

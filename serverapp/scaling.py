@@ -97,10 +97,14 @@ def _query(grid: Grid, state: RoundState, clock: Clock, sleep: Callable[[float],
         t0 = clock()
         if not state.sites.by_node:
             wait_for_nodes(grid, settings, clock)
-        messages = [Message(content=RecordDict({"config": ConfigRecord({FEATURE_STATS_KEY: 1})}),
+        messages = [Message(content=RecordDict({"config": ConfigRecord({FEATURE_STATS_KEY: 1, "server-round": 1})}),
                             dst_node_id=node, message_type=MessageType.QUERY, group_id="0")
                     for node in grid.get_node_ids()]  # fmt: skip
-        got = split_replies(messages, exchange(grid, messages, settings.round_timeout_s, clock), state.sites)
+        dropped: dict[int, str] = {}  # as a round waits: a revoked site dropped at once, a dark one named
+        replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=state.dark.watch, dropped=dropped,
+                           on_dark=state.dark.noted(1))  # fmt: skip
+        got = split_replies(messages, replies, state.sites, dropped)
+        state.carried += [line for line in dropped.values() if line not in state.carried]
         if got.retired or len(got.valid) >= settings.min_nodes:
             return got
         short_round(state, got, t0, clock, sleep)  # waits for absent sites, or raises RunFailedError

@@ -97,6 +97,8 @@ def test_flowerbed_run_cli_reaches_max_rounds(
     assert result.returncode == 0, text
     assert "stopped: max-rounds after 2 rounds" in flat
     assert "round 0" not in flat
+    # The sites that answered (not univ-hospital, whose data path is missing) made the feature scaling.
+    assert "features standardized with the mean and std of" in flat and "training examples at 2 sites" in flat
     out = running.layout.runs / "cli-run"
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [(r["round"], r["kind"]) for r in rows] == [(1, "train"), (2, "train"), (3, "final-eval")]
