@@ -189,9 +189,9 @@ def compare_models(
     model = fresh()
     model.load_state_dict(torch.load(federated, weights_only=True))
     rows.append(scored(FEDERATED, model, total))
-    model = fresh()
-    fit_scaling(model, ConcatDataset(train_sets))
-    task.train(model, ConcatDataset(train_sets), longer)
+    model, pooled = fresh(), ConcatDataset[Any](train_sets)
+    fit_scaling(model, pooled)
+    task.train(model, pooled, longer)
     rows.append(scored(CENTRALIZED, model, total))
     return rows
 

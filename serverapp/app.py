@@ -62,7 +62,8 @@ def main(grid: Grid, context: Context) -> None:
     # The same task, hence the same model, as at every site; an own task from the run folder's wheel.
     task = load_task(task_name(settings), settings.task_sha256, out_dir / RUN_TASK_WHEEL)
     model = task.model(task_config(task, dict(context.run_config)))
-    layers = [name for name, _ in scaling_layers(model)]  # federated standardization fills them before round 1
+    # Federated standardization fills the model's scaling layers from the sites' sums before round 1.
+    scaler = functools.partial(standardize, model=model) if scaling_layers(model) else None
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
     if resume is not None:
@@ -71,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history,
                              resume=resume, watch=SiteWatch(FederationLayout(out_dir.parent.parent)),
                              pool=functools.partial(pool_metrics, task) if pools(task) else None,
-                             standardize=functools.partial(standardize, layers=layers) if layers else None)  # fmt: skip
+                             standardize=scaler)  # fmt: skip
     except RunFailedError as exc:
         summary.update(status="failed", stop_reason=str(exc), seconds=round(time.time() - started, 1))
         history.finish(None, summary)

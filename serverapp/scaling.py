@@ -12,15 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from torch import nn
 
 from flowerbed.audit import RUN, append_here
 from flowerbed.flower import compat
 from flowerbed.protocol import FEATURE_STATS_KEY, FEATURE_SUMS
 from flowerbed.runfolder import write_feature_scaling
-from flowerbed.scaling import FeatureSums, combine
+from flowerbed.scaling import FeatureSums, combine, fill_scaling, scaling_layers
 from flowerbed.serverapp.loop import (
     Clock,
     Replies,
@@ -46,15 +46,17 @@ def skipped_why(state: RoundState) -> str | None:
 
 
 def standardize(
-    grid: Grid, state: RoundState, clock: Clock, sleep: Callable[[float], None], *, layers: list[str]
+    grid: Grid, state: RoundState, clock: Clock, sleep: Callable[[float], None], *, model: nn.Module
 ) -> None:
-    """Fill the model's scaling ``layers`` (state-dict prefixes) in ``state.arrays`` from all sites' sums.
+    """Fill the scaling layers of ``model`` (the task's model as built, which ``state.arrays`` holds before
+    round 1) from all sites' sums, and send that model in round 1.
 
     The query is round 1's first exchange: too few replies wait for absent sites or fail the run as
     round 1 would (:func:`flowerbed.serverapp.loop.short_round`). A site that trains under DP sends
     nothing and the run goes on unstandardized, said in ``feature_scaling.json``.
     """
     out_dir = state.history.out_dir
+    layers = [name for name, _ in scaling_layers(model)]
     why = skipped_why(state)
     if why is not None:
         write_feature_scaling(out_dir, {"status": "off", "reason": why, "layers": layers})
@@ -77,9 +79,10 @@ def standardize(
         raise RunFailedError(f"feature statistics before round 1: site {site} sent no valid sums ({exc})") from None
     try:
         scaling = combine(list(parts.values()))
+        fill_scaling(model, scaling)  # the sites' width against the layer's ("set num_features = N")
     except ValueError as exc:
         raise RunFailedError(f"feature statistics before round 1: {exc}") from None
-    state.arrays = _filled(state.arrays, layers, scaling.mean, scaling.std)
+    state.arrays = ArrayRecord(model.state_dict())
     examples = {site: part.count for site, part in sorted(parts.items())}
     record = {"status": "standardized", "examples": scaling.count, "sites": examples,
               "features": len(scaling.mean), "layers": layers, "mean": scaling.mean, "std": scaling.std}  # fmt: skip
@@ -108,16 +111,3 @@ def _query(grid: Grid, state: RoundState, clock: Clock, sleep: Callable[[float],
         if got.retired or len(got.valid) >= settings.min_nodes:
             return got
         short_round(state, got, t0, clock, sleep)  # waits for absent sites, or raises RunFailedError
-
-
-def _filled(arrays: ArrayRecord, layers: list[str], mean: list[float], std: list[float]) -> ArrayRecord:
-    """``arrays`` with each scaling layer's mean and std set."""
-    state = arrays.to_torch_state_dict()
-    for prefix in layers:
-        dot = f"{prefix}." if prefix else ""
-        for key, values in ((f"{dot}mean", mean), (f"{dot}std", std)):
-            if state[key].shape != (len(values),):
-                raise RunFailedError(f"the model's feature scaling takes {state[key].numel()} features, the sites' "
-                                     f"data has {len(values)}: set num_features = {len(values)}")  # fmt: skip
-            state[key] = torch.tensor(values, dtype=state[key].dtype)
-    return ArrayRecord(state)
