@@ -82,6 +82,20 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def pdeathsig_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` prefixed with util-linux ``setpriv --pdeathsig TERM`` when it is installed, else as is.
+
+    Returns the argv and whether a Python ``preexec_fn`` must set the signal instead. setpriv is
+    preferred: a ``preexec_fn`` makes Python fork (not vfork) and run the at-fork handlers of the
+    libraries loaded in the parent in the child before exec; gRPC's restarted its poller there and
+    aborted the child (SIGABRT, "epoll_wait error: Bad file descriptor") once in a while.
+    """
+    tool = shutil.which("setpriv")
+    if tool is None:
+        return argv, True
+    return [tool, "--pdeathsig", "TERM", "--", *argv], False
+
+
 @dataclass
 class ManagedProcess:
     """One child process with its log file."""
@@ -106,15 +120,18 @@ class ManagedProcess:
         """Start the process in its own session, output appended to ``log_path`` (or piped)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, object] = {}
+        argv = self.argv
         if os.name == "posix":
             kwargs["start_new_session"] = True
             if self.die_with_parent and sys.platform == "linux":
-                kwargs["preexec_fn"] = _terminate_with_parent
+                argv, in_python = pdeathsig_argv(argv)
+                if in_python:
+                    kwargs["preexec_fn"] = _terminate_with_parent
         else:  # pragma: no cover - Windows
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
-                self.argv,
+                argv,
                 stdout=subprocess.PIPE if self.pipe else log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

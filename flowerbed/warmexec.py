@@ -37,6 +37,7 @@ POLL_S = "0.1"  # how often the executor asks the Runtime API for a task, while 
 IDLE_POLL_S = 1.0  # ... and once nothing ran for QUICK_FOR_S (Flower's default): an idle site or
 QUICK_FOR_S = 60.0  # coordinator polling ten times a second used 2.5x the CPU (3 sites: 0.32 -> 0.13 cores)
 Runner = Callable[[], None]  # a command's main function; it reads sys.argv
+TASK_STARTED, TASK_ENDED = "warm executor: task started", "warm executor: task ended"  # read by the supervisor
 
 
 def can_fork() -> bool:
@@ -139,6 +140,8 @@ class ForkExecutor:
             _child(runner, argv)  # never returns
         self.children[pid] = (int(spec.task_id), time.monotonic())
         self.last_task = time.monotonic()
+        sys.stdout.write(f"{TASK_STARTED} {spec.task_id} (pid {pid})\n")
+        sys.stdout.flush()
         return superexec.launched()
 
     def reconcile(self) -> None:
@@ -151,7 +154,7 @@ class ForkExecutor:
             if done == 0:
                 continue
             task_id, started = self.children.pop(pid)
-            sys.stdout.write(f"warm executor: task {task_id} ended after {time.monotonic() - started:.2f} s\n")
+            sys.stdout.write(f"{TASK_ENDED} {task_id} after {time.monotonic() - started:.2f} s\n")
             if os.WIFSIGNALED(status):
                 name = signal.Signals(os.WTERMSIG(status)).name
                 said = (
@@ -177,7 +180,7 @@ class ForkExecutor:
 QUICK_PULL_BACKOFF_S = 0.05  # first retry of an object that is not there yet (Flower's: 1 s)
 
 
-def quick_object_pulls(cap_s: float | None = None) -> None:
+def quick_object_pulls(cap_s: float | None = None, *, endless: bool = False) -> None:
     """Retry an object that is not there yet after 0.05 s (doubling as Flower's does), not after 1 s.
 
     A message is visible before its objects have arrived (the sender pushes them right after it), so
@@ -186,8 +189,9 @@ def quick_object_pulls(cap_s: float | None = None) -> None:
     ServerApp a reply, up to a second each, every round. flwr 1.42's callers all take the default
     of ``pull_objects`` and ``pull_and_inflate_object_from_tree``, so this sets that default.
     ``cap_s``: the longest wait between two tries (Flower's: 10 s), for a reader on loopback.
+    ``endless``: an object is tried until it arrives or its sender says it is gone (not 500 times).
     """
-    superexec.object_pull_backoff(QUICK_PULL_BACKOFF_S, cap_s)
+    superexec.object_pull_backoff(QUICK_PULL_BACKOFF_S, cap_s, endless=endless)
 
 
 def warm_up_torch() -> None:

@@ -22,6 +22,8 @@ PY="${PYTHON:-python3}"
 need=()
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then need+=(nginx-light); fi
 if ! "$PY" -c "import venv, ensurepip" >/dev/null 2>&1; then need+=(python3-venv); fi
+# The coordinator's processes end with their supervisor (setpriv --pdeathsig; util-linux on Debian 12+).
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 if [ "$dev" -eq 1 ]; then
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need+=(nftables)

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from flowerbed.audit import ROUND, append_here
 from flowerbed.config import BASELINE_KEY, RunSettings
-from flowerbed.flower import compat
+from flowerbed.flower import compat, superexec
 from flowerbed.heldout import HELD_OUT_KEY, pooled
 from flowerbed.protocol import APPROVED_AT, CLASS_COUNTS, CLASS_LABELS, PRIVACY_CODE
 from flowerbed.runfolder import (
@@ -102,7 +102,8 @@ def exchange(
     next_check = start + WATCH_S
     replies: list[Message] = []
     while waiting:
-        got = list(grid.pull_messages(waiting))
+        with superexec.object_pull_deadline(max(timeout - (clock() - start), PULL_S)):  # a cut upload: not 180 s
+            got = list(grid.pull_messages(waiting))
         replies += got
         waiting -= {m.metadata.reply_to_message_id for m in got}
         elapsed = clock() - start

@@ -159,7 +159,12 @@ def main() -> None:
         return run
 
     try:
-        quick_object_pulls(cap_s=0.2)  # from the SuperNode on loopback, while it still downloads them
+        # From the SuperNode on loopback, while it still downloads them: as long as it does. Flower
+        # 1.42 hands the task out before its SuperNode has the message's objects; a task that gave
+        # up first (500 tries, 100 s at 0.2 s: a link cut for 90 s) left its SuperNode waiting for
+        # a reply that never came, dead to every later round. The SuperNode deletes the objects
+        # when its own download fails, and a task then ends at once ("could not be found").
+        quick_object_pulls(cap_s=0.2, endless=True)
         supernode.install_gate(gated_pull, gated_install, gated_loader)
         run = supernode.clientapp_main()
     except flower.HookError as exc:

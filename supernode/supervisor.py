@@ -33,7 +33,7 @@ from flowerbed.protocol import SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
 from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
-from flowerbed.warmexec import THREAD_VARS, THREADS_ENV, can_fork, task_threads
+from flowerbed.warmexec import TASK_ENDED, TASK_STARTED, THREAD_VARS, THREADS_ENV, can_fork, task_threads
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"
@@ -44,6 +44,7 @@ PORT_TRIES = 3  # restarts that find the SuperNode's own port taken before givin
 DRIFT, REPORTED = "clock drift", "reported"  # what a diagnosis before a restart told the site
 PORT_IN_USE = "address already in use"
 ENDED_ITSELF = "SuperNode terminated gracefully"  # also Flower's answer to HTTP 401: it SIGINTs itself
+RECEIVED, SENDING = "Received successfully", "Sending:"  # Flower took a task's message / sends its reply
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log lines even into a pipe
 Report = Callable[[str], None]
 LinkProbe = Callable[[], tuple[bool, str]]
@@ -196,6 +197,15 @@ class Attempt:
     port_in_use: bool = False  # its loopback API port was held by another process
     ended_itself: float | None = None  # when it logged a graceful end that nobody asked for
     last_line: float = field(default_factory=time.monotonic)  # when its log last said anything
+    awaiting_since: float | None = None  # it took a message and waits for its reply (Flower: one at a time)
+    tasks_running: int = 0  # task processes of the warm executor that have not ended
+    last_task_end: float = 0.0
+
+    def wedged_for(self, now: float) -> float:
+        """Seconds the SuperNode has waited for a reply with no task process working on it (0: it is not)."""
+        if self.awaiting_since is None or self.tasks_running > 0:
+            return 0.0
+        return now - max(self.awaiting_since, self.last_task_end)
 
 
 class LogFollower:
@@ -254,6 +264,15 @@ class LogFollower:
             a.port_in_use = True
         elif ENDED_ITSELF in line:
             a.ended_itself = time.monotonic()
+        elif RECEIVED in line:
+            a.awaiting_since = a.awaiting_since or time.monotonic()
+        elif SENDING in line:
+            a.awaiting_since = None
+        elif TASK_STARTED in line:
+            a.tasks_running += 1
+        elif TASK_ENDED in line:
+            a.tasks_running = max(0, a.tasks_running - 1)
+            a.last_task_end = time.monotonic()
         elif TASK_EVENT in line:
             event = line.split(TASK_EVENT, 1)[1].strip()
             if " received " in event:
@@ -280,6 +299,7 @@ class Supervisor:
     rejected_window_s: float = 150.0
     silent_s: float = 60.0  # a connected SuperNode whose pull loop and log stood still this long is reported
     silence_reported: bool = False
+    wedged_s: float = 60.0  # a SuperNode that waits this long for a reply no task process works on is restarted
     max_backoff_s: float = 30.0
     healthy_after_s: float = 60.0
     link_probe: LinkProbe = _no_probe
@@ -397,7 +417,27 @@ class Supervisor:
                 continue
             self._check_link(time.monotonic())
             self._check_silent(proc)
+            self._check_wedged(proc)
             time.sleep(0.5)
+
+    def _check_wedged(self, proc: ManagedProcess) -> None:
+        """Restart a SuperNode that took a message whose task ended (or never started) without a reply.
+
+        Flower 1.42's SuperNode waits for each message's reply before it asks for the next; a task that
+        ended without one (it failed before it had the message in hand) leaves it waiting for ever,
+        connected but deaf to every later round. Only with the warm executor, whose task lines say
+        when a task runs.
+        """
+        if not self.spec.warm or self.executor is None:
+            return
+        waited = self.attempt.wedged_for(time.monotonic())
+        if waited >= self.wedged_s:
+            self.report(
+                f"the SuperNode took a task {waited:.0f} s ago and no task process is working on it (Flower waits "
+                "for its reply for ever): restarting the SuperNode"
+            )
+            self.attempt.awaiting_since = None
+            proc.stop(grace_s=5)
 
     def _check_silent(self, proc: ManagedProcess) -> None:
         """Connected, the link up, yet neither its pull loop turned nor its log said anything for ``silent_s``: said.

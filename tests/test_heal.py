@@ -48,7 +48,7 @@ def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path
             supervised_sites(layout, f"localhost:{sl.port}", {s: data.site_files[s] for s in SITES[:2]}, tmp_path)
         )
         settings = RunSettings.model_validate(
-            load_federation(layout.root).run.model_dump() | {"max_rounds": 3, "patience": 10, "round_timeout_s": 120}
+            load_federation(layout.root).run.model_dump() | {"max_rounds": 3, "patience": 10, "round_timeout_s": 45}
         )
         handle = submit(layout, settings, name="across-kills")
         assert wait_for(lambda: len(read_rows(handle.out_dir)) >= 1, 180), text()
@@ -64,7 +64,8 @@ def test_each_coordinator_process_killed_is_restarted_and_a_run_goes_on(tmp_path
         check_result(result, handle)
         assert [r["round"] for r in result.rows if r["kind"] == "train"] == [1, 2, 3]
         # What the kill cost, as the history says: a round whose uploads the kill cut is retried (a
-        # `waiting` row; Flower answers for the cut upload only when its object-push session expires).
+        # `waiting` row) once its round_timeout_s has passed (the cut reply no longer holds the ServerApp
+        # until Flower's object-push session expires, 180 s).
         retried = [r for r in result.rows if r["kind"] == "waiting"]
         record("kill -9 the gateway (nginx) mid-run", '"gateway (nginx) exited with status -9 ...; restarting it", '
                '"... is back"; the run went on', injected="SIGKILL to the nginx master", noticed_s=None,

@@ -212,6 +212,38 @@ def test_log_is_read_line_by_line_with_timestamps(tmp_path: Path) -> None:
     assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", line) for line in lines)
 
 
+def test_a_message_that_no_task_works_on_is_noticed(tmp_path: Path) -> None:
+    """Flower's SuperNode waits for each message's reply before the next: the supervisor follows, from the
+    SuperNode's and the warm executor's lines, whether a task process works on the message it took."""
+    lines = [
+        "INFO :      Receiving: train message (ID: 1)",
+        "warm executor: task started 7 (pid 100)",
+        "INFO :      Received successfully",
+        "warm executor: task ended 7 after 1.20 s",
+        "INFO :      Sending: train message (ID: 2)",
+        "INFO :      Received successfully",  # its task ended before it had the message: no reply will come
+    ]
+    script = "import sys, time\nfor line in sys.argv[1:]:\n    print(line, flush=True)\n    time.sleep(0.3)\n"
+    log = tmp_path / "supernode.log"
+    proc = ManagedProcess("supernode lines", [sys.executable, "-c", script, *lines], log, pipe=True).start()
+    assert proc.popen is not None and proc.popen.stdout is not None
+    attempt = Attempt()
+    follower = LogFollower(proc.popen.stdout, log, attempt, lambda _m: None, "gw:9092").start()
+    states = []
+    for _ in range(100):  # bounded: 6 lines, 0.3 s apart
+        states.append((attempt.awaiting_since is not None, attempt.tasks_running))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    follower.thread.join(timeout=10)
+    assert (True, 1) in states and (False, 0) in states, states  # working on one; replied
+    assert attempt.awaiting_since is not None and attempt.tasks_running == 0
+    now = time.monotonic()
+    assert 0 < attempt.wedged_for(now) < 5 and attempt.wedged_for(now + 60) >= 60
+    attempt.tasks_running = 1  # a task (still) downloading its message over a slow link is not a wedge
+    assert attempt.wedged_for(now + 600) == 0
+
+
 @pytest.mark.federation
 def test_site_behind_a_proxy_trains_and_names_the_proxy_when_it_fails(
     running: RunningFederation, tmp_path: Path

@@ -135,6 +135,67 @@ def test_object_pulls_retry_quickly_in_kit_processes() -> None:
     assert out[:3] == ["1", "0.05 0.2", "0.05 0.2"]
 
 
+def _python(code: str) -> list[str]:
+    """The output lines of ``code`` run in a fresh interpreter, after Flower's object-pull imports (each test
+    changes process-wide defaults)."""
+    import subprocess
+    import sys
+
+    head = (
+        "import time\n"
+        "from flwr.supercore.inflatable import inflatable_utils as u\n"
+        "from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError\n"
+        "from flowerbed.warmexec import quick_object_pulls\n"
+    )
+    done = subprocess.run([sys.executable, "-c", head + code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.split("\n")
+
+
+def test_a_task_waits_for_its_objects_as_long_as_its_supernode_downloads_them() -> None:
+    """Flower's reader gives up on an object after 500 tries; a task's tries are endless: a SuperNode still
+    downloading over a link cut for minutes is waited for (a task that gave up left its SuperNode waiting
+    for a reply forever), and an object its SuperNode deleted (its download failed) ends the task at once."""
+    out = _python(
+        "quick_object_pulls(cap_s=0.001, endless=True)\n"
+        "tries = {'n': 0}\n"
+        "def late(object_id):\n"
+        "    tries['n'] += 1\n"
+        "    if tries['n'] <= 700:\n"
+        "        raise ObjectUnavailableError(object_id)\n"
+        "    return b'content'\n"
+        "print(u.pull_objects(['a'], late), tries['n'], u.pull_and_inflate_object_from_tree.__kwdefaults__"
+        "['max_tries_per_object'])\n"
+        "def gone(object_id):\n"
+        "    raise ObjectPullError(object_id, 'the object could not be found.')\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    u.pull_objects(['b'], gone)\n"
+        "except ObjectPullError:\n"
+        "    print('gone after', round(time.monotonic() - start))\n"
+    )
+    assert out[:2] == ["{'a': b'content'} 701 None", "gone after 0"], out
+
+
+def test_the_serverapp_waits_for_a_cut_upload_only_as_long_as_its_round() -> None:
+    """Within the deadline's block a reply whose objects never come ends after the deadline, not after
+    Flower's 2 h (in practice: the object-push session's 180 s); outside it, Flower's limit is back."""
+    out = _python(
+        "from flowerbed.flower.superexec import object_pull_deadline\n"
+        "quick_object_pulls(cap_s=0.5)\n"
+        "def never(object_id):\n"
+        "    raise ObjectUnavailableError(object_id)\n"
+        "start = time.monotonic()\n"
+        "with object_pull_deadline(2.0):\n"
+        "    try:\n"
+        "        u.pull_objects(['a'], never)\n"
+        "    except ObjectPullError as exc:\n"
+        "        print(round(time.monotonic() - start), 'timeout' in str(exc))\n"
+        "print(u.pull_objects.__kwdefaults__['max_time'])\n"
+    )
+    assert out[:2] == ["2 True", "7200"], out
+
+
 def test_the_executor_polls_quickly_only_while_tasks_come() -> None:
     """Ten times a second for a minute after a task (or the start), and while one runs; then once a second."""
     from flowerbed.warmexec import IDLE_POLL_S, QUICK_FOR_S, ForkExecutor

@@ -7,12 +7,14 @@
 - ``run_superexec``'s ``time.sleep``: the task loop polls quickly only while tasks come (idle, once a
   second, as Flower's default).
 - ``pull_objects`` / ``pull_and_inflate_object_from_tree`` keyword defaults: the first retry of an
-  object that is not there yet after 0.05 s instead of 1 s.
+  object that is not there yet after 0.05 s instead of 1 s; a task's tries without a count limit;
+  the ServerApp's wait for a reply's objects bounded by what is left of its round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flowerbed.flower import declare, module, resolve, trace, traced_time
@@ -29,11 +31,11 @@ LOOP_TIME = declare(
 LAUNCH_RESULT = declare("flwr.supercore.superexec.executor", "LaunchResult", "launch a task in a fork")
 PULL_OBJECTS = declare(
     "flwr.supercore.inflatable.inflatable_utils", "pull_objects", "pull a message's objects sooner",
-    "initial_backoff", "backoff_cap",
+    "initial_backoff", "backoff_cap", "max_time",
 )  # fmt: skip
 PULL_TREE = declare(
     "flwr.supercore.inflatable.inflatable_utils", "pull_and_inflate_object_from_tree",
-    "pull a message's objects sooner", "initial_backoff", "backoff_cap",
+    "pull a message's objects sooner", "initial_backoff", "backoff_cap", "max_tries_per_object",
 )  # fmt: skip
 
 
@@ -51,8 +53,11 @@ def launched(error: str = "") -> Any:
     return result.failed(error) if error else result.accepted()
 
 
-def object_pull_backoff(initial_s: float, cap_s: float | None) -> None:
-    """The default first wait (and, when given, the longest) between tries of a pull of missing objects."""
+def object_pull_backoff(initial_s: float, cap_s: float | None, *, endless: bool = False) -> None:
+    """The default first wait (and, when given, the longest) between tries of a pull of missing objects.
+
+    ``endless``: no limit on the tries of one object (Flower's time limit, 2 h, still holds).
+    """
     for hook in (PULL_OBJECTS, PULL_TREE):
         defaults = resolve(hook).__kwdefaults__
         if defaults is not None and "initial_backoff" in defaults:
@@ -60,6 +65,30 @@ def object_pull_backoff(initial_s: float, cap_s: float | None) -> None:
             defaults["initial_backoff"] = initial_s
             if cap_s is not None:
                 defaults["backoff_cap"] = cap_s
+            if endless and "max_tries_per_object" in defaults:
+                defaults["max_tries_per_object"] = None
+
+
+@contextlib.contextmanager
+def object_pull_deadline(seconds: float) -> Iterator[None]:
+    """Within the block, a pull of a message's objects gives up after ``seconds`` (Flower's default: 2 h).
+
+    Flower's ``Grid.pull_messages`` hands out a reply as soon as its message is stored and then waits
+    inside for its objects: a reply whose upload was cut (a gateway restart, a link gone) held the
+    ServerApp until the SuperLink's object-push session expired (180 s), whatever the round's timeout,
+    and the replies behind it with it. Bounded, the cut reply ends as Flower's "unavailable" error.
+    """
+    defaults = resolve(PULL_OBJECTS).__kwdefaults__
+    if defaults is None or "max_time" not in defaults:
+        yield
+        return
+    trace(PULL_OBJECTS)
+    before = defaults["max_time"]
+    defaults["max_time"] = max(seconds, 0.0) if before is None else min(max(seconds, 0.0), before)
+    try:
+        yield
+    finally:
+        defaults["max_time"] = before
 
 
 def pace_task_polls(pause: Callable[[float], None]) -> None:
