@@ -18,7 +18,9 @@ from flwr import clientapp as flower_clientapp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
+from flowerbed import ckks
 from flowerbed.audit import ROUND, TASK, append_here, head_of
+from flowerbed.clientapp import ckks as site_ckks
 from flowerbed.clientapp.data import DataError
 from flowerbed.clientapp.privacy import (
     BudgetSpentError,
@@ -44,6 +46,10 @@ from flowerbed.flower import compat
 from flowerbed.heldout import HELD_OUT_KEY, TEST_PATH_KEY, bootstrap, split_off
 from flowerbed.protocol import (
     APPROVED_AT,
+    CKKS_KEYS_KEY,
+    CKKS_PEERS,
+    CKKS_RECORD,
+    CKKS_WRAP_KEY,
     CLASS_COUNTS,
     CLASS_LABELS,
     FEATURE_STATS_KEY,
@@ -177,13 +183,25 @@ def _held_out(context: Context, task: Task, config: Any, model: Any) -> MetricVa
     return values
 
 
-def _model(msg: Message, task: Task, config: Any) -> Any:
+def _model(msg: Message, task: Task, config: Any, key: Any = None) -> Any:
     model = task.model(config)
     if is_secure(msg):  # SecAgg+ train instructions: Flower's legacy layout, the arrays in model order
         model.load_state_dict(global_state(msg, list(model.state_dict())))
+    elif key is not None:  # CKKS: the global model decrypted here (round 1's initial model comes in the clear)
+        model.load_state_dict(site_ckks.plain_state(key, msg.content.array_records["arrays"]))
     else:
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     return model
+
+
+def _ckks_key(msg: Message, context: Context) -> Any:
+    """The CKKS secret context of the message's model (None: not under CKKS); raises FlowerbedError."""
+    return site_ckks.message_key(msg, site_ckks.he_dir(dict(context.node_config)), _site(context), context.run_id)
+
+
+def _key_refusal(msg: Message, context: Context, exc: FlowerbedError) -> Message:
+    site_event(f"round {_round(msg)}: {msg.metadata.message_type} task REFUSED: {exc.message}")
+    return Message(Error(code=POLICY_CODE, reason=f"site {_site(context)}: {exc.message}"), reply_to=msg)
 
 
 MetricValues = dict[str, int | float | list[int] | list[float]]
@@ -260,7 +278,11 @@ def train_handler(msg: Message, context: Context) -> Message:
         return _error(msg, context, exc)
     except BudgetSpentError as exc:
         return _refuse(msg, exc)
-    model = _model(msg, task, config)
+    try:
+        key = _ckks_key(msg, context)
+    except FlowerbedError as exc:
+        return _key_refusal(msg, context, exc)
+    model = _model(msg, task, config, key)
     secure = is_secure(msg)
     start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()} if secure else {}
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
@@ -291,6 +313,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         content["metrics"] = metrics
         masked = _clipping_note(msg, context, list(state.values()), len(train_data))
         inspect_change(_site(context), server_round, state)
+    elif key is not None:  # CKKS: only ciphertexts leave the site; the coordinator adds them without a key
+        content = RecordDict({"arrays": site_ckks.encrypted(key, state), "metrics": metrics})
     else:
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     if sums is not None:
@@ -303,22 +327,33 @@ def train_handler(msg: Message, context: Context) -> Message:
                 "not train with DP-SGD; its update is withheld"))  # fmt: skip
         content["privacy"] = ConfigRecord(private.record())
         spent = f"; DP-SGD: epsilon {private.spent:.3f} of {private.budget.epsilon:g} spent"
-    size, sha256 = update_digest(state)
+    size, sha256 = update_digest(state) if key is None else _ciphertext_digest(content["arrays"])
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=server_round, message="train",
                           update_bytes=size, update_sha256=sha256, examples=len(train_data),
                           epsilon=private.spent if private is not None else None)  # fmt: skip
     # The class balance of the training split, for the report; not under secure aggregation or DP, where
     # even the site's example count is masked or its release budgeted.
-    classes = class_counts(train_data) if not secure and private is None else None
+    classes = class_counts(train_data) if not secure and key is None and private is None else None
     content["site"] = _site_record(context, audited, classes)
     amount = f"{size / 1e6:.2f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
     sent = f"masks its update of {amount} (sha256 {sha256[:12]}) with SecAgg+{masked}" if secure else (
+        f"sent its model encrypted with CKKS key {ckks.from_record(content['arrays'])[0].key_id}: {amount} of "
+        f"ciphertext (sha256 {sha256[:12]}); the coordinator cannot read it" if key is not None else
         f"sent an update of {amount} (sha256 {sha256[:12]})")  # fmt: skip
     site_event(
         f"round {server_round}: trained on {len(train_data)} examples; the global model scored "
         f"{_summary(before)} on {len(validation)} local validation examples{spent}; {sent}"
     )
     return Message(content=content, reply_to=msg)
+
+
+def _ciphertext_digest(arrays: Any) -> tuple[int, str]:
+    """Bytes and sha256 of the ciphertexts a site sends under CKKS (what the coordinator holds of its model)."""
+    digest = hashlib.sha256()
+    _, chunks = ckks.from_record(arrays)
+    for chunk in chunks:
+        digest.update(chunk)
+    return sum(len(c) for c in chunks), digest.hexdigest()
 
 
 def _sums_record(sums: dict[str, float]) -> ConfigRecord:
@@ -361,7 +396,11 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         train_data, validation = _load(context, task, config)
     except DataError as exc:
         return _error(msg, context, exc)
-    model = _model(msg, task, config)
+    try:
+        key = _ckks_key(msg, context)
+    except FlowerbedError as exc:
+        return _key_refusal(msg, context, exc)
+    model = _model(msg, task, config, key)
     config_record = _config(msg)
     if config_record is not None and config_record.get(HELD_OUT_KEY):  # the final model on the test data, once
         held = _held_out(context, task, config, model)
@@ -393,6 +432,8 @@ def query_handler(msg: Message, context: Context) -> Message:
     """The training split's per-feature count, sums and sums of squares, once before round 1 (federated
     feature standardization, :mod:`flowerbed.scaling`); a site that trains under DP sends none."""
     asked = msg.content.config_records.get("config")
+    if asked is not None and (asked.get(CKKS_KEYS_KEY) or asked.get(CKKS_WRAP_KEY)):
+        return _ckks_query(msg, context, asked)
     if asked is None or not asked.get(FEATURE_STATS_KEY):
         return Message(Error(code=DATA_ERROR_CODE, reason=f"site {_site(context)}: unknown query"), reply_to=msg)
     refusal = secure_only_refusal(msg, dict(context.node_config), _site(context))
@@ -418,4 +459,21 @@ def query_handler(msg: Message, context: Context) -> Message:
     site_event(f"sent per-feature counts, sums and sums of squares of {sums.count} training examples "
                f"({len(sums.sums)} features) for federated standardization")  # fmt: skip
     content = RecordDict({FEATURE_SUMS: ConfigRecord(sums.record()), "site": _site_record(context, audited)})
+    return Message(content=content, reply_to=msg)
+
+
+def _ckks_query(msg: Message, context: Context, asked: ConfigRecord) -> Message:
+    """CKKS keys before a round: this site's exchange key and the keys it holds, or the key wrapped for
+    the sites named (made here when the run has none yet)."""
+    folder = site_ckks.he_dir(dict(context.node_config))
+    try:
+        if asked.get(CKKS_KEYS_KEY):
+            content = site_ckks.keys_reply(folder)
+        else:
+            record = msg.content.config_records.get(CKKS_RECORD) or ConfigRecord()
+            content = site_ckks.wrap_reply(folder, _site(context), record, msg.content.array_records.get(CKKS_PEERS),
+                                           context.run_id)  # fmt: skip
+    except FlowerbedError as exc:
+        return _key_refusal(msg, context, exc)
+    content["site"] = ConfigRecord({"site-name": _site(context)})
     return Message(content=content, reply_to=msg)

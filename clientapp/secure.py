@@ -28,6 +28,7 @@ from flowerbed.audit import ROUND, append_here
 from flowerbed.clientapp.data import DataError
 from flowerbed.flower import compat
 from flowerbed.protocol import (
+    CKKS_RECORD,
     EXAMPLES_KEY,
     MAX_WEIGHT_KEY,
     REFUSED_CODE,
@@ -136,7 +137,9 @@ def secure_only_refusal(msg: Message, node_config: dict[str, Any], site: str) ->
     """Why a site that trains only under secure aggregation refuses a plain train message (None: it does not)."""
     if str(node_config.get(SECURE_ONLY_KEY, "")).lower() != "true" or is_secure(msg):
         return None
+    if CKKS_RECORD in msg.content.config_records:  # CKKS: only ciphertexts leave the site
+        return None
     return (
         f"site {site}: trains only in runs with secure aggregation (require_secure_aggregation in its site.toml), "
-        "so its update never reaches the coordinator alone: run with --secure-aggregation secagg+"
+        "so its update never reaches the coordinator alone: run with --secure-aggregation secagg+ (or ckks)"
     )

@@ -125,15 +125,20 @@ def bundle_wheels(
     torch_index: str | None = CPU_INDEX,
     source: Path | None = None,
     tasks: Sequence[Path] = (),
+    he: bool = False,
     report: Report = lambda _m: None,
 ) -> Bundle:
     """Download the wheels of ``role``'s pip part (plus the kit's own wheel) into ``out``.
 
     ``tasks``: own tasks' wheels; their dependencies are downloaded too, and the wheels kept in ``tasks/``.
+    ``he``: TenSEAL too (``secure_aggregation = "ckks"`` runs need it at every site).
     """
+    from flowerbed.ckks import REQUIREMENT
+
     infos = [read_task_wheel(path) for path in tasks]
     out.mkdir(parents=True, exist_ok=True)
-    requirements = [line for line in pip_part(role, task_requirements(infos)) if not line.startswith("--")]
+    extra = [*task_requirements(infos), *([REQUIREMENT] if he else [])]
+    requirements = [line for line in pip_part(role, extra) if not line.startswith("--")]
     req_file = out / "requirements.txt"
     req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
     args = ["download", "--dest", str(out), "-r", str(req_file)]

@@ -204,10 +204,11 @@ class RunSettings(_Model):
         1.0, gt=0, description="dp: clipping norm (per example for sample, per update for client)"
     )
     dp_noise_multiplier: float = Field(1.0, gt=0, description="dp = client: Gaussian noise multiplier at the server")
-    secure_aggregation: Literal["off", "secagg+"] = Field(
+    secure_aggregation: Literal["off", "secagg+", "ckks"] = Field(
         "off",
-        description="secagg+: Flower's SecAgg+ masks every update; the ServerApp learns only their weighted sum "
-        "(metrics and evaluation stay in the clear)",
+        description="secagg+: Flower's SecAgg+ masks every update; the ServerApp learns only their weighted sum. "
+        "ckks: the sites encrypt their models under a key only they hold and the ServerApp adds ciphertexts; "
+        "it never holds an update, an aggregate or a model in the clear (metrics stay in the clear)",
     )
     secagg_threshold: float = Field(
         0.67, gt=0, le=1, description="secagg+: share of a site's key shares needed to unmask (at least 2 shares)"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flowerbed.ckks import manifest_of_file as ckks_manifest
 from flowerbed.config import load_federation
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
@@ -158,6 +159,12 @@ class Run:
         path = self.folder / FINAL_MODEL
         if not path.exists():
             raise FlowerbedError(f"run {self.name} has no final model yet ({path}): wait for it with run.watch()")
+        sealed = ckks_manifest(path)
+        if sealed is not None:
+            raise FlowerbedError(
+                f"run {self.name}'s final model is encrypted with CKKS key {sealed.key_id}: only the sites can "
+                f"decrypt it (copy {path} to a site and run `flowerbed supernode decrypt-model` there)"
+            )
         settings = stored_settings(self.folder)
         wheel = self.folder / RUN_TASK_WHEEL
         task = load_task(task_name(settings), settings.task_sha256, wheel if wheel.exists() else None)

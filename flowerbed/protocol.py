@@ -33,6 +33,14 @@ TRAIN_ARRAYS, TRAIN_CONFIG = "fitins.parameters", "fitins.config"  # Flower's le
 FEATURE_STATS_KEY = "feature-stats"  # a query's config: send the training split's per-feature sums
 FEATURE_SUMS = "feature-sums"  # the reply's ConfigRecord: count, sum, sumsq
 
+# CKKS encrypted aggregation (flowerbed.ckks): the queries before a round, and the records of messages.
+CKKS_KEYS_KEY = "ckks-keys"  # a query's config: send this site's exchange public key and the CKKS keys it holds
+CKKS_WRAP_KEY = "ckks-wrap"  # a query's config: make (key id "") or load the CKKS key, wrap it for the sites named
+CKKS_RECORD = "ckks"  # config record: key id, maker, maker's exchange key; a reply's: exchange key, held keys
+CKKS_WRAPPED = "ckks-wrapped"  # array record: the wrapped CKKS key (a message), or one per site (a wrap reply)
+CKKS_PEERS = "ckks-peers"  # array record of a wrap query: each recipient site's exchange public key
+HE_DIR_KEY = "he-dir"  # a SuperNode's node config: where the site keeps its exchange key and CKKS keys
+
 # The kit's site.toml of a SuperNode (its approvals), in the environment of its task processes.
 SITE_FILE_ENV = "FLOWERBED_SITE_FILE"  # empty: no kit, built-in tasks only
 # A reply's "site" record: the training split's classes (labels and counts) and when the site approved the task.

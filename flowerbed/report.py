@@ -20,6 +20,7 @@ from typing import Any
 
 from flowerbed import audit
 from flowerbed.artifacts import read_task_wheel
+from flowerbed.ckks import manifest_of_file as ckks_manifest
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runfolder import (
@@ -254,7 +255,12 @@ def model_card(out_dir: Path, settings: Any, summary: dict[str, Any]) -> list[li
             version = read_task_wheel(wheel).version
     layers, params = [], 0
     final = out_dir / FINAL_MODEL
-    if final.exists():
+    sealed = ckks_manifest(final) if final.exists() else None
+    if sealed is not None:  # CKKS: the coordinator's copy is ciphertext; its manifest names the tensors
+        layers = [f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in zip(sealed.names, sealed.shapes,
+                                                                                          strict=True)]  # fmt: skip
+        params = sealed.size
+    elif final.exists():
         import torch
 
         with contextlib.suppress(Exception):  # a model file from elsewhere: the card says what it can
@@ -268,7 +274,8 @@ def model_card(out_dir: Path, settings: Any, summary: dict[str, Any]) -> list[li
         ["parameters", params or "- (no final model)"], ["layers", "; ".join(layers) or "-"],
         ["stop reason", summary.get("stop_reason")], ["metric that drove the run", summary.get("target_metric")],
         ["its value for the final model", summary.get("best_target_value")],
-        ["final model", f"the best validated model: {summary.get('best_model', '-')}"],
+        ["final model", f"the best validated model: {summary.get('best_model', '-')}" + (
+            f"; encrypted with CKKS key {sealed.key_id}: in the clear only at the sites" if sealed else "")],
         ["feature scaling", scaling_line(summary.get("feature_scaling")) or "- (the model standardizes nothing)"],
     ]  # fmt: skip
 

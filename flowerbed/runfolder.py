@@ -33,6 +33,7 @@ HISTORY_CSV = "history.csv"
 SUMMARY = "summary.json"
 FEATURE_SCALING = "feature_scaling.json"  # federated standardization: the global mean and std, or why none
 SETTINGS = "settings.json"  # the effective settings as the task saw them at submit, each with its source
+CKKS_KEYRING = "ckks.json"  # CKKS: the key's id, public context, maker, sites' exchange keys and wrapped keys
 FINAL_MODEL = "final_model.pt"
 PLOT = "metrics.png"
 TRAIN = "train"
@@ -416,6 +417,20 @@ def read_feature_scaling(out_dir: Path) -> dict[str, Any] | None:
     """The run's feature scaling as kept (None: the task's model has no scaling layer, or an older run)."""
     try:
         data = json.loads((out_dir / FEATURE_SCALING).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_keyring(out_dir: Path, record: dict[str, Any]) -> None:
+    """Keep a CKKS run's keyring: public parts and wrapped (opaque) keys only, never a secret key."""
+    write_atomic(out_dir / CKKS_KEYRING, (json.dumps(record, indent=1) + "\n").encode())
+
+
+def read_keyring(out_dir: Path) -> dict[str, Any] | None:
+    """A CKKS run's keyring as kept (None: the run is not under CKKS, or has no key yet)."""
+    try:
+        data = json.loads((out_dir / CKKS_KEYRING).read_text("utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

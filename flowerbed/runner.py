@@ -200,6 +200,10 @@ def prepare(
     from flowerbed.serverapp.strategies import client_dp_warning  # Flower's strategies: not on every command
 
     warnings = [w for w in (client_dp_warning(settings, len(config.sites)),) if w]
+    if settings.secure_aggregation == "ckks":  # the coordinator adds ciphertexts with TenSEAL: said before submit
+        from flowerbed.ckks import tenseal
+
+        tenseal()
     effective: list[Setting] = []
     if check_task:
         loaded = load_task(chosen.name, chosen.sha256, chosen.wheel)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -486,6 +486,7 @@ class RoundState:
     spent: dict[str, float] = field(default_factory=dict)  # site -> epsilon spent so far
     pool: Pool | None = None  # the task's pooled metrics from the sites' statistics (None: it pools none)
     carried: list[str] = field(default_factory=list)  # said of sites before round 1 (revoked while asked): its row's
+    ckks: Any = None  # CKKS: the run's keyring (flowerbed.serverapp.ckks.Keyring), None for other runs
 
 
 def start_rounds(
@@ -531,7 +532,9 @@ def collect_round(
     messages = [m for m in strategy.configure_train(server_round, state.arrays, ConfigRecord(), snapshot.grid())
                 if m.metadata.dst_node_id not in state.retired]  # fmt: skip
     secured: Aggregate | None = None
-    if settings.secure_aggregation != "off":
+    if settings.secure_aggregation == "ckks":
+        got, secured = ckks_exchange(grid, messages, state, clock=clock, watch=watch)
+    elif settings.secure_aggregation != "off":
         got, secured = secure_exchange(grid, messages, state.arrays, server_round=server_round, settings=settings,
                                        sites=sites, clock=clock)  # fmt: skip
     else:
@@ -542,6 +545,29 @@ def collect_round(
     state.retired |= got.retired
     state.spent |= got.privacy
     return got, secured
+
+
+def ckks_exchange(
+    grid: Grid, messages: list[Message], state: RoundState, *, clock: Clock, watch: Watch | None
+) -> tuple[Replies, Aggregate]:
+    """One round under CKKS (:mod:`flowerbed.serverapp.ckks`): the key given to sites that lack it, the
+    round's exchange with the sites that hold it, and their encrypted models added."""
+    from flowerbed.serverapp import ckks
+
+    if state.ckks is None:
+        state.ckks = ckks.load(state.history.out_dir)
+    revoked = set(watch.revoked()) if watch is not None else set()
+    ready, keyed = ckks.prepare_round(grid, state, [m.metadata.dst_node_id for m in messages], revoked, clock)
+    sent = [m for m in messages if m.metadata.dst_node_id in ready]
+    state.ckks.attach(sent, state.sites.by_node)
+    dropped: dict[int, str] = {}
+    replies = exchange(grid, sent, state.settings.round_timeout_s, clock, watch=watch, dropped=dropped,
+                       on_dark=state.dark.noted(state.server_round))  # fmt: skip
+    got = split_replies(sent, replies, state.sites, dropped)
+    got.errors = keyed.errors + got.errors
+    got.absent += [a for a in keyed.absent if a not in got.absent]
+    arrays, metrics = ckks.add(state, got)
+    return got, (arrays, metrics)
 
 
 def privacy_stop(state: RoundState, got: Replies, t0: float, clock: Clock) -> bool:
@@ -663,7 +689,8 @@ def final_evaluation(grid: Grid, strategy: Strategy, state: RoundState, clock: C
     t0 = clock()
     baseline = server_round * settings.local_epochs if settings.local_baseline else 0
     final_eval, valid_n, errors = evaluate_final(grid, strategy, arrays, settings, server_round + 1, sites=state.sites,
-                                                 baseline_epochs=baseline, pool=state.pool)  # fmt: skip
+                                                 baseline_epochs=baseline, pool=state.pool,
+                                                 attach=keys_for(state))  # fmt: skip
     history.append(
         RoundRow(
             round=server_round + 1, nodes=valid_n, failures=len(errors), train_loss=None,
@@ -683,6 +710,14 @@ def final_evaluation(grid: Grid, strategy: Strategy, state: RoundState, clock: C
             history.save_best(server_round + 1, arrays.to_torch_state_dict())
 
 
+def keys_for(state: RoundState) -> Callable[[list[Message]], None] | None:
+    """Under CKKS: what names the run's key in an evaluate message (and wraps it for a site without it)."""
+    keyring = state.ckks
+    if keyring is None:
+        return None
+    return lambda messages: keyring.attach(messages, state.sites.by_node)
+
+
 def held_out_test(grid: Grid, strategy: Strategy, arrays: ArrayRecord, state: RoundState, clock: Clock) -> None:
     """The final model on each site's held-out test data, once: a ``held-out`` row with each site's figures
     and 95% intervals (``per_site``) and the pooled ones (``metrics``). A failure here costs only the row."""
@@ -691,6 +726,8 @@ def held_out_test(grid: Grid, strategy: Strategy, arrays: ArrayRecord, state: Ro
         snapshot = NodeSnapshot(grid)
         config = ConfigRecord({HELD_OUT_KEY: 1})
         messages = list(strategy.configure_evaluate(state.server_round + 1, arrays, config, snapshot.grid()))
+        if (attach := keys_for(state)) is not None:
+            attach(messages)
         got = split_replies(messages, exchange(grid, messages, state.settings.round_timeout_s), state.sites)
         per_site = {name: all_metrics(reply.content.metric_records.get("metrics"))
                     for name, reply in zip(got.sites_unsorted, got.valid, strict=True)}  # fmt: skip
@@ -779,6 +816,7 @@ def evaluate_final(
     sites: SiteNames,
     baseline_epochs: int = 0,
     pool: Pool | None = None,
+    attach: Callable[[list[Message]], None] | None = None,
 ) -> tuple[FinalEval | None, int, list[str]]:
     """One evaluate exchange for the last aggregated model (it was never evaluated).
 
@@ -791,6 +829,8 @@ def evaluate_final(
     if len(snapshot.nodes) < settings.min_nodes:
         return None, 0, [f"only {len(snapshot.nodes)} of min-nodes={settings.min_nodes} sites connected"]
     messages = list(strategy.configure_evaluate(server_round, arrays, config, snapshot.grid()))
+    if attach is not None:  # CKKS: the model's key named, wrapped for a site that lacks it
+        attach(messages)
     replies = exchange(grid, messages, settings.round_timeout_s + (settings.round_timeout_s if baseline_epochs else 0))
     got = split_replies(messages, replies, sites)
     per_site = {name: all_metrics(reply.content.metric_records.get("metrics")) | {"examples": got.examples.get(name, 0)}

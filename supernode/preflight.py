@@ -136,7 +136,25 @@ def run_preflight(
     checks = [check_data(data, site_file), check_ca(ca), check_key(key, site)]
     if checks[1].ok:
         checks.extend(check_tls(host, port, ca))
+    checks.append(check_ckks())
     return checks
+
+
+def check_ckks() -> Check:
+    """Whether this site can take part in ``ckks`` runs (TenSEAL importable); never fails the preflight."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from flowerbed.ckks import available
+
+    if available():
+        try:
+            found = version("tenseal")
+        except PackageNotFoundError:
+            found = "installed"
+        return Check("encrypted aggregation (ckks)", True, f"TenSEAL {found}: this site can take part in ckks runs")
+    missing = ("TenSEAL is not installed (no wheel for this platform?): this site refuses ckks runs; plain and "
+               "secagg+ runs work (pip install 'flowerbed[he]' to add it)")  # fmt: skip
+    return Check("encrypted aggregation (ckks)", True, missing)
 
 
 def require(checks: list[Check]) -> None:

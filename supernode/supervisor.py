@@ -29,7 +29,7 @@ from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
-from flowerbed.protocol import SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
+from flowerbed.protocol import HE_DIR_KEY, SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
 from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
@@ -118,6 +118,11 @@ class SupernodeSpec:
         return path
 
     @property
+    def he_dir(self) -> Path:
+        """Where the site keeps its exchange key and the CKKS keys it holds (``ckks`` runs)."""
+        return self.workdir / "he"
+
+    @property
     def alive_path(self) -> Path:
         """Touched by the SuperNode's pull loop on each turn (see :mod:`flowerbed.supernode.node`)."""
         return self.workdir / "pull-loop.alive"
@@ -154,6 +159,7 @@ class SupernodeSpec:
             "data-path": str(self.data),
             "site-name": self.site,
             **node_config_of(self.privacy, self.workdir / "privacy"),
+            HE_DIR_KEY: str(self.he_dir),
             **({SECURE_ONLY_KEY: "true"} if self.secure_only else {}),
             **self.extra_node_config,
         }

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "kit_ops": ("Certificates and kits", ["kit build"]),
     "privacy": ("Pooled digits, MLP", ["no DP", "epsilon 1", "dp-accounting RDP"]),
     "standardize": ("Raw breast-cancer features", ["standardize_features = false", "standardize_features = true"]),
+    "secure_modes": ("Aggregation modes", ["plain FedAvg", "CKKS"]),
 }  # fmt: skip
 
 

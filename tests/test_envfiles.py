@@ -88,10 +88,15 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     task = task_with_a_dependency(tmp_path)
     # --platform linux: pip resolves for the target's tags, not this host's (what a coordinator does
     # for a VM of another Linux); every manylinux tag the target accepts is passed.
-    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11", torch_index=None, tasks=[task])
-    assert bundle.requirements.read_text().split() == [*packages("supernode-cpu"), "tabulate>=0.9"]
+    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11", torch_index=None, tasks=[task],
+                           he=True)  # fmt: skip
+    assert bundle.requirements.read_text().split() == [
+        *packages("supernode-cpu"),
+        "tabulate>=0.9",
+        "tenseal>=0.3.18,<0.4",
+    ]
     names = {w.name.split("-")[0].lower() for w in bundle.wheels}
-    assert {"flwr", "torch", "flowerbed", "typer", "pydantic", "tabulate"} <= names
+    assert {"flwr", "torch", "flowerbed", "typer", "pydantic", "tabulate", "tenseal"} <= names
     assert (bundle.folder / "tasks" / task.name).read_bytes() == task.read_bytes()
     conda = run_cli("env", "conda", "--role", "supernode-cpu", "--task", str(task))
     assert '- "tabulate>=0.9"' in conda.stdout and task.name in conda.stdout

@@ -41,11 +41,12 @@ MODULUS = 2**32  # Flower's default modulus_range: masked values are uniform on 
         ({"min_nodes": 1}, "min_nodes >= 2"),
     ],
 )
+@pytest.mark.parametrize("mode", ["secagg+", "ckks"])
 def test_what_secure_aggregation_cannot_go_with_is_refused_in_one_line(
-    settings: dict[str, object], needle: str
+    settings: dict[str, object], needle: str, mode: str
 ) -> None:
     with pytest.raises(ValidationError, match=needle):
-        RunSettings.model_validate({"secure_aggregation": "secagg+"} | settings)
+        RunSettings.model_validate({"secure_aggregation": mode} | settings)
 
 
 def test_every_site_holds_a_share_of_every_key_and_a_threshold_of_them_unmasks() -> None:

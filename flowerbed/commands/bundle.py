@@ -29,10 +29,13 @@ def wheels(
     task: Annotated[
         list[Path] | None, typer.Option("--task", help="An own task's wheel: its dependencies too (repeat it).")
     ] = None,
+    he: Annotated[
+        bool, typer.Option("--he", help="TenSEAL too: sites of runs with --secure-aggregation ckks need it.")
+    ] = False,
 ) -> None:
     bundle = bundle_wheels(
         out_dir, role=role, platform=platform, python_version=python_version,
-        torch_index=torch_index or None, tasks=task or [], report=info,
+        torch_index=torch_index or None, tasks=task or [], he=he, report=info,
     )  # fmt: skip
     size = sum(w.stat().st_size for w in bundle.wheels) / 1e6
     out.print(f"{len(bundle.wheels)} wheels ({size:.0f} MB) in {out_dir}; see {out_dir / 'INSTALL.txt'}")

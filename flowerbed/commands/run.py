@@ -123,7 +123,10 @@ def run(
     dp_delta: Annotated[float | None, typer.Option(help="dp = sample: delta per site for the run.")] = None,
     secure_aggregation: Annotated[
         str | None,
-        typer.Option(help="off; secagg+: Flower's SecAgg+, the coordinator learns only the sum of the updates."),
+        typer.Option(
+            help="off; secagg+: Flower's SecAgg+, the coordinator learns only the sum of the updates; "
+            "ckks: the sites encrypt their models (TenSEAL), the coordinator adds ciphertexts."
+        ),
     ] = None,
     test_fraction: Annotated[
         float | None,
@@ -207,7 +210,11 @@ def run(
         handle = submit(layout, settings, name, control_port=port, task_wheel=chosen.wheel,
                         effective=prepared.effective)  # fmt: skip
         out.print(f"submitted run {handle.run_id}; output in {handle.out_dir}")
-    if settings.secure_aggregation != "off":
+    if settings.secure_aggregation == "ckks":
+        out.print("secure aggregation (ckks): the sites encrypt their models under a key only they hold; the "
+                  "coordinator adds ciphertexts and never holds an update, an aggregate or a model in the clear; "
+                  "metrics stay in the clear")  # fmt: skip
+    elif settings.secure_aggregation != "off":
         out.print(f"secure aggregation ({settings.secure_aggregation}): the coordinator learns only the sum of the "
                   "sites' updates; metrics and evaluation stay in the clear")  # fmt: skip
     if follow_run:

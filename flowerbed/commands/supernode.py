@@ -97,6 +97,24 @@ def _missing_dependencies(requires: list[str]) -> list[str]:
     return missing
 
 
+@app.command("decrypt-model", help="Decrypt a ckks run's model file (from the coordinator) with this site's key.")
+def decrypt_model_cmd(
+    model: Annotated[Path, typer.Argument(help="The coordinator's final_model.pt (or best.pt) of a ckks run.")],
+    output: Annotated[Path, typer.Option("--out", "-o", help="Where the plain model goes (0600).")] = Path(
+        "final_model.plain.pt"
+    ),
+    kit: Annotated[Path | None, typer.Option(help="Unpacked site kit folder (its workdir holds the keys).")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="The SuperNode's work folder (default: the kit's).")] = None,
+) -> None:
+    from flowerbed.clientapp.ckks import decrypt_file
+
+    if workdir is None:
+        workdir = site_spec(kit).workdir if kit is not None else Path("supernode-work")
+    manifest = decrypt_file(model, workdir.resolve() / "he", output)
+    info(f"decrypted {model} (CKKS key {manifest.key_id}, {manifest.size:,} values in {len(manifest.names)} "
+         f"tensors) into {output}; it stays at this site")  # fmt: skip
+
+
 @app.command("approve", help="Allow a task wheel or Flower App to run on this site's data, after showing what it is.")
 def approve_cmd(
     path: Annotated[Path, typer.Argument(help="The task's wheel (.whl), or a Flower App (.fab file or folder).")],
