@@ -190,10 +190,11 @@ def test_the_serverapp_waits_for_a_cut_upload_only_as_long_as_its_round() -> Non
         "    try:\n"
         "        u.pull_objects(['a'], never)\n"
         "    except ObjectPullError as exc:\n"
-        "        print(round(time.monotonic() - start), 'timeout' in str(exc))\n"
+        "        print(time.monotonic() - start, 'timeout' in str(exc))\n"
         "print(u.pull_objects.__kwdefaults__['max_time'])\n"
     )
-    assert out[:2] == ["2 True", "7200"], out
+    waited, said = out[0].split()
+    assert 2.0 <= float(waited) < 10 and said == "True" and out[1] == "7200", out  # 2 s and the last back-off
 
 
 def test_the_executor_polls_quickly_only_while_tasks_come() -> None:
