@@ -217,7 +217,8 @@ class RunSettings(_Model):
         8.0, gt=0, description="secagg+: each weighted update value is clipped to +-this before quantization"
     )
     secagg_inspect: str = Field(
-        "", description="secagg+: a folder on the coordinator for all the ServerApp received of the updates (audits)"
+        "",
+        description="secagg+/ckks: a folder on the coordinator for all the ServerApp received of the updates (audits)",
     )
 
     _sources: dict[str, str] | None = PrivateAttr(default=None)

@@ -16,6 +16,7 @@ coordinator are ciphertexts; a site decrypts the final model with ``flowerbed su
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -197,6 +198,7 @@ def add(state: RoundState, got: Replies) -> tuple[ArrayRecord | None, Any]:
     dropped with a line naming its site."""
     keyring: Keyring = state.ckks
     keep: list[tuple[Message, str, ckks.Manifest, list[bytes]]] = []
+    inspect(state, got)
     for reply, site in zip(got.valid, got.sites_unsorted, strict=True):
         arrays = reply.content.array_records.get("arrays")
         problem = None
@@ -232,6 +234,21 @@ def add(state: RoundState, got: Replies) -> tuple[ArrayRecord | None, Any]:
         INFO, "round %s: added %s encrypted models under CKKS key %s", state.server_round, len(keep), keyring.kid
     )
     return ckks.to_record(keep[0][2], summed), metrics
+
+
+def inspect(state: RoundState, got: Replies) -> None:
+    """With ``secagg_inspect = DIR``: every array each reply carried, by name, dtype and size, one JSON line
+    per site and round in DIR/received.jsonl (what an auditor checks: only ciphertext reached the ServerApp)."""
+    folder = state.settings.secagg_inspect
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with (Path(folder) / "received.jsonl").open("a", encoding="utf-8") as out:
+        for reply, site in zip(got.valid, got.sites_unsorted, strict=True):
+            arrays = {f"{record}/{name}": [array.dtype, array.shape, len(array.data)]
+                      for record, content in reply.content.array_records.items()
+                      for name, array in content.items()}  # fmt: skip
+            out.write(json.dumps({"round": state.server_round, "site": site, "arrays": arrays}) + "\n")
 
 
 def _digest(chunks: list[bytes]) -> str:

@@ -59,3 +59,30 @@ def descendants(pid: int) -> list[int]:
 def group_members(pgid: int) -> list[int]:
     """The live processes of process group ``pgid``."""
     return sorted(pid for pid, fields in _all().items() if int(fields[2]) == pgid and fields[0] != "Z")
+
+
+def memory_holds(pid: int, needles: list[bytes], *, limit: int = 1 << 30) -> list[bytes]:
+    """The needles found in the private writable memory of ``pid`` (heap, anonymous maps, stacks): where a
+    process keeps what it computed or received. Mapped files (libraries) are left out. Needs ptrace access
+    to ``pid`` (root, or its own user with ptrace_scope 0)."""
+    found: list[bytes] = []
+    try:
+        maps = (PROC / str(pid) / "maps").read_text().splitlines()
+        mem = (PROC / str(pid) / "mem").open("rb", buffering=0)
+    except OSError:
+        return found
+    with mem:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 5 or not fields[1].startswith("rw") or (len(fields) > 5 and fields[5].startswith("/")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start > limit:
+                continue
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found += [n for n in needles if n not in found and n in data]
+    return found

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,10 @@ from flowerbed.clientapp import ckks as site_ckks
 from flowerbed.config import RunSettings, load_federation
 from flowerbed.demodata import make_demo_data
 from flowerbed.errors import FlowerbedError
-from flowerbed.runfolder import CKKS_KEYRING, FINAL_MODEL, checkpoint_path, run_id_of
+from flowerbed.runfolder import CKKS_KEYRING, FINAL_MODEL, SERVERAPP_FILE, checkpoint_path, read_rows, run_id_of
 from flowerbed.runner import check_result, follow, submit
 from tests.conftest import SITES, RunningFederation, supervised_sites, wait_for
+from tests.procs import alive, descendants, memory_holds
 
 
 def test_the_coordinators_sum_decrypts_to_the_weighted_mean_and_its_context_cannot_decrypt() -> None:
@@ -95,11 +98,30 @@ def test_ckks_matches_fedavg_and_the_coordinator_never_holds_a_model_or_a_key(
     running: RunningFederation, tmp_path: Path
 ) -> None:
     base = running.config.run.model_dump() | {"min_nodes": 3, "max_rounds": 3, "patience": 20, "node_wait_s": 120,
-                                              "keep_checkpoints": 3, "standardize_features": False}  # fmt: skip
+                                              "keep_checkpoints": 3, "standardize_features": False,
+                                              "local_epochs": 25}  # fmt: skip
     with supervised_sites(running.layout, running.gateway, dict(running.data.site_files), tmp_path / "work") as sups:
         assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
-        secure = submit(running.layout, RunSettings.model_validate(base | {"secure_aggregation": "ckks"}),
+        received = tmp_path / "received"
+        secure = submit(running.layout, RunSettings.model_validate(base | {"secure_aggregation": "ckks",
+                                                                           "secagg_inspect": str(received)}),
                         name="ckks-secure")  # fmt: skip
+        # Mid-run, the coordinator's processes (SuperLink, gateway, executor and the run's ServerApp) hold
+        # no part of the sites' secret key in memory; the test process, which loads it, does (the control).
+        assert wait_for(lambda: len([r for r in read_rows(secure.out_dir) if r["kind"] == "train"]) >= 1, 180)
+        pids = [d for p in running.stack.processes if p.popen is not None for d in descendants(p.pid)]
+        serverapp = json.loads((secure.out_dir / SERVERAPP_FILE).read_text())["pid"]
+        kid = json.loads((secure.out_dir / CKKS_KEYRING).read_text())["key_id"]
+        key_file = sups["inst-a"].spec.he_dir / "keys" / f"{kid}.ckks"
+        held_here = ckks.load_context(key_file.read_bytes())  # kept alive: the key's memory is the context's
+        secret_key = held_here.secret_key().data.data()
+        runs = [[secret_key.data(i) for i in range(j, j + 8)] for j in range(0, secret_key.coeff_count() - 8, 997)]
+        needles = [struct.pack("<8Q", *run) for run in runs if len(set(run)) == 8 and min(run) > 0][:6]
+        assert len(needles) == 6
+        assert memory_holds(os.getpid(), needles) == needles  # the search finds the key where it is
+        assert serverapp in pids and all(alive(pid) for pid in pids[:1])
+        held = {pid: memory_holds(pid, needles) for pid in pids}
+        assert not any(held.values()), {pid: len(n) for pid, n in held.items() if n}
         result = follow(running.layout, secure, timeout_s=300)
         check_result(result, secure)
         trained = [r for r in result.rows if r["kind"] == "train"]
@@ -107,10 +129,18 @@ def test_ckks_matches_fedavg_and_the_coordinator_never_holds_a_model_or_a_key(
             (i, sorted(SITES), []) for i in (1, 2, 3)
         ]
         assert all(r["train_loss"] is not None and r["eval_loss"] is not None for r in trained)  # metrics in the clear
+        # Every reply the ServerApp received carried ciphertext only: the manifest and CKKS vectors, bytes.
+        lines = [json.loads(line) for line in (received / "received.jsonl").read_text().splitlines()]
+        assert sorted((line["round"], line["site"]) for line in lines) == [
+            (r, s) for r in (1, 2, 3) for s in sorted(SITES)
+        ]
+        for line in lines:
+            assert line["arrays"] and all(name.startswith("arrays/ckks/") and dtype == "uint8"
+                                          for name, (dtype, _, _) in line["arrays"].items()), line  # fmt: skip
 
         # The keys: made at the first site, wrapped for the others, the coordinator holds public parts only.
         keyring = json.loads((secure.out_dir / CKKS_KEYRING).read_text())
-        kid = keyring["key_id"]
+        assert keyring["key_id"] == kid
         assert keyring["maker"] == "inst-a" and sorted(keyring["wrapped"]) == sorted(SITES[1:])
         assert sorted(keyring["holders"]) == sorted(SITES)
         assert not ckks.load_context(base64.b64decode(keyring["public_context"])).is_private()
