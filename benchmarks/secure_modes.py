@@ -1,11 +1,11 @@
 """Benchmark 8, what each aggregation mode costs: plain FedAvg, SecAgg+ and CKKS, for two model sizes.
 
 One kit federation of 3 sites (SuperLink, warm executor, nginx gateway, TLS), the demo's tabular MLP
-at its default width and widened to about 1M parameters. For each model and mode, one run of
-ROUNDS rounds: the steady round time (median, round 1 left out), the bytes of what each site sent per
-round (its audit trail's update size: weights, SecAgg+'s masked vector or CKKS ciphertexts) and the
-coordinator's peak memory (SuperLink, ServerApp executor and its forks, nginx; proportional set size,
-sampled every 0.5 s). Prints a table, writes docs/benchmarks/secure_modes.json and .png.
+at its default width and widened to about 1M parameters. After one 2-round warm-up run, for each
+model and mode one run of ROUNDS rounds: the steady round time (median, round 1 left out), the bytes
+of what each site sent per round (its audit trail's update size: weights, SecAgg+'s masked vector or
+CKKS ciphertexts) and the coordinator's peak memory (SuperLink, ServerApp executor and its forks,
+nginx; proportional set size, sampled every 0.5 s). Prints a table, writes docs/benchmarks/secure_modes.json and .png.
 
     python -m benchmarks.secure_modes [--rounds 5] [--smoke] [--out DIR]
 """
@@ -83,6 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-secure-") as tmp:
         demo = fed.data(Path(tmp) / "data")
         with fed.kit(Path(tmp) / "kit", demo) as kit:
+            kit.run(fed.settings(2, standardize_features=False), "bench-warm-up")  # first imports, first pulls
             for model, hidden in models.items():
                 for label, mode in MODES.items():
                     if args.smoke and mode == "secagg+":  # tests/test_secure.py runs it

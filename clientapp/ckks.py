@@ -88,7 +88,7 @@ def wrap_reply(folder: Path, site: str, asked: ConfigRecord, peers: ArrayRecord 
         context = ckks.load_context(path.read_bytes())
     else:
         context = ckks.new_context()
-        kid = ckks.key_id(ckks.public_bytes(context))
+        kid = ckks.key_id(context)
         write_private(_key_path(folder, kid), ckks.secret_bytes(context))
         site_event(f"made CKKS key {kid} for this run; its secret part stays at the sites")
     secret = ckks.secret_bytes(context)
@@ -127,7 +127,7 @@ def message_key(msg: Message, folder: Path, site: str, run_id: int) -> Any | Non
     secret = ckks.unwrap(wrapped["wrapped"].numpy().tobytes(), exchange_key(folder), maker_public, kid=kid,
                          sender=maker, recipient=site)  # fmt: skip
     context = ckks.load_context(secret)
-    if ckks.key_id(ckks.public_bytes(context)) != kid:
+    if ckks.key_id(context) != kid:
         raise FlowerbedError(f"the CKKS key site {maker} wrapped for site {site} is not key {kid}")
     write_private(path, secret)
     append_here(ROUND, "clientapp", run_id=run_id, message="ckks key unwrapped", key_id=kid, maker=maker,
@@ -149,7 +149,7 @@ def plain_state(context: Any, arrays: ArrayRecord) -> dict[str, Any]:
 
 def encrypted(context: Any, state: dict[str, Any]) -> ArrayRecord:
     """The trained model as ciphertexts (what leaves the site under CKKS)."""
-    kid = ckks.key_id(ckks.public_bytes(context))
+    kid = ckks.key_id(context)
     manifest, chunks = ckks.encrypt(context, state, kid)
     return ckks.to_record(manifest, chunks)  # type: ignore[no-any-return]
 

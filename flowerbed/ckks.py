@@ -122,9 +122,12 @@ def public_bytes(context: Any) -> bytes:
     )
 
 
-def key_id(public: bytes) -> str:
-    """The short id of a CKKS key: the first 16 hex digits of its public context's sha256."""
-    return hashlib.sha256(public).hexdigest()[:16]
+def key_id(context: Any) -> str:
+    """The short id of a CKKS key: the first 16 hex digits of the sha256 of its public key (which only the
+    sites hold; the public context is the same for every key of these parameters)."""
+    public_key = context.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False,
+                                   save_relin_keys=False)  # fmt: skip
+    return hashlib.sha256(bytes(public_key)).hexdigest()[:16]
 
 
 def load_context(data: bytes) -> Any:

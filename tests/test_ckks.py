@@ -33,7 +33,9 @@ from tests.procs import alive, descendants, memory_holds
 def test_the_coordinators_sum_decrypts_to_the_weighted_mean_and_its_context_cannot_decrypt() -> None:
     context = ckks.new_context()
     public = ckks.public_bytes(context)
-    kid = ckks.key_id(public)
+    kid = ckks.key_id(context)
+    again = ckks.new_context()
+    assert ckks.public_bytes(again) == public and ckks.key_id(again) != kid  # one id per key, not per parameters
     rng = np.random.default_rng(0)
     states = [{"w": rng.normal(size=(64, 30)).astype(np.float32), "b": rng.normal(size=64).astype(np.float32),
                "n": np.array(7, dtype=np.int64)} for _ in range(3)]  # fmt: skip
