@@ -54,6 +54,7 @@ class Keyring:
     exchange: dict[str, bytes] = field(default_factory=dict)  # site -> its exchange public key
     wrapped: dict[str, bytes] = field(default_factory=dict)  # site -> the key wrapped for it (opaque)
     holders: set[str] = field(default_factory=set)  # sites known to hold the key
+    wrapped_by: dict[str, str] = field(default_factory=dict)  # site -> the holder that wrapped its key
 
     def to_json(self) -> dict[str, Any]:
         """The keyring as kept in the run folder."""
@@ -61,6 +62,7 @@ class Keyring:
         return {"key_id": self.kid, "public_context": b64(self.public), "maker": self.maker,
                 "maker_public": b64(self.maker_public), "exchange": {s: b64(k) for s, k in self.exchange.items()},
                 "wrapped": {s: b64(k) for s, k in self.wrapped.items()}, "holders": sorted(self.holders),
+                "wrapped_by": dict(self.wrapped_by),
                 "fingerprints": {s: ckks.fingerprint(k) for s, k in self.exchange.items()}}  # fmt: skip
 
     @classmethod
@@ -69,7 +71,8 @@ class Keyring:
         raw = _raw
         return cls(str(data.get("key_id", "")), raw(data.get("public_context", "")), str(data.get("maker", "")),
                    raw(data.get("maker_public", "")), {s: raw(k) for s, k in data.get("exchange", {}).items()},
-                   {s: raw(k) for s, k in data.get("wrapped", {}).items()}, set(data.get("holders", [])))  # fmt: skip
+                   {s: raw(k) for s, k in data.get("wrapped", {}).items()}, set(data.get("holders", [])),
+                   dict(data.get("wrapped_by", {})))  # fmt: skip
 
     def attach(self, messages: list[Message], sites: dict[int, str]) -> None:
         """Name the key in each message, and add the key wrapped for a site that does not hold it yet."""
@@ -77,9 +80,9 @@ class Keyring:
             site = sites.get(message.metadata.dst_node_id, "")
             # Flower's strategies give all their messages one RecordDict: each gets its own, for its own key.
             message.content = RecordDict(dict(message.content.items()))
-            message.content[CKKS_RECORD] = ConfigRecord(
-                {"key-id": self.kid, "maker": self.maker, "maker-public": self.maker_public}
-            )
+            wrapper = self.wrapped_by.get(site, self.maker)  # the site unwraps with its wrapper's exchange key
+            public = self.exchange.get(wrapper) or self.maker_public
+            message.content[CKKS_RECORD] = ConfigRecord({"key-id": self.kid, "maker": wrapper, "maker-public": public})
             if site not in self.holders and site in self.wrapped:
                 message.content[CKKS_WRAPPED] = ArrayRecord(
                     {"wrapped": Array(np.frombuffer(self.wrapped[site], dtype=np.uint8).copy())}
@@ -130,11 +133,11 @@ def _wrap(
         keyring.holders.add(site)
         append_here(RUN, "serverapp", event="ckks key made", run=state.history.out_dir.name, key_id=keyring.kid,
                     maker=site, maker_key=ckks.fingerprint(keyring.maker_public))  # fmt: skip
-    elif site != keyring.maker:  # a later wrap by another holder: the sites unwrap with its key
-        keyring.maker, keyring.maker_public = site, bytes(answer["exchange-public"])  # type: ignore[arg-type]
+    keyring.exchange[site] = bytes(answer["exchange-public"])  # type: ignore[arg-type]
     for peer, public in peers.items():
         if wrapped is not None and peer in wrapped:
             keyring.wrapped[peer] = wrapped[peer].numpy().tobytes()
+            keyring.wrapped_by[peer] = site
             append_here(RUN, "serverapp", event="ckks key wrapped", run=state.history.out_dir.name,
                         key_id=keyring.kid, by=site, recipient=peer,
                         recipient_key=ckks.fingerprint(public))  # fmt: skip

@@ -487,6 +487,7 @@ class RoundState:
     pool: Pool | None = None  # the task's pooled metrics from the sites' statistics (None: it pools none)
     carried: list[str] = field(default_factory=list)  # said of sites before round 1 (revoked while asked): its row's
     ckks: Any = None  # CKKS: the run's keyring (flowerbed.serverapp.ckks.Keyring), None for other runs
+    replayed: str | None = None  # a resumed run: what its replayed history says of target and plateau
 
 
 def start_rounds(
@@ -507,10 +508,18 @@ def start_rounds(
     for row in resume.trained:
         if row.eval_loss is not None:
             evaluated = {k.removeprefix("eval-"): v for k, v in row.metrics.items() if k.startswith("eval-")}
-            state.tracker.observe(row.round, row.eval_loss, row.eval_accuracy, evaluated)
+            state.replayed = state.tracker.observe(row.round, row.eval_loss, row.eval_accuracy, evaluated)
             if row.round == resume.best_round and resume.best_state_dict is not None:
                 state.best = BestModel(row.round, row.eval_loss, row.eval_accuracy, ArrayRecord(resume.best_state_dict))
     return state
+
+
+def already_stopped(state: RoundState, resume: ResumePoint | None, now: float) -> str | None:
+    """Why a resumed run trains no round more: it had met its criteria and its coordinator died before the
+    final evaluation (None: it goes on). Judged by the settings it resumes with: a higher max_rounds trains on."""
+    if resume is None or not resume.trained:
+        return None
+    return state.replayed or state.tracker.limit(state.server_round, now - state.start, state.settings)
 
 
 def collect_round(
@@ -772,7 +781,7 @@ def run_rounds(
     state.pool = pool
     if standardize is not None and (resume is None or resume.state_dict is None):
         standardize(grid, state, clock, sleep)
-    reason: str | None = None
+    reason = already_stopped(state, resume, clock())
     while reason is None:
         state.server_round += 1
         t0 = clock()

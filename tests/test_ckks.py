@@ -10,6 +10,7 @@ encrypted checkpoints, decrypted at a site, match plain FedAvg's.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import struct
@@ -195,11 +196,11 @@ def test_ckks_matches_fedavg_and_the_coordinator_never_holds_a_model_or_a_key(
 
 
 @pytest.mark.federation
-def test_a_ckks_run_survives_a_revoked_site_and_a_killed_coordinator(tmp_path: Path) -> None:
-    """3 sites under CKKS: after round 1 one site is revoked (its wrapped key is withdrawn, the rounds go on
-    with the other two), after round 2 the whole coordinator is killed (SIGKILL) and started again: the run
-    resumes from its encrypted checkpoint with the sites' keys, every round once, and its final model is
-    ciphertext that a site decrypts."""
+def test_a_ckks_run_takes_a_new_site_drops_a_revoked_one_and_survives_a_killed_coordinator(tmp_path: Path) -> None:
+    """Two sites start a CKKS run; a third joins after round 1 and gets the key wrapped by a site that holds
+    it; once it has trained it is revoked (its wrapped key withdrawn, the rounds go on with the other two);
+    then the whole coordinator is killed (SIGKILL) and started again: the run resumes from its encrypted
+    checkpoint with the sites' keys, every round once, and its final model is ciphertext a site decrypts."""
     from tests.conftest import make_config, make_federation, run_cli
     from tests.test_resume import Coordinator, trained
 
@@ -207,48 +208,53 @@ def test_a_ckks_run_survives_a_revoked_site_and_a_killed_coordinator(tmp_path: P
     layout = make_federation(tmp_path / "fed", config)
     coordinator = Coordinator(layout, tmp_path / "coordinator.out").start()
     data = make_demo_data(tmp_path / "data", SITES)
+    gateway, late = f"localhost:{config.superlink.port}", SITES[2]
+    rows = lambda: [r for r in read_rows(handle.out_dir) if r["kind"] == "train"]  # noqa: E731
     try:
         assert wait_for(lambda: "is up" in coordinator.text(), 120), coordinator.text()
-        with supervised_sites(layout, f"localhost:{config.superlink.port}", dict(data.site_files), tmp_path / "work",
-                              max_backoff_s=5) as sups:  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            sups = stack.enter_context(supervised_sites(layout, gateway, {s: data.site_files[s] for s in SITES[:2]},
+                                                        tmp_path / "work", max_backoff_s=5))  # fmt: skip
             assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
             settings = RunSettings.model_validate(
                 load_federation(layout.root).run.model_dump()
-                | {"secure_aggregation": "ckks", "max_rounds": 4, "patience": 10, "round_timeout_s": 45,
-                   "node_wait_s": 180, "local_epochs": 40, "standardize_features": False}
+                | {"secure_aggregation": "ckks", "max_rounds": 10, "patience": 20, "round_timeout_s": 45,
+                   "node_wait_s": 180, "local_epochs": 30, "standardize_features": False}
             )  # fmt: skip
             handle = submit(layout, settings, name="sealed")
-            assert wait_for(lambda: len(trained(handle.out_dir)) >= 1, 180), coordinator.text()
-            gone = SITES[2]
-            revoked = run_cli("certs", "revoke", gone, "-d", str(layout.root))
-            assert revoked.returncode == 0, revoked.stderr
-            assert wait_for(lambda: len(trained(handle.out_dir)) >= 2, 180), coordinator.text()
+            assert wait_for(lambda: len(rows()) >= 1, 180), coordinator.text()
+            joined = stack.enter_context(supervised_sites(layout, gateway, {late: data.site_files[late]},
+                                                          tmp_path / "work", max_backoff_s=5))[late]  # fmt: skip
+            assert wait_for(lambda: any(late in r["sites"] for r in rows()), 180), coordinator.text()
             keyring = json.loads((handle.out_dir / CKKS_KEYRING).read_text())
-            assert gone not in keyring["wrapped"], keyring["wrapped"].keys()  # withdrawn: never given again
+            kid = keyring["key_id"]
+            log = " ".join(joined.log_path.read_text().split())
+            assert f"received CKKS key {kid} from site inst-" in log, log[-2000:]
+            assert late in keyring["wrapped"] and sorted(keyring["holders"]) == sorted(SITES)
+
+            revoked = run_cli("certs", "revoke", late, "-d", str(layout.root))
+            assert revoked.returncode == 0, revoked.stderr
+            assert wait_for(lambda: late not in rows()[-1]["sites"] and late not in json.loads(
+                (handle.out_dir / CKKS_KEYRING).read_text())["wrapped"], 180), coordinator.text()  # fmt: skip
 
             second_id = run_id_of(handle.out_dir)
-            done = len(trained(handle.out_dir))
             coordinator.kill_all()
             coordinator.start()
             assert wait_for(lambda: run_id_of(handle.out_dir) != second_id, 150), coordinator.text()
             result = follow(layout, handle, timeout_s=400)
             check_result(result, handle)
-            assert done >= 2 and trained(handle.out_dir) == [1, 2, 3, 4]  # every round once
-            rows = [r for r in result.rows if r["kind"] == "train"]
-            # Revoked while round 2 ran (it may have finished it): no round after it has the site.
-            assert all(gone not in r["sites"] for r in rows[2:]), [r["sites"] for r in rows]
+            assert trained(handle.out_dir) == list(range(1, 11))  # every round once
             assert [r["kind"] for r in result.rows].count("resumed") == 1
             # At the coordinator only ciphertext; at a site that took part, the plain model.
             sealed = ckks.manifest_of_file(handle.out_dir / FINAL_MODEL)
-            assert sealed is not None and sealed.key_id == keyring["key_id"]
+            assert sealed is not None and sealed.key_id == kid
             plain = tmp_path / "final.pt"
             site_ckks.decrypt_file(handle.out_dir / FINAL_MODEL, sups["inst-b"].spec.he_dir, plain)
             assert set(torch.load(plain, weights_only=True)) == set(sealed.names)
             with pytest.raises(FlowerbedError, match="holds no CKKS key"):
                 site_ckks.decrypt_file(handle.out_dir / FINAL_MODEL, tmp_path / "elsewhere", tmp_path / "x.pt")
-        withdrawn = [
-            e["details"] for e in audit.read(layout.audit) if e["details"].get("event") == "ckks key withdrawn"
-        ]
-        assert [e["site"] for e in withdrawn][:1] == [gone]
+        events = [e["details"] for e in audit.read(layout.audit) if e["details"].get("run") == "sealed"]
+        assert [e["recipient"] for e in events if e.get("event") == "ckks key wrapped"] == ["inst-b", late]
+        assert [e["site"] for e in events if e.get("event") == "ckks key withdrawn"] == [late]
     finally:
         coordinator.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 from flowerbed.errors import FlowerbedError
 from flowerbed.runfolder import FAILED, RESUMING_FILE, TRAIN, WAITING, History, RoundRow
@@ -72,3 +73,19 @@ def test_one_resume_at_a_time(tmp_path: Path) -> None:
     os.utime(out / RESUMING_FILE, (old, old))  # left by a resume that was killed: taken over
     with resume_lock(out):
         pass
+
+
+def test_a_run_that_met_its_criteria_before_a_crash_trains_no_round_more(tmp_path: Path) -> None:
+    """Killed between its last round's row and the final evaluation: resumed, it goes to the final evaluation
+    (it trained a round past max_rounds before); resumed with a higher max_rounds, it trains on."""
+    from flowerbed.config import RunSettings
+    from flowerbed.serverapp.loop import already_stopped, start_rounds
+
+    out = folder(tmp_path, 4)
+    point = load_resume_point(out)
+    for max_rounds, expected in ((4, "max-rounds"), (6, None)):
+        settings = RunSettings.model_validate({"max_rounds": max_rounds, "patience": 50})
+        state = start_rounds(ArrayRecord({"w": torch.zeros(2)}), settings, History(out, point.rows), 0.0, resume=point,
+                             watch=None)  # fmt: skip
+        assert already_stopped(state, point, 0.0) == expected
+    assert already_stopped(state, None, 0.0) is None
