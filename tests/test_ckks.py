@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import struct
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def test_ckks_matches_fedavg_and_the_coordinator_never_holds_a_model_or_a_key(
 @pytest.mark.federation
 def test_a_ckks_run_takes_a_new_site_drops_a_revoked_one_and_survives_a_killed_coordinator(tmp_path: Path) -> None:
     """Two sites start a CKKS run; a third joins after round 1 and gets the key wrapped by a site that holds
-    it; once it has trained it is revoked (its wrapped key withdrawn, the rounds go on with the other two);
+    it; once it has trained, its VM dies mid-run (the round goes on with the other two), and it is revoked
+    (its wrapped key withdrawn);
     then the whole coordinator is killed (SIGKILL) and started again: the run resumes from its encrypted
     checkpoint with the sites' keys, every round once, and its final model is ciphertext a site decrypts."""
     from tests.conftest import make_config, make_federation, run_cli
@@ -218,7 +220,7 @@ def test_a_ckks_run_takes_a_new_site_drops_a_revoked_one_and_survives_a_killed_c
             assert wait_for(lambda: all(s.connected for s in sups.values()), 120)
             settings = RunSettings.model_validate(
                 load_federation(layout.root).run.model_dump()
-                | {"secure_aggregation": "ckks", "max_rounds": 10, "patience": 20, "round_timeout_s": 45,
+                | {"secure_aggregation": "ckks", "max_rounds": 10, "patience": 20, "round_timeout_s": 20,
                    "node_wait_s": 180, "local_epochs": 30, "standardize_features": False}
             )  # fmt: skip
             handle = submit(layout, settings, name="sealed")
@@ -231,6 +233,15 @@ def test_a_ckks_run_takes_a_new_site_drops_a_revoked_one_and_survives_a_killed_c
             log = " ".join(joined.log_path.read_text().split())
             assert f"received CKKS key {kid} from site inst-" in log, log[-2000:]
             assert late in keyring["wrapped"] and sorted(keyring["holders"]) == sorted(SITES)
+
+            # Its VM dies mid-run (SuperNode and executor, SIGKILL): the round it was sent goes on with the others.
+            before = len(rows())
+            for proc in (joined.process, joined.executor):
+                if proc is not None and proc.popen is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+            assert wait_for(lambda: any(late not in r["sites"] and late in " ".join(r["errors"]) and len(r["sites"]) == 2
+                                        for r in rows()[before:]), 180), rows()[before:]  # fmt: skip
 
             revoked = run_cli("certs", "revoke", late, "-d", str(layout.root))
             assert revoked.returncode == 0, revoked.stderr
