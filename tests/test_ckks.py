@@ -200,9 +200,9 @@ def test_ckks_matches_fedavg_and_the_coordinator_never_holds_a_model_or_a_key(
 def test_a_ckks_run_takes_a_new_site_drops_a_revoked_one_and_survives_a_killed_coordinator(tmp_path: Path) -> None:
     """Two sites start a CKKS run; a third joins after round 1 and gets the key wrapped by a site that holds
     it; once it has trained, its VM dies mid-run (the round goes on with the other two), and it is revoked
-    (its wrapped key withdrawn);
-    then the whole coordinator is killed (SIGKILL) and started again: the run resumes from its encrypted
-    checkpoint with the sites' keys, every round once, and its final model is ciphertext a site decrypts."""
+    (its wrapped key withdrawn); then the whole coordinator is killed (SIGKILL) and started again: the run
+    resumes from its encrypted checkpoint with the sites' keys, every round once, and its final model is
+    ciphertext a site decrypts."""
     from tests.conftest import make_config, make_federation, run_cli
     from tests.test_resume import Coordinator, trained
 
