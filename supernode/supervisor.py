@@ -305,7 +305,9 @@ class Supervisor:
     rejected_window_s: float = 150.0
     silent_s: float = 60.0  # a connected SuperNode whose pull loop and log stood still this long is reported
     silence_reported: bool = False
-    wedged_s: float = 60.0  # a SuperNode that waits this long for a reply no task process works on is restarted
+    # A SuperNode that waits this long for a reply no task process works on is restarted. Longer than
+    # Flower's own answer for a task that died holding its message (its heartbeat lapses: 2 x 30 s).
+    wedged_s: float = 120.0
     max_backoff_s: float = 30.0
     healthy_after_s: float = 60.0
     link_probe: LinkProbe = _no_probe
