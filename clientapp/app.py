@@ -327,7 +327,7 @@ def train_handler(msg: Message, context: Context) -> Message:
                 "not train with DP-SGD; its update is withheld"))  # fmt: skip
         content["privacy"] = ConfigRecord(private.record())
         spent = f"; DP-SGD: epsilon {private.spent:.3f} of {private.budget.epsilon:g} spent"
-    size, sha256 = update_digest(state) if key is None else _ciphertext_digest(content["arrays"])
+    size, sha256 = update_digest(state) if key is None else ckks.digest(ckks.from_record(content["arrays"])[1])
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=server_round, message="train",
                           update_bytes=size, update_sha256=sha256, examples=len(train_data),
                           epsilon=private.spent if private is not None else None)  # fmt: skip
@@ -345,15 +345,6 @@ def train_handler(msg: Message, context: Context) -> Message:
         f"{_summary(before)} on {len(validation)} local validation examples{spent}; {sent}"
     )
     return Message(content=content, reply_to=msg)
-
-
-def _ciphertext_digest(arrays: Any) -> tuple[int, str]:
-    """Bytes and sha256 of the ciphertexts a site sends under CKKS (what the coordinator holds of its model)."""
-    digest = hashlib.sha256()
-    _, chunks = ckks.from_record(arrays)
-    for chunk in chunks:
-        digest.update(chunk)
-    return sum(len(c) for c in chunks), digest.hexdigest()
 
 
 def _sums_record(sums: dict[str, float]) -> ConfigRecord:

@@ -161,17 +161,16 @@ def decrypt_file(source: Path, folder: Path, target: Path) -> ckks.Manifest:
 
     import torch
 
-    manifest = ckks.manifest_of_file(source)
-    if manifest is None:
+    loaded = ckks.load_file(source)
+    if loaded is None:
         raise FlowerbedError(f"{source} is no model encrypted with CKKS (a plain model needs no decryption)")
+    manifest, chunks = loaded
     path = _key_path(folder, manifest.key_id)
     if not path.is_file():
         raise FlowerbedError(
             f"this site holds no CKKS key {manifest.key_id} (in {folder / KEYS_DIR}): decrypt it at a site that "
             "took part in the run, or pass that site's --workdir"
         )
-    state = torch.load(source, weights_only=True, map_location="cpu")
-    chunks = [state[name].numpy().tobytes() for name in sorted(state) if name != ckks.MANIFEST]
     plain = ckks.decrypt(ckks.load_context(path.read_bytes()), manifest, chunks)
     buffer = io.BytesIO()
     torch.save({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in plain.items()}, buffer)

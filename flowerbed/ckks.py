@@ -215,22 +215,35 @@ def from_record(record: Any) -> tuple[Manifest, list[bytes]]:
     return manifest, [record[name].numpy().tobytes() for name in names]
 
 
-def record_bytes(record: Any) -> int:
-    """The bytes of an encrypted record's ciphertexts."""
-    return sum(len(chunk) for chunk in from_record(record)[1])
+def digest(chunks: Sequence[bytes]) -> tuple[int, str]:
+    """Bytes and sha256 of ciphertexts (what a site sent, what the coordinator holds of its model)."""
+    hashed = hashlib.sha256()
+    for chunk in chunks:
+        hashed.update(chunk)
+    return sum(len(chunk) for chunk in chunks), hashed.hexdigest()
 
 
-def manifest_of_file(path: Path) -> Manifest | None:
-    """The manifest of a model file that holds ciphertexts (None: a plain model, or no model file)."""
+def load_file(path: Path) -> tuple[Manifest, list[bytes]] | None:
+    """The manifest and ciphertexts of a model file that holds them (None: a plain model, or no model file).
+
+    The coordinator's checkpoints, ``best.pt`` and ``final_model.pt`` of a ckks run are :func:`to_record`'s
+    record saved as a torch state dict; :func:`from_record` reads that as it reads the record.
+    """
     import torch
 
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, ValueError, EOFError):
         return None
-    if not isinstance(state, dict) or MANIFEST not in state:
+    if not isinstance(state, dict) or not is_encrypted(state):
         return None
-    return Manifest.from_bytes(state[MANIFEST].numpy().tobytes())
+    return from_record(state)
+
+
+def manifest_of_file(path: Path) -> Manifest | None:
+    """The manifest of a model file that holds ciphertexts (None: a plain model, or no model file)."""
+    loaded = load_file(path)
+    return loaded[0] if loaded is not None else None
 
 
 def fingerprint(public: bytes) -> str:

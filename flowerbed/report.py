@@ -14,13 +14,13 @@ import datetime as dt
 import html
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowerbed import audit
+from flowerbed import audit, ckks
 from flowerbed.artifacts import read_task_wheel
-from flowerbed.ckks import manifest_of_file as ckks_manifest
 from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.runfolder import (
@@ -253,21 +253,19 @@ def model_card(out_dir: Path, settings: Any, summary: dict[str, Any]) -> list[li
     if wheel.exists():
         with contextlib.suppress(FlowerbedError, OSError, ValueError):
             version = read_task_wheel(wheel).version
-    layers, params = [], 0
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    sealed = None  # CKKS: the coordinator's copy is ciphertext; its manifest names the tensors
     final = out_dir / FINAL_MODEL
-    sealed = ckks_manifest(final) if final.exists() else None
-    if sealed is not None:  # CKKS: the coordinator's copy is ciphertext; its manifest names the tensors
-        layers = [f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in zip(sealed.names, sealed.shapes,
-                                                                                          strict=True)]  # fmt: skip
-        params = sealed.size
-    elif final.exists():
+    if final.exists():
         import torch
 
         with contextlib.suppress(Exception):  # a model file from elsewhere: the card says what it can
             state = torch.load(final, weights_only=True, map_location="cpu")
-            for key, tensor in state.items():
-                layers.append(f"{key} {'x'.join(map(str, tensor.shape)) or 'scalar'}")
-                params += int(tensor.numel())
+            sealed = ckks.from_record(state)[0] if ckks.is_encrypted(state) else None
+            shapes = (list(zip(sealed.names, sealed.shapes, strict=True)) if sealed is not None
+                      else [(key, tuple(tensor.shape)) for key, tensor in state.items()])  # fmt: skip
+    layers = [f"{name} {'x'.join(map(str, shape)) or 'scalar'}" for name, shape in shapes]
+    params = sum(math.prod(shape) for _, shape in shapes)
     return [
         ["task", settings.task or "tabular (built-in)"], ["task version", version],
         ["task sha256", settings.task_sha256 or "- (built into flowerbed)"],

@@ -58,20 +58,18 @@ class Keyring:
 
     def to_json(self) -> dict[str, Any]:
         """The keyring as kept in the run folder."""
-        b64 = _b64
-        return {"key_id": self.kid, "public_context": b64(self.public), "maker": self.maker,
-                "maker_public": b64(self.maker_public), "exchange": {s: b64(k) for s, k in self.exchange.items()},
-                "wrapped": {s: b64(k) for s, k in self.wrapped.items()}, "holders": sorted(self.holders),
+        return {"key_id": self.kid, "public_context": _b64(self.public), "maker": self.maker,
+                "maker_public": _b64(self.maker_public), "exchange": {s: _b64(k) for s, k in self.exchange.items()},
+                "wrapped": {s: _b64(k) for s, k in self.wrapped.items()}, "holders": sorted(self.holders),
                 "wrapped_by": dict(self.wrapped_by),
                 "fingerprints": {s: ckks.fingerprint(k) for s, k in self.exchange.items()}}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Keyring:
         """The keyring from :meth:`to_json`."""
-        raw = _raw
-        return cls(str(data.get("key_id", "")), raw(data.get("public_context", "")), str(data.get("maker", "")),
-                   raw(data.get("maker_public", "")), {s: raw(k) for s, k in data.get("exchange", {}).items()},
-                   {s: raw(k) for s, k in data.get("wrapped", {}).items()}, set(data.get("holders", [])),
+        return cls(str(data.get("key_id", "")), _raw(data.get("public_context", "")), str(data.get("maker", "")),
+                   _raw(data.get("maker_public", "")), {s: _raw(k) for s, k in data.get("exchange", {}).items()},
+                   {s: _raw(k) for s, k in data.get("wrapped", {}).items()}, set(data.get("holders", [])),
                    dict(data.get("wrapped_by", {})))  # fmt: skip
 
     def attach(self, messages: list[Message], sites: dict[int, str]) -> None:
@@ -231,7 +229,7 @@ def add(state: RoundState, got: Replies) -> tuple[ArrayRecord | None, Any]:
     weights = [(n / total if sum(examples) else 1 / len(keep)) for n in examples]
     public = ckks.load_context(keyring.public)
     summed = ckks.weighted_sum(public, [(w, k[3]) for w, k in zip(weights, keep, strict=True)])
-    got.masked = {site: _digest(chunks) for _, site, _, chunks in keep}
+    got.masked = {site: ckks.digest(chunks)[1] for _, site, _, chunks in keep}
     records = [RecordDict({"metrics": r.content.metric_records["metrics"]}) for r in got.valid]
     metrics = compat.aggregate_metricrecords(records, "num-examples")
     compat.log(
@@ -253,12 +251,3 @@ def inspect(state: RoundState, got: Replies) -> None:
                       for record, content in reply.content.array_records.items()
                       for name, array in content.items()}  # fmt: skip
             out.write(json.dumps({"round": state.server_round, "site": site, "arrays": arrays}) + "\n")
-
-
-def _digest(chunks: list[bytes]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()

@@ -547,13 +547,21 @@ def collect_round(
         got, secured = secure_exchange(grid, messages, state.arrays, server_round=server_round, settings=settings,
                                        sites=sites, clock=clock)  # fmt: skip
     else:
-        dropped: dict[int, str] = {}
-        replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
-                           on_dark=state.dark.noted(server_round))  # fmt: skip
-        got = screen(split_replies(messages, replies, sites, dropped), initial, state.arrays, settings.max_update_norm)
+        got = screen(round_replies(grid, messages, state, clock=clock, watch=watch), initial, state.arrays,
+                     settings.max_update_norm)  # fmt: skip
     state.retired |= got.retired
     state.spent |= got.privacy
     return got, secured
+
+
+def round_replies(
+    grid: Grid, messages: list[Message], state: RoundState, *, clock: Clock, watch: Watch | None
+) -> Replies:
+    """A round's exchange of ``messages``, sorted out: a revoked site dropped at once, a dark one named."""
+    dropped: dict[int, str] = {}
+    replies = exchange(grid, messages, state.settings.round_timeout_s, clock, watch=watch, dropped=dropped,
+                       on_dark=state.dark.noted(state.server_round))  # fmt: skip
+    return split_replies(messages, replies, state.sites, dropped)
 
 
 def ckks_exchange(
@@ -569,10 +577,7 @@ def ckks_exchange(
     ready, keyed = ckks.prepare_round(grid, state, [m.metadata.dst_node_id for m in messages], revoked, clock)
     sent = [m for m in messages if m.metadata.dst_node_id in ready]
     state.ckks.attach(sent, state.sites.by_node)
-    dropped: dict[int, str] = {}
-    replies = exchange(grid, sent, state.settings.round_timeout_s, clock, watch=watch, dropped=dropped,
-                       on_dark=state.dark.noted(state.server_round))  # fmt: skip
-    got = split_replies(sent, replies, state.sites, dropped)
+    got = round_replies(grid, sent, state, clock=clock, watch=watch)
     got.errors = keyed.errors + got.errors
     got.absent += [a for a in keyed.absent if a not in got.absent]
     arrays, metrics = ckks.add(state, got)
