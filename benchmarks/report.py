@@ -94,12 +94,23 @@ def demo_rounds(d: dict[str, Any]) -> list[str]:
     return _table(["run", "whole demo s", "rounds", "median s/round", "stop", "federated accuracy"], rows)
 
 
+def requests(d: dict[str, Any]) -> list[str]:
+    kinds = sorted({k for r in d["rows"] for k in r["requests_per_site"]})
+    rows = [[r["mode"], *[r["requests_per_site"].get(k, 0.0) for k in kinds], r["total_per_site"], r["round_s"]]
+            for r in d["rows"]]  # fmt: skip
+    ratios = ", ".join(f"{m}: {v:.2f}x" for m, v in d.get("ratio", {}).items())
+    return [f"Gateway requests per site per steady round (median of rounds 2-{d['rounds']}), {d['sites']} sites:", "",
+            *_table(["configuration", *kinds, "all", "s/round"], rows), "",
+            f"Object trees over flat messages: {ratios}."]  # fmt: skip
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("round_time", "1. Round time", round_time),
     ("time_to_federation", "2. Time to federation", time_to_federation),
     ("transfer", "3. Model transfer", transfer),
     ("scaling", "4. Scaling", scaling),
     ("kit_ops", "5. Kit operations", kit_ops),
+    ("requests", "6. Requests per round", requests),
     ("demo_rounds", "The demo", demo_rounds),
 ]
 

@@ -18,7 +18,7 @@ from flwr import clientapp as flower_clientapp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-from flowerbed import ckks
+from flowerbed import ckks, wire
 from flowerbed.audit import ROUND, TASK, append_here, head_of
 from flowerbed.clientapp import ckks as site_ckks
 from flowerbed.clientapp.data import DataError
@@ -259,7 +259,8 @@ def count_examples(context: Context) -> int:
     return len(_load(context, task, config)[0])
 
 
-app = flower_clientapp.ClientApp(mods=[make_secure_mod(count_examples, _site)])
+# Outermost: a packed message (flowerbed.wire) is unpacked for SecAgg+'s mod and the handlers, its reply packed.
+app = flower_clientapp.ClientApp(mods=[wire.packing_mod, make_secure_mod(count_examples, _site)])
 
 
 @app.train()

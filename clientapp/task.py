@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flowerbed.clientapp.device import task_device
 from flowerbed.scaling import FeatureScaling
 
 if TYPE_CHECKING:
@@ -56,8 +57,8 @@ def make_model(
 
 
 def device() -> torch.device:
-    """CUDA when the VM has a GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The site's ``device`` (site.toml): the GPU when ``auto`` and torch sees one, else the CPU."""
+    return task_device()
 
 
 @dataclass(frozen=True)

@@ -392,6 +392,9 @@ class SiteKitConfig(_Model):
         "warm", description="warm: each task is a fork of a process that imported torch once; subprocess: Flower's"
     )
     torch_threads: int = Field(0, ge=0, description="torch threads per task; 0: all of this VM's cores")
+    device: str = Field(
+        "auto", description='Where tasks train: "auto" (the GPU if torch sees one), "cpu", "cuda" or "cuda:N"'
+    )
     pull_s: float = Field(
         0.25, ge=0.05, le=3, description="After a reply, ask for the next task this often (3: Flower's own 3 s)"
     )
@@ -414,6 +417,13 @@ class SiteKitConfig(_Model):
     @classmethod
     def _address(cls, value: str) -> str:
         return check_host(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from flowerbed.clientapp.device import check_device
+
+        return check_device(value)
 
     @property
     def superlink(self) -> str:

@@ -43,6 +43,7 @@ HE_DIR_KEY = "he-dir"  # a SuperNode's node config: where the site keeps its exc
 
 # The kit's site.toml of a SuperNode (its approvals), in the environment of its task processes.
 SITE_FILE_ENV = "FLOWERBED_SITE_FILE"  # empty: no kit, built-in tasks only
+DEVICE_ENV = "FLOWERBED_DEVICE"  # site.toml device: auto, cpu, cuda or cuda:N (flowerbed.clientapp.device)
 # A reply's "site" record: the training split's classes (labels and counts) and when the site approved the task.
 CLASS_LABELS, CLASS_COUNTS, APPROVED_AT = "class-labels", "class-counts", "approved-at"
 

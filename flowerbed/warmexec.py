@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowerbed.errors import FlowerbedError
 from flowerbed.flower import HookError, superexec
 from flowerbed.protocol import TASK_EVENT
 
@@ -224,5 +225,5 @@ def serve(runners: dict[str, Runner], preload: Callable[[], None]) -> None:
         executor = ForkExecutor(runners)
         superexec.pace_task_polls(executor.pause)
         superexec.run_superexec(executor)
-    except HookError as exc:
+    except (HookError, FlowerbedError) as exc:
         raise SystemExit(exc.message) from None

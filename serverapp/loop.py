@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from flowerbed import wire
 from flowerbed.audit import ROUND, append_here
 from flowerbed.config import BASELINE_KEY, RunSettings
 from flowerbed.flower import compat, superexec
@@ -94,9 +95,21 @@ def exchange(
     to every exchange; this uses the same public ``push_messages``/``pull_messages``. ``watch``: a
     site revoked while the exchange waits for it is not waited for (Flower would only answer after
     minutes), its node goes into ``dropped`` with the reason; a site with no contact for ``DARK_S``
-    is passed to ``on_dark(node, seconds since its last contact, seconds the round still waits)``.
+    is passed to ``on_dark(node, seconds since its last contact, seconds the round still waits)``. The
+    messages go out packed, one flat array each (:mod:`flowerbed.wire`), and the replies come back
+    unpacked; the messages passed keep their content.
     """
-    waiting = set(grid.push_messages(messages))
+    kept = [(m, m.content) for m in messages if m.has_content()] if wire.enabled() else []
+    packed: dict[int, RecordDict] = {}  # the same model to every site: packed once (and one blob in memory)
+    try:
+        for message, content in kept:
+            if id(content) not in packed:
+                packed[id(content)] = wire.pack(content)
+            message.content = packed[id(content)]
+        waiting = set(grid.push_messages(messages))
+    finally:
+        for message, content in kept:
+            message.content = content
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
     start = clock()
     next_check = start + WATCH_S
@@ -104,7 +117,7 @@ def exchange(
     while waiting:
         with superexec.object_pull_deadline(max(timeout - (clock() - start), PULL_S)):  # a cut upload: not 180 s
             got = list(grid.pull_messages(waiting))
-        replies += got
+        replies += [wire.unpack_message(m) for m in got]
         waiting -= {m.metadata.reply_to_message_id for m in got}
         elapsed = clock() - start
         if watch is not None and waiting and clock() >= next_check:

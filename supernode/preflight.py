@@ -1,4 +1,4 @@
-"""Checks before a SuperNode starts: data, CA, key, reachability, TLS identity and clock."""
+"""Checks before a SuperNode starts: data, CA, key, device, reachability, TLS identity and clock."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.nodekeys import load_private_key, load_public_key, public_fingerprint
 from flowerbed.certs.service import read_cert
+from flowerbed.clientapp.device import probe
 from flowerbed.deploy.firewall_checklist import FAIL, PASS, check_gateway, parse_host_port
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.supernode.datacheck import check_site_data
@@ -129,11 +130,19 @@ def clock_probe(spec: SupernodeSpec) -> Callable[[], float | None]:
 
 
 def run_preflight(
-    superlink: str, ca: Path, key: Path, data: Path, *, site: str = "", site_file: Path | None = None
+    superlink: str,
+    ca: Path,
+    key: Path,
+    data: Path,
+    *,
+    site: str = "",
+    site_file: Path | None = None,
+    device: str = "auto",
 ) -> list[Check]:
     """Every check, in order; network checks only run when CA and key are fine."""
     host, port = parse_address(superlink)
-    checks = [check_data(data, site_file), check_ca(ca), check_key(key, site)]
+    found = probe(device)
+    checks = [check_data(data, site_file), check_ca(ca), check_key(key, site), Check("device", found.ok, found.detail)]
     if checks[1].ok:
         checks.extend(check_tls(host, port, ca))
     checks.append(check_ckks())

@@ -10,6 +10,7 @@ from cryptography import x509
 
 from flowerbed.certs.files import check_private_mode
 from flowerbed.certs.service import cert_sans, read_cert
+from flowerbed.clientapp.device import check_device
 from flowerbed.config import DATA_PLACEHOLDER, SITE_FILE, SiteKitConfig, load_toml_model, resolve
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.heldout import TEST_PATH_KEY
@@ -118,6 +119,7 @@ def site_spec(
     port: int | None = None,
     executor: str | None = None,
     threads: int | None = None,
+    device: str | None = None,
 ) -> SupernodeSpec:
     """What one SuperNode runs with: the kit's site.toml merged with options (options win).
 
@@ -138,6 +140,7 @@ def site_spec(
                 "supernode_port": port,
                 "executor": executor,
                 "torch_threads": threads,
+                "device": device,
             },
         )
         kit = SiteKit(root=kit.root, config=config)
@@ -152,6 +155,7 @@ def site_spec(
             site_file=kit.root / SITE_FILE,
             executor=config.executor,
             threads=config.torch_threads,
+            device=config.device,
             pull_s=config.pull_s,
             privacy=config.privacy,
             secure_only=config.require_secure_aggregation,
@@ -170,4 +174,13 @@ def site_spec(
         port=port or 9094,
         executor=executor or WARM,
         threads=threads or 0,
+        device=_device(device or "auto"),
     )
+
+
+def _device(value: str) -> str:
+    """``--device`` checked, or the choices in one line."""
+    try:
+        return check_device(value)
+    except ValueError as exc:
+        raise FlowerbedError(f"--device: {exc}") from None

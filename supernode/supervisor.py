@@ -24,12 +24,13 @@ from flowerbed import audit
 from flowerbed.audit import AUDIT_ENV, AUDIT_FILE
 from flowerbed.certs.files import write_private
 from flowerbed.certs.nodekeys import load_public_key, public_fingerprint
+from flowerbed.clientapp.device import NVML_CHECK_ENV
 from flowerbed.clientapp.privacy import node_config_of
 from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
-from flowerbed.protocol import HE_DIR_KEY, SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
+from flowerbed.protocol import DEVICE_ENV, HE_DIR_KEY, SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
 from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
@@ -86,6 +87,7 @@ class SupernodeSpec:
     site_file: Path | None = None  # the kit's site.toml with the site's approvals (None: built-in tasks only)
     executor: str = WARM  # warm: tasks are forks of a process that imported torch once; subprocess: Flower's
     threads: int = 0  # torch threads per task; 0: this machine's cores (give 1 when sites share a host)
+    device: str = "auto"  # site.toml device: where tasks train (flowerbed.clientapp.device)
     pull_s: float = 0.25  # after a reply, ask for the next task this often (3: Flower's own 3 s)
     privacy: SitePrivacy | None = None  # the site's own DP-SGD budget (site.toml [privacy]), given to every task
     secure_only: bool = False  # site.toml require_secure_aggregation: train only in runs with secure aggregation
@@ -138,6 +140,8 @@ class SupernodeSpec:
         count = str(self.threads if self.threads > 0 else task_threads())
         env[THREADS_ENV] = count
         env[PULL_ENV] = str(self.pull_s)
+        env[DEVICE_ENV] = self.device
+        env[NVML_CHECK_ENV] = "1"  # torch.cuda.is_available() without a CUDA context: the warm parent forks
         env[ALIVE_ENV] = str(self.alive_path)
         for name in THREAD_VARS:
             env[name] = count

@@ -31,10 +31,29 @@ def preload() -> None:
     supernode.preload_clientapp_runtime()
     warm_up_torch()
     tasks = _preload_approved()
+    check_no_cuda()
     site_event(
         f"warm ClientApp executor ready (pid {os.getpid()}): torch, opacus, flwr and {tasks} approved task(s) "
         f"imported once, {task_threads()} torch thread(s) per task"
     )
+
+
+def check_no_cuda() -> None:
+    """Fail closed if anything imported so far made a CUDA context: the forked tasks could not use the GPU.
+
+    The kit never asks torch about the GPU here (:mod:`flowerbed.clientapp.device`); an approved task
+    wheel that does so at import is named by the error.
+    """
+    import torch
+
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        from flowerbed.errors import FlowerbedError
+
+        raise FlowerbedError(
+            "warm executor: CUDA was initialized while the tasks were imported (an approved task touches the GPU "
+            'at import?); forked tasks could not use it: set executor = "subprocess" in site.toml, or make the '
+            "task touch the GPU only when it trains"
+        )
 
 
 def _preload_approved() -> int:

@@ -24,6 +24,8 @@ BENCHMARKS = {
     "privacy": ("Pooled digits, MLP", ["no DP", "epsilon 1", "dp-accounting RDP"]),
     "standardize": ("Raw breast-cancer features", ["standardize_features = false", "standardize_features = true"]),
     "secure_modes": ("Aggregation modes", ["plain FedAvg", "CKKS"]),
+    "requests": ("Gateway requests per site per steady round", ["flat (default)", "Flower's object trees",
+                                                                  "pull-object", "object trees / flat"]),
 }  # fmt: skip
 
 
@@ -44,3 +46,8 @@ def test_benchmark_runs_at_smoke_size(name: str, tmp_path: Path) -> None:
     assert data["command"].startswith(f"python -m benchmarks.{name}")
     assert data.get("rows") or data.get("phases_s")
     assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "requests":  # counts, not timings: a flat message is 3 objects each way, Flower's tree 13
+        flat = next(r for r in data["rows"] if r["mode"] == "flat (default)")["requests_per_site"]
+        trees = next(r for r in data["rows"] if r["mode"] != "flat (default)")["requests_per_site"]
+        assert flat["push-object"] <= 3.5 and trees["push-object"] >= 12, (flat, trees)
+        assert flat["pull-object"] < trees["pull-object"] / 3, (flat, trees)

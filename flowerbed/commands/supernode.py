@@ -46,6 +46,12 @@ def start(
         int | None,
         typer.Option(min=0, help="torch threads per task (default: all cores; give 1 when sites share a machine)."),
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where tasks train: auto (the GPU if torch sees one), cpu, cuda or cuda:N (site.toml device)."
+        ),
+    ] = None,
     rejected_window_s: Annotated[
         float, typer.Option(help="How long a refused node key is retried before giving up.")
     ] = 150,
@@ -53,9 +59,10 @@ def start(
 ) -> None:
     spec = site_spec(
         kit, superlink=superlink, ca=ca, key=key, data=data, site=site, workdir=workdir, port=port,
-        executor=executor, threads=threads,
+        executor=executor, threads=threads, device=device,
     )  # fmt: skip
-    checks = run_preflight(spec.superlink, spec.ca, spec.key, spec.data, site=spec.site, site_file=spec.site_file)
+    checks = run_preflight(spec.superlink, spec.ca, spec.key, spec.data, site=spec.site, site_file=spec.site_file,
+                           device=spec.device)  # fmt: skip
     out.print(table("Preflight", ["check", "ok", "detail"],
                     ([c.name, "yes" if c.ok else "NO", c.detail] for c in checks)))  # fmt: skip
     require(checks)

@@ -1,0 +1,164 @@
+"""A kit message as one flat array: fewer objects, so fewer requests per round.
+
+Flower 1.42 sends a message as a tree of objects and moves each with a request of its own (TLS
+through the gateway, a signed node request, an SQLite write at the SuperLink): the message, its
+record dict, each record, each array and each of its 5 MiB chunks. The demo's update of four
+tensors was 13 pushes; a model of 300 tensors is over 600. :func:`pack` turns a message's content
+into one record holding one blob: a manifest of what was in it (records in order; each array's key,
+dtype, shape and Flower serialization; config and metric values, their bytes values in the blob)
+followed by the arrays' bytes; :func:`unpack` gives the same content back. A blob of up to
+``INLINE_MAX`` travels as a bytes value of a ConfigRecord (which has no child objects: a message is
+3 objects), a larger one as one array (4 objects plus one per 5 MiB chunk), whatever the number of
+tensors.
+
+The kit's ServerApp packs what it sends in :func:`flowerbed.serverapp.loop.exchange` and unpacks
+the replies there; the kit's ClientApp unpacks in its outermost mod (:func:`packing_mod`, before
+SecAgg+'s mod and the handlers) and packs its reply the same way when the message came packed.
+Nothing else changes: the strategies, DP-SGD, SecAgg+ and CKKS see Flower's records as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+FLAT_ENV = "FLOWERBED_FLAT_MESSAGES"  # "0": the ServerApp sends Flower's object trees (benchmarks compare)
+PACKED = "flowerbed-packed"  # the one record of a packed message's content; its one value (or array) is BLOB
+BLOB = "blob"
+INLINE_MAX = 4 * 2**20  # below Flower's 5 MiB chunks: no request grows larger than Flower's own
+MAGIC = b"FBWIRE1\n"
+STYPE = "flowerbed.wire"  # the blob's Flower serialization type: bytes, not a numpy array
+_LENGTH = struct.Struct("<Q")
+
+
+class WireError(ValueError):
+    """A packed message that cannot be read (torn, or made by another kit version)."""
+
+
+def enabled() -> bool:
+    """Whether the ServerApp packs what it sends (``FLOWERBED_FLAT_MESSAGES``, on unless "0")."""
+    return os.environ.get(FLAT_ENV, "1") != "0"
+
+
+def is_packed(content: RecordDict) -> bool:
+    """Whether ``content`` is :func:`pack`'s output."""
+    return list(content.keys()) == [PACKED] and isinstance(content[PACKED], ArrayRecord | ConfigRecord)
+
+
+def _value(value: Any, blobs: list[bytes], offset: list[int]) -> Any:
+    """A config or metric value for the manifest: bytes go to the blob, as [offset, size]."""
+    if isinstance(value, bytes):
+        at = offset[0]
+        blobs.append(value)
+        offset[0] += len(value)
+        return {"b": [at, len(value)]}
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return {"bl": [_value(v, blobs, offset)["b"] for v in value]}
+    return {"v": value}
+
+
+def _restore(item: dict[str, Any], data: memoryview) -> Any:
+    if "b" in item:
+        at, size = item["b"]
+        return bytes(data[at : at + size])
+    if "bl" in item:
+        return [bytes(data[at : at + size]) for at, size in item["bl"]]
+    return item["v"]
+
+
+def pack(content: RecordDict) -> RecordDict:
+    """``content`` as one ArrayRecord holding one byte array (manifest, then every array's bytes)."""
+    blobs: list[bytes] = []
+    offset = [0]
+    records: list[dict[str, Any]] = []
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = []
+            for key, array in record.items():
+                arrays.append({"key": key, "dtype": array.dtype, "shape": list(array.shape), "stype": array.stype,
+                               "at": offset[0], "size": len(array.data)})  # fmt: skip
+                blobs.append(array.data)
+                offset[0] += len(array.data)
+            records.append({"name": name, "kind": "arrays", "arrays": arrays})
+        else:
+            kind = "metrics" if isinstance(record, MetricRecord) else "config"
+            values = {key: _value(value, blobs, offset) for key, value in record.items()}
+            records.append({"name": name, "kind": kind, "values": values})
+    manifest = json.dumps({"records": records}, separators=(",", ":")).encode()
+    blob = b"".join([MAGIC, _LENGTH.pack(len(manifest)), manifest, *blobs])
+    if len(blob) <= INLINE_MAX:
+        return RecordDict({PACKED: ConfigRecord({BLOB: blob})})
+    return RecordDict({PACKED: ArrayRecord({BLOB: Array(dtype="uint8", shape=(len(blob),), stype=STYPE, data=blob)})})
+
+
+def unpack(content: RecordDict) -> RecordDict:
+    """The content :func:`pack` was given; content that is not packed comes back as it is."""
+    if not is_packed(content):
+        return content
+    raw = _blob(content[PACKED])
+    if raw is None:
+        raise WireError("a packed message without its blob: sent by another flowerbed version?")
+    blob = memoryview(raw)
+    head = len(MAGIC) + _LENGTH.size
+    if bytes(blob[: len(MAGIC)]) != MAGIC or len(blob) < head:
+        raise WireError("a packed message of an unknown format: sent by another flowerbed version?")
+    (length,) = _LENGTH.unpack(blob[len(MAGIC) : head])
+    try:
+        manifest = json.loads(bytes(blob[head : head + length]))
+    except ValueError as exc:
+        raise WireError(f"a packed message's manifest cannot be read: {exc}") from None
+    data = blob[head + length :]
+    out = RecordDict()
+    for item in manifest["records"]:
+        if item["kind"] == "arrays":
+            arrays = {}
+            for a in item["arrays"]:
+                if a["at"] + a["size"] > len(data):
+                    raise WireError(f"a packed message is cut short in array {a['key']!r}")
+                arrays[a["key"]] = Array(dtype=a["dtype"], shape=tuple(a["shape"]), stype=a["stype"],
+                                         data=bytes(data[a["at"] : a["at"] + a["size"]]))  # fmt: skip
+            out[item["name"]] = ArrayRecord(arrays)
+        else:
+            values = {key: _restore(value, data) for key, value in item["values"].items()}
+            out[item["name"]] = MetricRecord(values) if item["kind"] == "metrics" else ConfigRecord(values)
+    return out
+
+
+def _blob(record: Any) -> bytes | None:
+    if isinstance(record, ConfigRecord):
+        value = record.get(BLOB)
+        return value if isinstance(value, bytes) else None
+    if isinstance(record, ArrayRecord) and BLOB in record and record[BLOB].stype == STYPE:
+        return record[BLOB].data
+    return None
+
+
+def pack_message(message: Message) -> Message:
+    """``message`` with its content packed (in place; errors stay as they are)."""
+    if message.has_content() and not is_packed(message.content):
+        message.content = pack(message.content)
+    return message
+
+
+def unpack_message(message: Message) -> Message:
+    """``message`` with its content unpacked (in place); content that cannot be read is left out (the
+    round then names the site's reply as one without a model or metrics)."""
+    if message.has_content() and is_packed(message.content):
+        try:
+            message.content = unpack(message.content)
+        except WireError:
+            message.content = RecordDict()
+    return message
+
+
+def packing_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """The ClientApp's outermost mod: a packed message is unpacked for everything inside, its reply packed."""
+    if not msg.has_content() or not is_packed(msg.content):
+        return call_next(msg, context)
+    unpack_message(msg)
+    return pack_message(call_next(msg, context))

@@ -1,0 +1,108 @@
+"""One flat array per message (flowerbed.wire): the same content back, and a handful of objects.
+
+Flower's own records and messages, no federation: the federation tests run every round through
+``exchange`` and the ClientApp's mod, packed (``benchmarks/requests.py`` counts the requests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from flowerbed import wire
+
+
+def objects(obj: object) -> int:
+    """How many objects Flower moves for ``obj``: itself and its descendants (one request each)."""
+    children = getattr(obj, "children", None) or {}
+    return 1 + sum(objects(child) for child in children.values())
+
+
+def model_content(layers: int = 30) -> RecordDict:
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(layers)])
+    return RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "config": ConfigRecord({"server-round": 3, "lr": 0.01, "task": "tabular", "on": True,
+                                "key": b"\x00\x01\xff", "shares": [b"ab", b"", b"c"], "ints": [1, 2]}),
+        "metrics": MetricRecord({"loss": float("nan"), "num-examples": 137, "per-class": [0.5, 0.25]}),
+    })  # fmt: skip
+
+
+def test_pack_gives_the_same_content_back_in_a_handful_of_objects() -> None:
+    content = model_content()
+    packed = wire.pack(content)
+    assert wire.is_packed(packed) and not wire.is_packed(content)
+    back = wire.unpack(packed)
+    assert back.object_id == content.object_id  # byte for byte what Flower would have sent
+    assert list(back.keys()) == ["arrays", "config", "metrics"]
+    assert back.config_records["config"]["shares"] == [b"ab", b"", b"c"]
+    assert math.isnan(back.metric_records["metrics"]["loss"])  # a NaN update's metrics are screened, not lost
+    state = back.array_records["arrays"].to_torch_state_dict()
+    assert all(torch.equal(state[k], v) for k, v in content.array_records["arrays"].to_torch_state_dict().items())
+    assert objects(content) == 1 + 1 + 60 * 2 + 2  # record dict, array record, 60 arrays and their chunks, 2 records
+    assert objects(packed) == 2  # record dict, one config record holding the blob
+    assert wire.unpack(content) is content  # not packed: as it is
+
+
+def test_a_large_model_is_one_array_in_flowers_5_mib_chunks() -> None:
+    """Above 4 MiB the blob is an array: Flower chunks it (no request larger than Flower's own)."""
+    content = RecordDict({"arrays": ArrayRecord(torch.nn.Linear(2000, 1500).state_dict())})  # 12 MB
+    packed = wire.pack(content)
+    assert isinstance(packed[wire.PACKED], ArrayRecord)
+    assert objects(packed) == 1 + 1 + 1 + 3  # record dict, array record, one array, its three 5 MiB chunks
+    assert wire.unpack(packed).object_id == content.object_id
+
+
+@pytest.fixture
+def in_a_task() -> Iterator[None]:
+    """Flower 1.42 stamps a new Message with the task's identity (run, node, task): this test's own."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {name: TaskIdentity.__dict__.get(f"_{name}") for name in ("run_id", "node_id", "task_id")}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, f"_{name}", value)
+
+
+@pytest.mark.usefixtures("in_a_task")
+def test_a_torn_or_foreign_blob_is_named_and_a_reply_of_it_loses_its_content() -> None:
+    packed = wire.pack(model_content(2))
+    blob = packed.config_records[wire.PACKED][wire.BLOB]
+    assert isinstance(blob, bytes)
+    torn = RecordDict({wire.PACKED: ArrayRecord({wire.BLOB: Array(dtype="uint8", shape=(100,), stype=wire.STYPE,
+                                                                   data=blob[:100])})})  # fmt: skip
+    with pytest.raises(wire.WireError, match=r"cut short|manifest"):
+        wire.unpack(torn)
+    other = RecordDict({wire.PACKED: ArrayRecord({wire.BLOB: Array(dtype="uint8", shape=(4,), stype=wire.STYPE,
+                                                                    data=b"PK\x03\x04")})})  # fmt: skip
+    with pytest.raises(wire.WireError, match="another flowerbed version"):
+        wire.unpack(other)
+    reply = Message(torn, dst_node_id=1, message_type="train")
+    assert len(wire.unpack_message(reply).content.keys()) == 0  # the round names a reply without a model
+
+
+@pytest.mark.usefixtures("in_a_task")
+def test_the_clientapps_mod_unpacks_for_the_handler_and_packs_its_reply() -> None:
+    content = model_content(3)
+    sent = Message(wire.pack(content), dst_node_id=7, message_type="train")
+    seen: list[RecordDict] = []
+
+    def handler(msg: Message, _context: Context) -> Message:
+        seen.append(msg.content)
+        return Message(RecordDict({"arrays": msg.content.array_records["arrays"],
+                                   "metrics": MetricRecord({"num-examples": 5})}), reply_to=msg)  # fmt: skip
+
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = wire.packing_mod(sent, context, handler)
+    assert seen[0].object_id == content.object_id  # the handler saw Flower's records
+    assert wire.is_packed(reply.content)
+    assert wire.unpack(reply.content).array_records["arrays"].object_id == content.array_records["arrays"].object_id
+    plain = Message(model_content(3), dst_node_id=7, message_type="train")
+    assert not wire.is_packed(wire.packing_mod(plain, context, handler).content)  # an unpacked message: as it came
