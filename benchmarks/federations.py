@@ -66,14 +66,21 @@ class Kit:
 
 @contextmanager
 def kit(
-    root: Path, demo: DemoData, sites: list[str] | None = None, executor: str = "warm", torch_threads: int = 1
+    root: Path,
+    demo: DemoData,
+    sites: list[str] | None = None,
+    executor: str = "warm",
+    torch_threads: int = 1,
+    *,
+    data_set: str = "breast-cancer",
 ) -> Iterator[Kit]:
-    """Start a kit federation of ``sites`` (default: the three demo sites) in ``root``; stop it on exit."""
+    """Start a kit federation of ``sites`` (default: the three demo sites) in ``root``; stop it on exit.
+    ``data_set``: the demo whose recipe the federation.toml holds (``demo`` must be its data)."""
     started = time.monotonic()
     names = sites or SITES
     layout = FederationLayout(root / "federation")
     layout.root.mkdir(parents=True, exist_ok=True)
-    config = demo_config(free_port(), "breast-cancer")
+    config = demo_config(free_port(), data_set)
     config = config.model_copy(update={"sites": [Site(name=n) for n in names]})
     save_toml_model(layout.config, config)
     service.ensure_all(layout, config)

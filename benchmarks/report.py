@@ -104,6 +104,20 @@ def requests(d: dict[str, Any]) -> list[str]:
             f"Object trees over flat messages: {ratios}."]  # fmt: skip
 
 
+def compression(d: dict[str, Any]) -> list[str]:
+    rows = [[r["mode"], r["bytes_per_round"] / 1e3, r["bytes_ratio"], r["accuracy"], r["accuracy_points"],
+             r["round_s"]] for r in d["rows"]]  # fmt: skip
+    lines = [f"The demo (5 sites, digits), {d['seeds']} seed(s) x {d['rounds']} rounds; bytes of a steady round's "
+             "messages, down to all sites and up from them:", "",
+             *_table(["compression", "kB per round", "fewer bytes", "final accuracy", "vs none (points)", "s/round"],
+                     rows)]  # fmt: skip
+    if d.get("big"):
+        big = [[r["mode"], r["bytes_per_round"] / 1e6, r["bytes_ratio"], r["round_s"]] for r in d["big"]]
+        lines += ["", f"A {d['big'][0]['model_mb']:g} MB model, 3 sites:", "",
+                  *_table(["compression", "MB per round", "fewer bytes", "s/round"], big)]  # fmt: skip
+    return lines
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("round_time", "1. Round time", round_time),
     ("time_to_federation", "2. Time to federation", time_to_federation),
@@ -111,6 +125,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("scaling", "4. Scaling", scaling),
     ("kit_ops", "5. Kit operations", kit_ops),
     ("requests", "6. Requests per round", requests),
+    ("compression", "7. Update compression", compression),
     ("demo_rounds", "The demo", demo_rounds),
 ]
 

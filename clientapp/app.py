@@ -18,9 +18,10 @@ from flwr import clientapp as flower_clientapp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-from flowerbed import ckks, wire
+from flowerbed import ckks, compression, wire
 from flowerbed.audit import ROUND, TASK, append_here, head_of
 from flowerbed.clientapp import ckks as site_ckks
+from flowerbed.clientapp import compression as site_compression
 from flowerbed.clientapp.data import DataError
 from flowerbed.clientapp.privacy import (
     BudgetSpentError,
@@ -183,6 +184,23 @@ def _held_out(context: Context, task: Task, config: Any, model: Any) -> MetricVa
     return values
 
 
+def _numpy_state(model: Any) -> dict[str, np.ndarray]:
+    return {name: tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
+
+
+def _received(msg: Message, task: Task, config: Any, key: Any, context: Context) -> tuple[Any, dict[str, Any]]:
+    """The model to train and, under compression, the view it was made from (the base of the change sent)."""
+    record = msg.content.config_records.get(compression.RECORD)
+    if record is None:
+        return _model(msg, task, config, key), {}
+    model = task.model(config)  # compressed: the whole model, or int8's change from the view this site holds
+    folder = site_compression.folder_of(dict(context.node_config))
+    view = site_compression.receive(msg.content.array_records["arrays"], record, _numpy_state(model), folder,
+                                    context.run_id)  # fmt: skip
+    model.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in view.items()})
+    return model, view
+
+
 def _model(msg: Message, task: Task, config: Any, key: Any = None) -> Any:
     model = task.model(config)
     if is_secure(msg):  # SecAgg+ train instructions: Flower's legacy layout, the arrays in model order
@@ -283,9 +301,13 @@ def train_handler(msg: Message, context: Context) -> Message:
         key = _ckks_key(msg, context)
     except FlowerbedError as exc:
         return _key_refusal(msg, context, exc)
-    model = _model(msg, task, config, key)
+    try:
+        model, view = _received(msg, task, config, key, context)
+    except DataError as exc:
+        return _error(msg, context, exc)
     secure = is_secure(msg)
     start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()} if secure else {}
+    squeezed = msg.content.config_records.get(compression.RECORD)  # compression: the codec and the view's digest
     before = check_metrics(task.evaluate(model, validation, config), f"{task.name}.evaluate")
     sums = site_statistics(task, model, validation, config)  # of the global model, as ``before``
     label = _round(msg)
@@ -316,6 +338,11 @@ def train_handler(msg: Message, context: Context) -> Message:
         inspect_change(_site(context), server_round, state)
     elif key is not None:  # CKKS: only ciphertexts leave the site; the coordinator adds them without a key
         content = RecordDict({"arrays": site_ckks.encrypted(key, state), "metrics": metrics})
+    elif squeezed is not None:  # compression: the change from the model received, fp16 or int8
+        kind = str(squeezed.get("kind", ""))
+        folder = site_compression.folder_of(dict(context.node_config))
+        changed, record = site_compression.reply(_numpy_state(model), view, kind, folder, context.run_id)
+        content = RecordDict({"arrays": changed, compression.RECORD: record, "metrics": metrics})
     else:
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
     if sums is not None:
@@ -328,7 +355,12 @@ def train_handler(msg: Message, context: Context) -> Message:
                 "not train with DP-SGD; its update is withheld"))  # fmt: skip
         content["privacy"] = ConfigRecord(private.record())
         spent = f"; DP-SGD: epsilon {private.spent:.3f} of {private.budget.epsilon:g} spent"
-    size, sha256 = update_digest(state) if key is None else ckks.digest(ckks.from_record(content["arrays"])[1])
+    if key is not None:
+        size, sha256 = ckks.digest(ckks.from_record(content["arrays"])[1])
+    elif squeezed is not None:  # what leaves the site: the compressed change
+        size, sha256 = update_digest({k: a.numpy() for k, a in content.array_records["arrays"].items()})
+    else:
+        size, sha256 = update_digest(state)
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=server_round, message="train",
                           update_bytes=size, update_sha256=sha256, examples=len(train_data),
                           epsilon=private.spent if private is not None else None)  # fmt: skip

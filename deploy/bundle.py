@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -29,6 +30,40 @@ MANYLINUX_X86_64 = [
 NO_WHEEL = re.compile(r"(?:No matching distribution found for|Cannot install) (\S+?)(?: because|$)")
 TASKS_DIR = "tasks"  # own tasks' wheels in a bundle and in a kit (imported from there once approved)
 PLATFORMS = {"linux": MANYLINUX_X86_64, "windows": ["win_amd64"]}
+UV = "uv>=0.5"  # the fast installer a bundle carries (not a dependency: only the install script uses it)
+BUNDLE_FILE = "bundle.json"  # what a bundle was made for: {"system": "linux"|"windows"|"macos", "python": ...}
+
+
+def index_reachable(url: str, timeout_s: float = 5.0) -> bool:
+    """Whether a package index answers within ``timeout_s`` (pip would retry an unreachable one for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/", timeout=timeout_s):  # noqa: S310 - an https index URL
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+
+
+def system_of(platform: str | None) -> str:
+    """The system (``linux``, ``windows``, ``macos``) of a ``--platform`` value; None: this machine's."""
+    text = (platform or sys.platform).lower()
+    if text.startswith(("win", "cygwin")):
+        return "windows"
+    if text.startswith(("macos", "darwin")):
+        return "macos"
+    return "linux"
+
+
+def bundle_system(folder: Path) -> str:
+    """The system a bundle's wheels are for (its ``bundle.json``; a bundle made before it: this machine's)."""
+    try:
+        return str(json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8"))["system"])
+    except (OSError, ValueError, KeyError):
+        return system_of(None)
 
 
 def platform_tags(platform: str) -> list[str]:
@@ -141,19 +176,28 @@ def bundle_wheels(
     requirements = [line for line in pip_part(role, extra) if not line.startswith("--")]
     req_file = out / "requirements.txt"
     req_file.write_text("\n".join(requirements) + "\n", encoding="utf-8")
-    args = ["download", "--dest", str(out), "-r", str(req_file)]
+    target: list[str] = []
     where = None
     if platform:
         tags = platform_tags(platform)
         where = (
             f"Python {python_version} on {platform} (torch {TORCH} needs manylinux_2_28 on Linux: use --platform linux)"
         )
-        args += ["--only-binary=:all:", "--python-version", python_version]
+        target += ["--only-binary=:all:", "--python-version", python_version]
         for tag in tags:
-            args += ["--platform", tag]
-    if torch_index:
+            target += ["--platform", tag]
+    args = ["download", "--dest", str(out), "-r", str(req_file), *target]
+    if torch_index and index_reachable(torch_index):
         args += ["--extra-index-url", torch_index]
+    elif torch_index:
+        report(f"{torch_index} (PyTorch's CPU builds) is not reachable: torch comes from the default index (a "
+               "public PyPI gives Linux the CUDA build of several GB; check the bundle's size below)")  # fmt: skip
     run_pip(args, report, "downloading the wheels", where)
+    try:  # the kit's install script installs with uv when its wheel is here (several times faster than pip)
+        run_pip(["download", "--dest", str(out), "--no-deps", "--only-binary=:all:", *target, UV], report,
+                "downloading uv, the fast installer", where)  # fmt: skip
+    except FlowerbedError as exc:
+        report(f"no uv wheel for {platform or 'this platform'} ({exc.message}): sites install with pip")
     root = source or project_root()
     if root is not None:
         with source_build_lock(root):
@@ -168,6 +212,9 @@ def bundle_wheels(
         ),
         encoding="utf-8",
     )
+    meta = {"system": system_of(platform), "platform": platform or "this platform", "python": python_version,
+            "role": str(role)}  # fmt: skip
+    (out / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     for info in infos:
         (out / TASKS_DIR).mkdir(exist_ok=True)
         shutil.copyfile(info.path, out / TASKS_DIR / info.path.name)

@@ -11,11 +11,7 @@ ONLINE = (
     "conda env create -f environment.yml && conda activate flowerbed-supernode-cpu "
     "&& pip install --no-deps flowerbed-*.whl"
 )
-OFFLINE = (
-    "python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels "
-    "-r wheels/requirements.txt flowerbed-*.whl"
-)
-OFFLINE_WINDOWS = (
-    "py -3.11 -m venv .venv; .venv\\Scripts\\pip install --no-index --find-links wheels "
-    "-r wheels\\requirements.txt (Get-Item flowerbed-*.whl).FullName"
-)
+# The kit's install scripts (deploy/templates/install-offline.*): a venv, then uv from wheels/ when the
+# bundle carries it (several times faster than pip), else pip; no package index either way.
+OFFLINE = "./install-offline.sh"
+OFFLINE_WINDOWS = ".\\install-offline.ps1"

@@ -1,4 +1,5 @@
-"""Build one startup kit per site: folder + .tar.gz + .zip, assembled in a temp dir, moved in whole."""
+"""Build one startup kit per site: folder + one archive (.tar.gz, or .zip for a Windows site), assembled in a
+temp dir, moved in whole."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import tomli_w
 from flowerbed.artifacts import WheelInfo, read_task_wheel, task_requirements
 from flowerbed.certs import service
 from flowerbed.certs.files import PRIVATE_MODE
-from flowerbed.config import SITE_FILE, FederationConfig, SiteKitConfig
+from flowerbed.config import SITE_FILE, FederationConfig, Site, SiteKitConfig
 from flowerbed.deploy import install
-from flowerbed.deploy.bundle import TASKS_DIR, Report, project_root, run_pip, source_build_lock
+from flowerbed.deploy.bundle import TASKS_DIR, Report, bundle_system, project_root, run_pip, source_build_lock
 from flowerbed.deploy.condaenv import Role, render
 from flowerbed.deploy.render import fill, template
 from flowerbed.errors import FlowerbedError
@@ -45,12 +46,11 @@ def coordinator_unit(federation: str, fed_dir: str, flowerbed: str) -> str:
 
 @dataclass(frozen=True)
 class BuiltKit:
-    """A site kit that was built: its site, folder and archives."""
+    """A site kit that was built: its site, folder and archive."""
 
     site: str
     folder: Path
-    tarball: Path
-    zipfile: Path
+    archive: Path
 
 
 def _tasks_text(tasks: Sequence[WheelInfo]) -> str:
@@ -107,9 +107,9 @@ def _write_site(
     deploy = files("flowerbed.deploy")
     (stage / "firewall_checklist.py").write_text(deploy.joinpath("firewall_checklist.py").read_text("utf-8"))
     (stage / "allowlist.json").write_text(deploy.joinpath("allowlist.json").read_text("utf-8"))
-    for script in ("start-supernode.sh", "start-supernode.ps1"):
+    for script in ("start-supernode.sh", "start-supernode.ps1", "install-offline.sh", "install-offline.ps1"):
         (stage / script).write_text(template(script), encoding="utf-8")
-    for exe in ("start-supernode.sh", "firewall_checklist.py"):
+    for exe in ("start-supernode.sh", "install-offline.sh", "firewall_checklist.py"):
         (stage / exe).chmod(EXECUTABLE)
     (stage / "flowerbed-supernode.service").write_text(
         site_unit(site, config.name, f"{DEFAULT_KIT_DIR}-{site}", DEFAULT_FLOWERBED), encoding="utf-8"
@@ -132,19 +132,23 @@ def _private(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE), "wb")
 
 
-def _archive(folder: Path, out_dir: Path) -> tuple[Path, Path]:
-    tarball = out_dir / f"{folder.name}.tar.gz"
-    # Each archive holds the site's private key: created 0600, whatever the umask.
-    with _private(tarball) as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:  # keeps the key's 0600
-        tar.add(folder, arcname=folder.name)
-    zipped = out_dir / f"{folder.name}.zip"
-    with _private(zipped) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as zf:
+ARCHIVE_FORMATS = ("tar.gz", "zip")
+
+
+def _archive(folder: Path, out_dir: Path, fmt: str) -> Path:
+    """``folder`` as ``out_dir/NAME.tar.gz`` or ``.zip``; it holds the site's private key: created 0600."""
+    archive = out_dir / f"{folder.name}.{fmt}"
+    if fmt == "tar.gz":
+        with _private(archive) as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:  # keeps the key's 0600
+            tar.add(folder, arcname=folder.name)
+        return archive
+    with _private(archive) as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(folder.rglob("*")):
             info = zipfile.ZipInfo.from_file(path, arcname=f"{folder.name}/{path.relative_to(folder)}")
             if path.is_file():
-                with path.open("rb") as handle:
-                    zf.writestr(info, handle.read(), zipfile.ZIP_DEFLATED)
-    return tarball, zipped
+                with path.open("rb") as source:
+                    zf.writestr(info, source.read(), zipfile.ZIP_DEFLATED)
+    return archive
 
 
 def _kit_wheel(stage_root: Path, wheel: Path | None, report: Report) -> Path:
@@ -188,6 +192,19 @@ def _check_bundle(bundle: Path, tasks: Sequence[WheelInfo] = ()) -> list[Path]:
     return wheels
 
 
+def _bundle_for(site: Site, by_system: dict[str, tuple[Path, list[Path]]]) -> tuple[Path, list[Path]]:
+    """The bundle made for ``site``'s system, or what to make."""
+    if site.platform in by_system:
+        return by_system[site.platform]
+    given = ", ".join(f"{b} ({system})" for system, (b, _) in by_system.items())
+    option = "windows" if site.platform == "windows" else "linux" if site.platform == "linux" else "TAG"
+    raise FlowerbedError(
+        f"site {site.name} runs {site.platform} (platform in federation.toml) but no bundle is for {site.platform} "
+        f"(given: {given}): make one with `flowerbed bundle wheels --platform {option} --out DIR` and pass "
+        "--bundle DIR too"
+    )
+
+
 PRIVACY_EXAMPLE = """
 # Differential privacy that this site enforces on every run, whatever the coordinator asks
 # (docs/privacy.md). Uncomment to set the site's budget: each run's DP-SGD spends at most this.
@@ -205,26 +222,32 @@ def build_kits(
     sites: list[str] | None = None,
     *,
     wheel: Path | None = None,
-    bundle: Path | None = None,
+    bundles: Sequence[Path] = (),
     tasks: Sequence[Path] = (),
+    archive_format: str | None = None,
     report: Report = lambda _m: None,
 ) -> list[BuiltKit]:
     """Build kits into FED/kits/; keys are created only when missing, the CA is never touched.
 
-    Each kit carries the flowerbed wheel; with ``bundle`` (a ``flowerbed bundle wheels`` folder) it
-    also carries every other wheel in ``wheels/``, for a VM without package access. ``tasks``: own
+    Each kit carries the flowerbed wheel; with ``bundles`` (``flowerbed bundle wheels`` folders, one
+    per system) it also carries every other wheel in ``wheels/``, for a VM without package access:
+    the bundle made for its site's ``platform``, and no other. ``tasks``: own
     tasks' wheels, carried in ``tasks/`` for the sites to approve, their dependencies in the
-    environment files (and required in the bundle).
+    environment files (and required in the bundle). Each kit is one archive: ``archive_format``
+    (``tar.gz`` or ``zip``) for all, else by each site's ``platform`` (a ``.zip`` for Windows).
     """
+    if archive_format is not None and archive_format not in ARCHIVE_FORMATS:
+        raise FlowerbedError(f"--format {archive_format!r}: use one of {', '.join(ARCHIVE_FORMATS)}")
     if not layout.ca_cert.is_file():
         raise FlowerbedError(f"{layout.ca_cert} is missing: run `flowerbed certs init` first")
     if not layout.server_cert.is_file():
         raise FlowerbedError(f"{layout.server_cert} is missing: run `flowerbed certs server` first")
     task_infos = [read_task_wheel(path) for path in tasks]
-    bundle_wheels = _check_bundle(bundle, task_infos) if bundle is not None else []
+    by_system = {bundle_system(b): (b, _check_bundle(b, task_infos)) for b in bundles}
     names = sites or [s.name for s in config.sites]
+    formats = {name: archive_format or config.site(name).archive_format for name in names}
+    chosen = {name: _bundle_for(config.site(name), by_system) for name in names} if bundles else {}
     for name in names:
-        config.site(name)
         if not layout.node_key(name).is_file():
             service.make_node_key(layout, config, name)
     out_dir = layout.root / "kits"
@@ -237,19 +260,22 @@ def build_kits(
             folder = stage_root / name
             _write_site(folder, layout, config, name, kit_wheel.name, tasks=task_infos)
             shutil.copyfile(kit_wheel, folder / kit_wheel.name)
-            if bundle is not None:
+            if name in chosen:
+                bundle, bundle_wheels = chosen[name]
                 (folder / "wheels").mkdir()
                 shutil.copyfile(bundle / "requirements.txt", folder / "wheels" / "requirements.txt")
                 for item in bundle_wheels:
                     shutil.copyfile(item, folder / "wheels" / item.name)
-            _archive(folder, stage_root)
+            _archive(folder, stage_root, formats[name])
         # Everything is complete: move it into place (a failed build above leaves nothing behind).
         for name in names:
             final = out_dir / name
             if final.exists():
                 shutil.rmtree(final)
             (stage_root / name).replace(final)
-            for suffix in (".tar.gz", ".zip"):
-                (stage_root / f"{name}{suffix}").replace(out_dir / f"{name}{suffix}")
-            built.append(BuiltKit(name, final, out_dir / f"{name}.tar.gz", out_dir / f"{name}.zip"))
+            archive = out_dir / f"{name}.{formats[name]}"
+            for fmt in ARCHIVE_FORMATS:  # an archive of the other format from an earlier build would mislead
+                (out_dir / f"{name}.{fmt}").unlink(missing_ok=True)
+            (stage_root / archive.name).replace(archive)
+            built.append(BuiltKit(name, final, archive))
     return built

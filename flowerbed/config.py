@@ -112,10 +112,21 @@ class SuperLinkSettings(_Model):
         return out
 
 
+ARCHIVE_OF_PLATFORM = {"linux": "tar.gz", "macos": "tar.gz", "windows": "zip"}
+
+
 class Site(_Model):
     """One participating institution."""
 
     name: str
+    platform: Literal["linux", "windows", "macos"] = Field(
+        "linux", description="The site VM's system: its kit is a .zip on windows, a .tar.gz elsewhere"
+    )
+
+    @property
+    def archive_format(self) -> str:
+        """The kit archive this site unpacks with its system's own tools: ``tar.gz`` or ``zip``."""
+        return ARCHIVE_OF_PLATFORM[self.platform]
 
     @field_validator("name")
     @classmethod
@@ -216,6 +227,14 @@ class RunSettings(_Model):
     secagg_clipping_range: float = Field(
         8.0, gt=0, description="secagg+: each weighted update value is clipped to +-this before quantization"
     )
+    compression: Literal["none", "fp16", "int8"] = Field(
+        "none",
+        description="fp16/int8: sites send their change in half precision / as int8 with a scale per row (the "
+        "rounding's loss carried to the next round), and the model comes back in the same form",
+    )
+    broadcast_fp32: bool = Field(
+        False, description="compression: the coordinator broadcasts the global model in fp32 (updates stay compressed)"
+    )
     secagg_inspect: str = Field(
         "",
         description="secagg+/ckks: a folder on the coordinator for all the ServerApp received of the updates (audits)",
@@ -240,6 +259,11 @@ class RunSettings(_Model):
                 )
             if self.min_nodes < 2:
                 raise ValueError("secure_aggregation needs min_nodes >= 2 (the sum of one update is that update)")
+            if self.compression != "none":
+                raise ValueError(
+                    f"compression = {self.compression!r} with secure_aggregation = {self.secure_aggregation!r}: "
+                    "SecAgg+'s integer masking and CKKS's encoding quantize on their own; use compression = 'none'"
+                )
         names = self.class_name_list()
         if names is not None and (len(names) != self.num_classes or len(set(names)) != len(names)):
             raise ValueError(f"class_names must list num_classes={self.num_classes} distinct names, got {names}")

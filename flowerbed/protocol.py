@@ -39,6 +39,7 @@ CKKS_WRAP_KEY = "ckks-wrap"  # a query's config: make (key id "") or load the CK
 CKKS_RECORD = "ckks"  # config record: key id, maker, maker's exchange key; a reply's: exchange key, held keys
 CKKS_WRAPPED = "ckks-wrapped"  # array record: the wrapped CKKS key (a message), or one per site (a wrap reply)
 CKKS_PEERS = "ckks-peers"  # array record of a wrap query: each recipient site's exchange public key
+COMPRESSION_DIR_KEY = "compression-dir"  # a SuperNode's node config: where compressed runs keep views, residuals
 HE_DIR_KEY = "he-dir"  # a SuperNode's node config: where the site keeps its exchange key and CKKS keys
 
 # The kit's site.toml of a SuperNode (its approvals), in the environment of its task processes.

@@ -76,6 +76,7 @@ class RoundRow:
     code: dict[str, str] = field(default_factory=dict)  # site -> digest of the own task's files it ran
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its training split's class counts
     approved: dict[str, str] = field(default_factory=dict)  # site -> when it approved the own task that ran
+    traffic: dict[str, int] = field(default_factory=dict)  # bytes of the round's messages: "down" (to all sites), "up"
 
 
 class History:

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 FLAT_ENV = "FLOWERBED_FLAT_MESSAGES"  # "0": the ServerApp sends Flower's object trees (benchmarks compare)
@@ -33,6 +34,7 @@ BLOB = "blob"
 INLINE_MAX = 4 * 2**20  # below Flower's 5 MiB chunks: no request grows larger than Flower's own
 MAGIC = b"FBWIRE1\n"
 STYPE = "flowerbed.wire"  # the blob's Flower serialization type: bytes, not a numpy array
+NUMPY = "numpy.ndarray"  # Flower's serialization type of a numpy (and torch) array: np.save's bytes
 _LENGTH = struct.Struct("<Q")
 
 
@@ -62,6 +64,16 @@ def _value(value: Any, blobs: list[bytes], offset: list[int]) -> Any:
     return {"v": value}
 
 
+def _raw(array: Array) -> tuple[bytes, dict[str, Any]]:
+    """An array's bytes for the blob: a numpy array's values without np.save's header (about 128 bytes an
+    array, as much as a small tensor), with what makes it again; any other array as Flower holds it."""
+    if array.stype == NUMPY:
+        value = array.numpy()
+        if value.dtype.kind in "biuf" and value.flags.c_contiguous:
+            return value.tobytes(), {"npy": value.dtype.str, "npy_shape": list(value.shape)}
+    return array.data, {}
+
+
 def _restore(item: dict[str, Any], data: memoryview) -> Any:
     if "b" in item:
         at, size = item["b"]
@@ -80,10 +92,11 @@ def pack(content: RecordDict) -> RecordDict:
         if isinstance(record, ArrayRecord):
             arrays = []
             for key, array in record.items():
+                data, raw = _raw(array)
                 arrays.append({"key": key, "dtype": array.dtype, "shape": list(array.shape), "stype": array.stype,
-                               "at": offset[0], "size": len(array.data)})  # fmt: skip
-                blobs.append(array.data)
-                offset[0] += len(array.data)
+                               "at": offset[0], "size": len(data), **raw})  # fmt: skip
+                blobs.append(data)
+                offset[0] += len(data)
             records.append({"name": name, "kind": "arrays", "arrays": arrays})
         else:
             kind = "metrics" if isinstance(record, MetricRecord) else "config"
@@ -120,8 +133,13 @@ def unpack(content: RecordDict) -> RecordDict:
             for a in item["arrays"]:
                 if a["at"] + a["size"] > len(data):
                     raise WireError(f"a packed message is cut short in array {a['key']!r}")
-                arrays[a["key"]] = Array(dtype=a["dtype"], shape=tuple(a["shape"]), stype=a["stype"],
-                                         data=bytes(data[a["at"] : a["at"] + a["size"]]))  # fmt: skip
+                chunk = data[a["at"] : a["at"] + a["size"]]
+                if "npy" in a:  # numpy's own bytes without np.save's header: Flower's Array made again from them
+                    value = np.frombuffer(chunk, dtype=np.dtype(a["npy"])).reshape(a["npy_shape"])
+                    arrays[a["key"]] = Array(value.copy())
+                else:
+                    arrays[a["key"]] = Array(dtype=a["dtype"], shape=tuple(a["shape"]), stype=a["stype"],
+                                             data=bytes(chunk))  # fmt: skip
             out[item["name"]] = ArrayRecord(arrays)
         else:
             values = {key: _restore(value, data) for key, value in item["values"].items()}
@@ -136,6 +154,14 @@ def _blob(record: Any) -> bytes | None:
     if isinstance(record, ArrayRecord) and BLOB in record and record[BLOB].stype == STYPE:
         return record[BLOB].data
     return None
+
+
+def size(content: RecordDict) -> int:
+    """The bytes of a packed content's blob (0 for content that is not packed)."""
+    if not is_packed(content):
+        return 0
+    raw = _blob(content[PACKED])
+    return len(raw) if raw is not None else 0
 
 
 def pack_message(message: Message) -> Message:

@@ -50,8 +50,19 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv
 fi
-# The CPU build of torch first: an open torch range alone would pull a multi-GB CUDA build.
-echo "setup: installing torch (CPU) and flowerbed into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 "setuptools>=68" wheel
+# The CPU build of torch first: an open torch range alone would pull a multi-GB CUDA build. From
+# PyTorch's CPU index where it answers within 5 s; else from the default index, said in one line.
+cpu_index="https://download.pytorch.org/whl/cpu"
+torch_from=()
+if .venv/bin/python -c "import urllib.request as u; u.urlopen('$cpu_index/torch/', timeout=5)" >/dev/null 2>&1; then
+  torch_from=(--index-url "$cpu_index")
+  echo "setup: installing torch 2.13.0 (CPU build) from $cpu_index"
+else
+  echo "setup: $cpu_index is not reachable: torch 2.13.0 comes from the default index (this machine's has the" \
+    "CPU build; a public PyPI gives Linux the CUDA build of several GB)"
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 "${torch_from[@]}"
+echo "setup: installing flowerbed into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check "setuptools>=68" wheel
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
 .venv/bin/flowerbed --version

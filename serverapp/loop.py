@@ -88,6 +88,7 @@ def exchange(
     watch: Watch | None = None,
     dropped: dict[int, str] | None = None,
     on_dark: Callable[[int, float, float], None] | None = None,
+    traffic: dict[str, int] | None = None,
 ) -> list[Message]:
     """Flower's ``grid.send_and_receive``, polling for replies every 0.2 s (1 s after a minute), not every 3 s.
 
@@ -97,7 +98,8 @@ def exchange(
     minutes), its node goes into ``dropped`` with the reason; a site with no contact for ``DARK_S``
     is passed to ``on_dark(node, seconds since its last contact, seconds the round still waits)``. The
     messages go out packed, one flat array each (:mod:`flowerbed.wire`), and the replies come back
-    unpacked; the messages passed keep their content.
+    unpacked; the messages passed keep their content. ``traffic`` adds up the packed bytes sent
+    ("down", one copy per site) and received ("up").
     """
     kept = [(m, m.content) for m in messages if m.has_content()] if wire.enabled() else []
     packed: dict[int, RecordDict] = {}  # the same model to every site: packed once (and one blob in memory)
@@ -106,6 +108,8 @@ def exchange(
             if id(content) not in packed:
                 packed[id(content)] = wire.pack(content)
             message.content = packed[id(content)]
+            if traffic is not None:
+                traffic["down"] = traffic.get("down", 0) + wire.size(message.content)
         waiting = set(grid.push_messages(messages))
     finally:
         for message, content in kept:
@@ -117,6 +121,8 @@ def exchange(
     while waiting:
         with superexec.object_pull_deadline(max(timeout - (clock() - start), PULL_S)):  # a cut upload: not 180 s
             got = list(grid.pull_messages(waiting))
+        if traffic is not None:
+            traffic["up"] = traffic.get("up", 0) + sum(wire.size(m.content) for m in got if m.has_content())
         replies += [wire.unpack_message(m) for m in got]
         waiting -= {m.metadata.reply_to_message_id for m in got}
         elapsed = clock() - start
@@ -233,6 +239,7 @@ class Replies:
     masked: dict[str, str] = field(default_factory=dict)  # secure aggregation: site -> its masked vector's sha256
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its training split's class counts
     approved: dict[str, str] = field(default_factory=dict)  # site -> when it approved the own task (its site.toml)
+    traffic: dict[str, int] = field(default_factory=dict)  # packed bytes: "down" to all sites, "up" from them
 
     @property
     def data_errors(self) -> bool:
@@ -500,6 +507,7 @@ class RoundState:
     pool: Pool | None = None  # the task's pooled metrics from the sites' statistics (None: it pools none)
     carried: list[str] = field(default_factory=list)  # said of sites before round 1 (revoked while asked): its row's
     ckks: Any = None  # CKKS: the run's keyring (flowerbed.serverapp.ckks.Keyring), None for other runs
+    broadcast: Any = None  # compression: the view and its holders (flowerbed.serverapp.compression.Broadcast)
     replayed: str | None = None  # a resumed run: what its replayed history says of target and plateau
 
 
@@ -570,11 +578,23 @@ def collect_round(
 def round_replies(
     grid: Grid, messages: list[Message], state: RoundState, *, clock: Clock, watch: Watch | None
 ) -> Replies:
-    """A round's exchange of ``messages``, sorted out: a revoked site dropped at once, a dark one named."""
+    """A round's exchange of ``messages``, sorted out: a revoked site dropped at once, a dark one named.
+    Under compression the model goes out in the run's form and each reply's change comes back as a model."""
     dropped: dict[int, str] = {}
+    traffic: dict[str, int] = {}
+    if state.settings.compression != "none":
+        from flowerbed.serverapp.compression import Broadcast
+
+        if state.broadcast is None:
+            state.broadcast = Broadcast(state.settings.compression, fp32=state.settings.broadcast_fp32)
+        state.broadcast.prepare(messages, state.arrays)
     replies = exchange(grid, messages, state.settings.round_timeout_s, clock, watch=watch, dropped=dropped,
-                       on_dark=state.dark.noted(state.server_round))  # fmt: skip
-    return split_replies(messages, replies, state.sites, dropped)
+                       on_dark=state.dark.noted(state.server_round), traffic=traffic)  # fmt: skip
+    if state.broadcast is not None:
+        state.broadcast.decode(replies)
+    got = split_replies(messages, replies, state.sites, dropped)
+    got.traffic = traffic
+    return got
 
 
 def ckks_exchange(
@@ -703,6 +723,7 @@ def finish_round(
             code=dict(got.code),
             classes=dict(got.classes),
             approved=dict(got.approved),
+            traffic=dict(got.traffic),
         )
     )
     audit_round(history, history.rows[-1], got.heads, got.masked)

@@ -143,7 +143,7 @@ def expiry_warnings(layout: FederationLayout) -> list[str]:
     return lines
 
 
-def add_site(layout: FederationLayout, name: str) -> tuple[FederationConfig, str | None]:
+def add_site(layout: FederationLayout, name: str, platform: str = "linux") -> tuple[FederationConfig, str | None]:
     """Add a site to federation.toml, make its key, and register it with a running SuperLink.
 
     Returns the new config and the node id (None when the coordinator is not running: it is then
@@ -157,7 +157,7 @@ def add_site(layout: FederationLayout, name: str) -> tuple[FederationConfig, str
     if load_registry(layout).get(name, {}).get("revoked"):
         raise FlowerbedError(f"site {name!r} was revoked; its name cannot be reused: choose another name")
     try:
-        site = Site(name=name)
+        site = Site.model_validate({"name": name, "platform": platform})
     except ValidationError as exc:
         raise ConfigError(f"cannot add site {name!r}", format_validation_error("site", exc)) from None
     config = config.model_copy(update={"sites": [*config.sites, site]})  # [run] keeps what it gave, no more

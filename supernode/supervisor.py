@@ -30,7 +30,7 @@ from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
 from flowerbed.proc import ManagedProcess, child_env, executable
-from flowerbed.protocol import DEVICE_ENV, HE_DIR_KEY, SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
+from flowerbed.protocol import COMPRESSION_DIR_KEY, DEVICE_ENV, HE_DIR_KEY, SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
 from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
@@ -164,6 +164,7 @@ class SupernodeSpec:
             "site-name": self.site,
             **node_config_of(self.privacy, self.workdir / "privacy"),
             HE_DIR_KEY: str(self.he_dir),
+            COMPRESSION_DIR_KEY: str(self.workdir / "compression"),
             **({SECURE_ONLY_KEY: "true"} if self.secure_only else {}),
             **self.extra_node_config,
         }

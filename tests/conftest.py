@@ -121,6 +121,20 @@ def coordinator(layout: FederationLayout, config: FederationConfig | None = None
             assert proc.poll() is not None, f"{proc.name} still running"
 
 
+@pytest.fixture
+def in_a_task() -> Iterator[None]:
+    """Flower 1.42 stamps a new Message with the task's identity (run, node, task): this test's own."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {name: TaskIdentity.__dict__.get(f"_{name}") for name in ("run_id", "node_id", "task_id")}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(TaskIdentity, f"_{name}", value)
+
+
 @pytest.fixture(scope="session")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederation]:
     """One real SuperLink + executor + nginx gateway for the tests that need a coordinator."""

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "privacy": ("Pooled digits, MLP", ["no DP", "epsilon 1", "dp-accounting RDP"]),
     "standardize": ("Raw breast-cancer features", ["standardize_features = false", "standardize_features = true"]),
     "secure_modes": ("Aggregation modes", ["plain FedAvg", "CKKS"]),
+    "compression": ("Compression on the demo", ["none", "fp16", "int8", "fewer bytes"]),
     "requests": ("Gateway requests per site per steady round", ["flat (default)", "Flower's object trees",
                                                                   "pull-object", "object trees / flat"]),
 }  # fmt: skip

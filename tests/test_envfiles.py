@@ -3,16 +3,19 @@ installed into a fresh venv with every index disabled."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from flowerbed.config import Site
 from flowerbed.deploy import install
 from flowerbed.deploy.bundle import bundle_wheels
 from flowerbed.deploy.condaenv import ROLES, pip_part, render
@@ -88,8 +91,13 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     task = task_with_a_dependency(tmp_path)
     # --platform linux: pip resolves for the target's tags, not this host's (what a coordinator does
     # for a VM of another Linux); every manylinux tag the target accepts is passed.
-    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11", torch_index=None, tasks=[task],
-                           he=True)  # fmt: skip
+    # PyTorch's CPU index out of reach (a closed port on loopback): the fallback to the default index,
+    # said in one line; this machine's default index has the CPU build (checked after the install).
+    said: list[str] = []
+    bundle = bundle_wheels(tmp_path / "wheels", platform="linux", python_version="3.11",
+                           torch_index="https://127.0.0.1:9/whl/cpu", tasks=[task], he=True, report=said.append)  # fmt: skip
+    assert any("https://127.0.0.1:9/whl/cpu (PyTorch's CPU builds) is not reachable" in line for line in said), said
+    assert any(w.name.startswith("uv-") for w in bundle.wheels)  # the fast installer rides along
     assert bundle.requirements.read_text().split() == [
         *packages("supernode-cpu"),
         "tabulate>=0.9",
@@ -102,7 +110,14 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     assert '- "tabulate>=0.9"' in conda.stdout and task.name in conda.stdout
     # The coordinator's path: the bundle goes into every kit; the site installs from the kit folder
     # with the one documented command, no index at all.
-    layout = make_federation(tmp_path / "fed", make_config("offline", ["site-x"], min_nodes=1))
+    config = make_config("offline", ["site-x", "site-w"], min_nodes=1)
+    config.sites[1] = Site(name="site-w", platform="windows")
+    layout = make_federation(tmp_path / "fed", config)
+    assert json.loads((bundle.folder / "bundle.json").read_text())["system"] == "linux"
+    # Each kit carries only its own system's wheels: a Windows site needs a Windows bundle.
+    assert_clean_error(run_cli("kit", "build", "-d", str(layout.root), "--bundle", str(bundle.folder)), ExitCode.ERROR,
+                       "site site-w runs windows (platform in federation.toml) but no bundle is for windows",
+                       "flowerbed bundle wheels --platform windows --out DIR")  # fmt: skip
     lean = tmp_path / "lean-bundle"  # a bundle made without --task: it lacks the task's dependency
     lean.mkdir()
     (lean / "requirements.txt").write_text("\n".join(packages("supernode-cpu")) + "\n")
@@ -113,7 +128,7 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     assert_clean_error(run_cli("kit", "build", "-d", str(layout.root), "--task", str(tmp_path / "nope.whl")),
                        ExitCode.ERROR, "nope.whl does not exist")  # fmt: skip
     built = run_cli("kit", "build", "-d", str(layout.root), "--bundle", str(bundle.folder), "--task", str(task),
-                    timeout=600)  # fmt: skip
+                    "--site", "site-x", timeout=600)  # fmt: skip
     assert built.returncode == 0, built.stderr
     vm = tmp_path / "vm"
     with tarfile.open(layout.root / "kits" / "site-x.tar.gz") as tar:
@@ -122,10 +137,12 @@ def test_offline_bundle_installs_env_pip_part_into_fresh_venv(tmp_path: Path) ->
     assert (kit / "wheels" / "requirements.txt").read_text() == bundle.requirements.read_text()
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}
     # The VM's bare Python 3.11 (this machine's base interpreter, not our venv); the rest as documented.
-    command = install.OFFLINE.replace("python3 -m venv", f"{sys.base_prefix}/bin/python3 -m venv", 1)
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=900, env=env,
-                          check=False, cwd=kit)  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(["bash", "-c", install.OFFLINE], capture_output=True, text=True, timeout=900,
+                          env={**env, "PYTHON": f"{sys.base_prefix}/bin/python3"}, check=False, cwd=kit)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "installing with uv, from wheels/" in done.stdout, done.stdout  # the bundle carries uv's wheel
+    print(f"offline install from the kit's wheels/ with uv: {time.monotonic() - started:.0f} s")
     py = kit / ".venv" / "bin" / "python"
     check = subprocess.run(
         [str(py), "-c", "import flwr, torch, flowerbed.clientapp.app, flowerbed.serverapp.app; print(torch.__version__)"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flowerbed.certs.ca import CertificateAuthority
-from flowerbed.config import load_federation
+from flowerbed.config import Site, load_federation
 from flowerbed.deploy import install
 from flowerbed.deploy.kit import build_kits
 from flowerbed.errors import ExitCode, FlowerbedError
@@ -28,13 +28,16 @@ from tests.conftest import assert_clean_error, coordinator, make_config, make_fe
 KIT_SITES = ["kit-a", "kit-b", "kit-c"]
 KIT_FILES = {
     "ca.crt", "server.crt", "site.toml", "environment.yml", "environment-cuda.yml", "firewall_checklist.py",
-    "allowlist.json", "start-supernode.sh", "start-supernode.ps1", "flowerbed-supernode.service", "README.md",
+    "allowlist.json", "start-supernode.sh", "start-supernode.ps1", "install-offline.sh", "install-offline.ps1",
+    "flowerbed-supernode.service", "README.md",
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def kitfed(tmp_path_factory: pytest.TempPathFactory) -> FederationLayout:
-    layout = make_federation(tmp_path_factory.mktemp("kits") / "fed", make_config("kits", KIT_SITES))
+    config = make_config("kits", KIT_SITES)
+    config.sites[-1] = Site(name=KIT_SITES[-1], platform="windows")  # its kit is a .zip, the others' a .tar.gz
+    layout = make_federation(tmp_path_factory.mktemp("kits") / "fed", config)
     result = run_cli("kit", "build", "-d", str(layout.root))
     assert result.returncode == 0, result.stderr
     return layout
@@ -68,23 +71,33 @@ def test_archives_hold_no_ca_key_and_no_other_site_key(kitfed: FederationLayout)
         secrets[digest(kitfed.node_key(site).read_bytes())] = f"{site} key"
     for site in KIT_SITES:
         allowed = {f"{site} key"}
-        with tarfile.open(kitfed.root / "kits" / f"{site}.tar.gz") as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
-            key_member = tar.getmember(f"{site}/{site}.key")
-            assert key_member.mode & 0o777 == 0o600
-        with zipfile.ZipFile(kitfed.root / "kits" / f"{site}.zip") as zf:
-            zipped = {n: zf.read(n) for n in zf.namelist()}
-        for name, data in [*members.items(), *zipped.items()]:
+        windows = site == KIT_SITES[-1]
+        archives = {p.name for p in (kitfed.root / "kits").glob(f"{site}.*")}
+        assert archives == {f"{site}.zip" if windows else f"{site}.tar.gz"}  # one archive, the site's own format
+        if windows:
+            with zipfile.ZipFile(kitfed.root / "kits" / f"{site}.zip") as zf:
+                members = {n: zf.read(n) for n in zf.namelist()}
+                assert (zf.getinfo(f"{site}/{site}.key").external_attr >> 16) & 0o777 == 0o600
+        else:
+            with tarfile.open(kitfed.root / "kits" / f"{site}.tar.gz") as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+                assert tar.getmember(f"{site}/{site}.key").mode & 0o777 == 0o600
+        for name, data in members.items():
             found = secrets.get(digest(data))
             assert found is None or found in allowed, f"{name} in {site}'s kit is the {found}"
             assert not name.endswith(("ca.key", "server.key"))
-        assert len(members) == len(KIT_FILES) + 3 == len(zipped)  # + the key pair and the flowerbed wheel
+        assert len(members) == len(KIT_FILES) + 3  # + the key pair and the flowerbed wheel
+        assert (kitfed.root / "kits" / (f"{site}.zip" if windows else f"{site}.tar.gz")).stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.federation
 def test_rebuild_reuses_ca_and_keys(kitfed: FederationLayout) -> None:
     before = {p: p.read_bytes() for p in [kitfed.ca_cert, kitfed.ca_key, *kitfed.nodes.iterdir()]}
+    built = build_kits(kitfed, load_federation(kitfed.root), ["kit-a"], archive_format="zip")  # `kit build --format`
+    assert built[0].archive.name == "kit-a.zip"
+    assert {p.name for p in (kitfed.root / "kits").glob("kit-a.*")} == {"kit-a.zip"}  # the old .tar.gz is gone
     build_kits(kitfed, load_federation(kitfed.root), ["kit-a"])
+    assert {p.name for p in (kitfed.root / "kits").glob("kit-a.*")} == {"kit-a.tar.gz"}
     assert {p: p.read_bytes() for p in before} == before
     assert (kitfed.root / "kits" / "kit-a" / "kit-a.key").read_bytes() == kitfed.node_key("kit-a").read_bytes()
 
@@ -99,8 +112,17 @@ def test_failed_build_leaves_nothing_half_written(tmp_path: Path) -> None:
 
 
 def unpack(kitfed: FederationLayout, site: str, dest: Path, data: Path) -> Path:
-    with tarfile.open(kitfed.root / "kits" / f"{site}.tar.gz") as tar:
-        tar.extractall(dest, filter="data")
+    """The site's archive unpacked as its researcher would (the Windows site's .zip with Python's zipfile)."""
+    if (kitfed.root / "kits" / f"{site}.zip").exists():
+        with zipfile.ZipFile(kitfed.root / "kits" / f"{site}.zip") as zf:
+            zf.extractall(dest)  # noqa: S202 - the kit this test built
+        # Python's zipfile keeps no modes (on Windows the key is private by its folder's ACL); this test
+        # starts every kit with the Linux script.
+        (dest / site / f"{site}.key").chmod(0o600)
+        (dest / site / "start-supernode.sh").chmod(0o755)
+    else:
+        with tarfile.open(kitfed.root / "kits" / f"{site}.tar.gz") as tar:
+            tar.extractall(dest, filter="data")
     folder = dest / site
     text = (
         (folder / "site.toml")

@@ -39,6 +39,8 @@ MODULUS = 2**32  # Flower's default modulus_range: masked values are uniform on 
         ({"strategy": "fedadam"}, "strategy 'fedadam' needs each update"),
         ({"dp": "client"}, "use dp = sample"),
         ({"min_nodes": 1}, "min_nodes >= 2"),
+        ({"compression": "int8"}, "quantize on their own; use compression = 'none'"),
+        ({"compression": "fp16"}, "quantize on their own; use compression = 'none'"),
     ],
 )
 @pytest.mark.parametrize("mode", ["secagg+", "ckks"])

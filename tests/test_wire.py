@@ -7,7 +7,6 @@ Flower's own records and messages, no federation: the federation tests run every
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -55,20 +54,6 @@ def test_a_large_model_is_one_array_in_flowers_5_mib_chunks() -> None:
     assert isinstance(packed[wire.PACKED], ArrayRecord)
     assert objects(packed) == 1 + 1 + 1 + 3  # record dict, array record, one array, its three 5 MiB chunks
     assert wire.unpack(packed).object_id == content.object_id
-
-
-@pytest.fixture
-def in_a_task() -> Iterator[None]:
-    """Flower 1.42 stamps a new Message with the task's identity (run, node, task): this test's own."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {name: TaskIdentity.__dict__.get(f"_{name}") for name in ("run_id", "node_id", "task_id")}
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(TaskIdentity, f"_{name}", value)
 
 
 @pytest.mark.usefixtures("in_a_task")

@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from flowerbed.apprun import APP_LOG, AppRound, app_rounds, follow_app, reply_tally, submit_app
@@ -128,6 +129,14 @@ def run(
             "ckks: the sites encrypt their models (TenSEAL), the coordinator adds ciphertexts."
         ),
     ] = None,
+    compression: Annotated[
+        str | None,
+        typer.Option(
+            help="none; fp16 or int8: sites send their change in half precision or as int8 (the rounding's loss "
+            "carried to the next round), and the model comes back in the same form.",
+            click_type=click.Choice(["none", "fp16", "int8"]),
+        ),
+    ] = None,
     test_fraction: Annotated[
         float | None,
         typer.Option(
@@ -171,7 +180,7 @@ def run(
         "target_value": target_value, "patience": patience, "time_budget_s": time_budget_s,
         "local_epochs": local_epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "proximal_mu": proximal_mu, "dp": dp, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
-        "secure_aggregation": secure_aggregation, "test_fraction": test_fraction,
+        "secure_aggregation": secure_aggregation, "compression": compression, "test_fraction": test_fraction,
         "local_baseline": local_baseline,
     }  # fmt: skip
     if app is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from flowerbed.commands.common import FedDir
@@ -37,12 +38,19 @@ def overview(ctx: typer.Context, fed_dir: FedDir = Path()) -> None:
 def add(
     name: Annotated[str, typer.Argument(help="New site name (lower-case letters, digits, hyphens).")],
     fed_dir: FedDir = Path(),
+    platform: Annotated[
+        str,
+        typer.Option(
+            help="The site VM's system (its kit is a .zip on windows).",
+            click_type=click.Choice(["linux", "windows", "macos"]),
+        ),
+    ] = "linux",
 ) -> None:
     layout = FederationLayout(fed_dir)
-    config, node_id = sites.add_site(layout, name)
+    config, node_id = sites.add_site(layout, name, platform)
     kit = build_kits(layout, config, [name], report=info)[0]
     if node_id is not None:
-        out.print(f"added {name}: registered as node {node_id} with the running SuperLink; kit: {kit.tarball}")
+        out.print(f"added {name}: registered as node {node_id} with the running SuperLink; kit: {kit.archive}")
     else:
-        out.print(f"added {name}: kit {kit.tarball}; `flowerbed superlink start` registers it")
+        out.print(f"added {name}: kit {kit.archive}; `flowerbed superlink start` registers it")
     info("send the site only its own archive; it holds the site's private key")

@@ -12,16 +12,21 @@ behind the approval gate.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flowerbed.flower import declare, entry, module, resolve, trace, traced_time
+from flowerbed.flower import HookError, declare, entry, module, resolve, trace, traced_time, unsupported
 
 PULL_LOOP_TIME = declare("flwr.supernode.start_client_internal", "time.sleep", "shorten the SuperNode's idle pull")
 PUSH_MESSAGES = declare(
     "flwr.supernode.start_client_internal", "_push_messages", "shorten the SuperNode's idle pull after a reply"
 )
+NODE_STATE = declare(
+    "flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState.__init__",
+    "push a pulled message's reply that another run's reply left behind", path=False,
+)  # fmt: skip
 SUPERNODE_MAIN = declare("flwr.supernode.cli.flower_supernode", "flower_supernode", "start flower-supernode")
 FLEET_CLIENT = declare(
     "flwr.supernode.fleet_http_client", "FleetHttpClient.from_server_address",
@@ -51,15 +56,56 @@ CLIENTAPP_CALL = declare(
 )
 
 
+def newest_pulled(state: Any) -> str | None:
+    """The id of the message the SuperNode pulled last (its state keeps them in order), if still held.
+
+    Flower 1.42 pushes after each pulled message whatever replies are ready, then deletes them with
+    the messages they answer. A reply left from a run that stopped (its coordinator restarted while
+    the site trained) answers that wait in place of the new message's; the new reply then waits for
+    the next message, and the site is one round behind for ever (its replies time out).
+    """
+    store = getattr(state, "msg_store", None)
+    lock = getattr(state, "lock_msg_store", None)
+    if store is None or lock is None:
+        return None
+    with lock:
+        pulled = [key for key, entry in store.items() if not entry.message.metadata.reply_to_message_id]
+    return pulled[-1] if pulled else None
+
+
+def holds(state: Any, message_id: str) -> bool:
+    """Whether the SuperNode still holds ``message_id`` (its reply was not pushed)."""
+    store = getattr(state, "msg_store", None)
+    lock = getattr(state, "lock_msg_store", None)
+    if store is None or lock is None:
+        return False
+    with lock:
+        return message_id in store
+
+
 def install_pull_clock(clock: Any, on_reply: Callable[[], None]) -> None:
-    """The SuperNode's pull loop sleeps through ``clock`` (a ``time`` stand-in); ``on_reply`` after each push."""
+    """The SuperNode's pull loop sleeps through ``clock`` (a ``time`` stand-in); ``on_reply`` after each push.
+
+    The message just pulled is pushed once its reply is there, even when another (a stopped run's)
+    reply answered Flower's wait first (:func:`newest_pulled`), not one message later.
+    """
     loop = module(PUSH_MESSAGES)
     resolve(PULL_LOOP_TIME)
     push = resolve(PUSH_MESSAGES)
+    source = inspect.getsource(resolve(NODE_STATE))
+    if "self.msg_store" not in source or "self.lock_msg_store" not in source:
+        raise HookError(unsupported(NODE_STATE.purpose, "InMemoryNodeState keeps no msg_store or lock_msg_store"))
 
     def push_and_mark(*args: Any, **kwargs: Any) -> None:
         trace(PUSH_MESSAGES)
+        state = kwargs.get("state")
+        pulled = newest_pulled(state)  # the message this turn of the loop pulled
         push(*args, **kwargs)
+        for _ in range(3):  # a left-over reply answered the wait: wait for this message's own, and push it
+            if pulled is None or not holds(state, pulled):
+                break
+            trace(NODE_STATE)
+            push(*args, **kwargs)
         on_reply()
 
     loop.time = traced_time(PULL_LOOP_TIME, clock, clock.sleep)

@@ -1,0 +1,91 @@
+"""The coordinator's side of update compression (:mod:`flowerbed.compression`).
+
+Before a round, :meth:`Broadcast.prepare` puts the global model into each train message in the
+run's form and returns the model the sites will hold (the "view"); after it, :meth:`Broadcast.decode`
+turns each site's compressed change back into that site's model (view + change), so the round
+screens and aggregates models exactly as without compression. Which sites hold the view is known
+from their replies: a site whose compressed reply was read holds it; any other gets the whole model.
+A coordinator that restarts holds no view: its first round sends the whole model to every site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from flowerbed import compression as codec
+
+ARRAYS = "arrays"  # the record Flower's strategies put the model in (their ``arrayrecord_key``)
+
+
+@dataclass
+class Broadcast:
+    """What the coordinator keeps between rounds of a compressed run."""
+
+    kind: str
+    fp32: bool = False  # broadcast_fp32: the model goes out in fp32, the sites' changes still compressed
+    view: codec.State | None = None  # the model the holders hold
+    holders: set[int] = field(default_factory=set)
+    residual: codec.State = field(default_factory=dict)  # int8: what the broadcast's rounding lost so far
+    sent_bytes: int = 0  # this round's model bytes to all sites (arrays, before packing)
+
+    def prepare(self, messages: list[Message], arrays: ArrayRecord) -> codec.State:
+        """Each message's model in the run's form (messages sharing content keep sharing it); the view."""
+        model = codec.state_of(arrays)
+        if self.fp32:
+            view, forms = model, {False: (arrays, codec.config(self.kind, codec.MODEL, view=codec.digest(model)))}
+        elif self.kind == "fp16":
+            record, _ = codec.encode(model, "fp16")
+            view = codec.decode(record, model)
+            forms = {False: (record, codec.config(self.kind, codec.MODEL, view=codec.digest(view)))}
+        elif self.view is None:  # int8, nothing held yet: the model as it is
+            view, forms = model, {False: (arrays, codec.config(self.kind, codec.MODEL, view=codec.digest(model)))}
+        else:  # int8: the change from what the holders hold, the whole view to the others
+            record, self.residual = codec.encode(codec.difference(model, self.view), "int8", self.residual)
+            view = codec.apply(self.view, codec.decode(record, self.view))
+            digest = codec.digest(view)
+            full = ArrayRecord({name: Array(value) for name, value in view.items()})
+            forms = {True: (record, codec.config(self.kind, codec.DELTA, base=codec.digest(self.view), view=digest)),
+                     False: (full, codec.config(self.kind, codec.MODEL, view=digest))}  # fmt: skip
+        contents: dict[tuple[int, bool], RecordDict] = {}
+        self.sent_bytes = 0
+        for message in messages:
+            holds = message.metadata.dst_node_id in self.holders and True in forms
+            key = (id(message.content), holds)
+            if key not in contents:
+                record, config = forms[holds]
+                content = RecordDict({name: rec for name, rec in message.content.items() if name != ARRAYS})
+                content[ARRAYS] = record
+                content[codec.RECORD] = config
+                contents[key] = content
+            message.content = contents[key]
+            self.sent_bytes += codec.nbytes(forms[holds][0])
+        self.view = view
+        return view
+
+    def decode(self, replies: list[Message]) -> int:
+        """Each compressed reply's change applied to the view, in place (a reply that cannot be read loses
+        its model: the round names it); the holders for the next round. Returns the bytes received."""
+        if self.view is None:  # nothing was prepared: nothing can be read
+            return 0
+        base = codec.digest(self.view)
+        self.holders = set()
+        received = 0
+        for reply in replies:
+            if reply.has_error() or codec.RECORD not in reply.content.config_records:
+                continue
+            record = reply.content.config_records[codec.RECORD]
+            arrays = reply.content.array_records.get(ARRAYS)
+            if arrays is None or record.get("of") != codec.DELTA or record.get("base") != base:
+                reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
+                continue
+            received += codec.nbytes(arrays)
+            try:
+                model = codec.apply(self.view, codec.decode(arrays, self.view))
+            except ValueError:
+                reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
+                continue
+            reply.content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in model.items()})
+            self.holders.add(reply.metadata.src_node_id)
+        return received
