@@ -28,18 +28,15 @@ class Broadcast:
     view: codec.State | None = None  # the model the holders hold
     holders: set[int] = field(default_factory=set)
     residual: codec.State = field(default_factory=dict)  # int8: what the broadcast's rounding lost so far
-    sent_bytes: int = 0  # this round's model bytes to all sites (arrays, before packing)
 
     def prepare(self, messages: list[Message], arrays: ArrayRecord) -> codec.State:
         """Each message's model in the run's form (messages sharing content keep sharing it); the view."""
         model = codec.state_of(arrays)
-        if self.fp32:
-            view, forms = model, {False: (arrays, codec.config(self.kind, codec.MODEL, view=codec.digest(model)))}
-        elif self.kind == "fp16":
+        if self.kind == "fp16" and not self.fp32:
             record, _ = codec.encode(model, "fp16")
             view = codec.decode(record, model)
             forms = {False: (record, codec.config(self.kind, codec.MODEL, view=codec.digest(view)))}
-        elif self.view is None:  # int8, nothing held yet: the model as it is
+        elif self.fp32 or self.view is None:  # the model as it is (int8: nothing held yet)
             view, forms = model, {False: (arrays, codec.config(self.kind, codec.MODEL, view=codec.digest(model)))}
         else:  # int8: the change from what the holders hold, the whole view to the others
             record, self.residual = codec.encode(codec.difference(model, self.view), "int8", self.residual)
@@ -49,7 +46,6 @@ class Broadcast:
             forms = {True: (record, codec.config(self.kind, codec.DELTA, base=codec.digest(self.view), view=digest)),
                      False: (full, codec.config(self.kind, codec.MODEL, view=digest))}  # fmt: skip
         contents: dict[tuple[int, bool], RecordDict] = {}
-        self.sent_bytes = 0
         for message in messages:
             holds = message.metadata.dst_node_id in self.holders and True in forms
             key = (id(message.content), holds)
@@ -60,32 +56,27 @@ class Broadcast:
                 content[codec.RECORD] = config
                 contents[key] = content
             message.content = contents[key]
-            self.sent_bytes += codec.nbytes(forms[holds][0])
         self.view = view
         return view
 
-    def decode(self, replies: list[Message]) -> int:
+    def decode(self, replies: list[Message]) -> None:
         """Each compressed reply's change applied to the view, in place (a reply that cannot be read loses
-        its model: the round names it); the holders for the next round. Returns the bytes received."""
+        its model: the round names it); the holders for the next round."""
         if self.view is None:  # nothing was prepared: nothing can be read
-            return 0
+            return
         base = codec.digest(self.view)
         self.holders = set()
-        received = 0
         for reply in replies:
             if reply.has_error() or codec.RECORD not in reply.content.config_records:
                 continue
             record = reply.content.config_records[codec.RECORD]
             arrays = reply.content.array_records.get(ARRAYS)
-            if arrays is None or record.get("of") != codec.DELTA or record.get("base") != base:
-                reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
-                continue
-            received += codec.nbytes(arrays)
             try:
+                if arrays is None or record.get("of") != codec.DELTA or record.get("base") != base:
+                    raise ValueError("not a change from this round's view")
                 model = codec.apply(self.view, codec.decode(arrays, self.view))
             except ValueError:
                 reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
                 continue
             reply.content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in model.items()})
             self.holders.add(reply.metadata.src_node_id)
-        return received
