@@ -358,7 +358,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     if key is not None:
         size, sha256 = ckks.digest(ckks.from_record(content["arrays"])[1])
     elif squeezed is not None:  # what leaves the site: the compressed change
-        size, sha256 = update_digest({k: a.numpy() for k, a in content.array_records["arrays"].items()})
+        size, sha256 = update_digest(compression.state_of(content.array_records["arrays"]))
     else:
         size, sha256 = update_digest(state)
     audited = append_here(ROUND, "clientapp", run_id=context.run_id, round=server_round, message="train",
