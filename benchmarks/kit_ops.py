@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import OUT, show, write
-from flowerbed.deploy.bundle import project_root
+from flowerbed.deploy.bundle import project_root, source_build_lock
 
 CLI = [sys.executable, "-m", "flowerbed"]
 
@@ -34,8 +34,12 @@ def timed(args: list[str], cwd: Path) -> float:
 
 
 def build_wheel(folder: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder),
-                    str(project_root())], check=True, capture_output=True, timeout=600)  # fmt: skip
+    """The flowerbed wheel from this tree, one build at a time (kit builds of tests share its build/ folder)."""
+    root = project_root()
+    assert root is not None, "benchmarks run from the source tree"
+    with source_build_lock(root):
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(folder), str(root)], check=True, capture_output=True, timeout=600)  # fmt: skip
     return next(folder.glob("flowerbed-*.whl"))
 
 

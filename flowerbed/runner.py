@@ -102,7 +102,7 @@ def check_superlink(layout: FederationLayout, control_port: int | None) -> None:
 
 def _submit(layout: FederationLayout, out_dir: Path, run_config: dict[str, Any]) -> int:
     write_app_manifest(out_dir / "app", run_config)
-    run_id = flwrcli.submit_run(layout.flwr_home, out_dir / "app")
+    run_id = control.start_run(layout.flwr_home, out_dir / "app")
     (out_dir / RUN_ID_FILE).write_text(str(run_id), encoding="utf-8")
     return run_id
 

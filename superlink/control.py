@@ -8,12 +8,15 @@ address and CA as ``flwr`` does. Errors become :class:`FlowerbedError` in one li
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flowerbed.errors import FlowerbedError
 from flowerbed.flower import HookError, superlink
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,24 +36,38 @@ class ControlClient:
             self._client = superlink.control_client(self.address, ca)
         return self._client
 
-    def run_status(self, run_id: int) -> str:
-        """Flower's status of a run as ``flwr ls`` shows it: ``running``, ``finished:completed``, ...
-
-        A Flower internal that is missing raises its own line (HookError, naming the Flower version),
-        never "the SuperLink did not answer".
-        """
+    def _ask(self, call: Callable[[Any], T], failed: str) -> T:
+        """``call(client)``; a transport or API error is one line (``failed``: what did not happen) and the
+        next question opens a new connection. A missing Flower internal raises its own line (HookError)."""
         client = self._connect()
         try:
-            found = superlink.list_run(client, run_id)
+            return call(client)
         except HookError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a transport or API error: one line, the caller retries
+        except Exception as exc:  # noqa: BLE001 - one line for the caller
             self.close()
-            raise FlowerbedError(f"the SuperLink's Control API did not answer: {type(exc).__name__}: {exc}") from None
+            raise FlowerbedError(f"{failed}: {type(exc).__name__}: {superlink.answer_of(exc)}") from None
+
+    def run_status(self, run_id: int) -> str:
+        """Flower's status of a run as ``flwr ls`` shows it: ``running``, ``finished:completed``, ..."""
+        found = self._ask(lambda c: superlink.list_run(c, run_id), "the SuperLink's Control API did not answer")
         if found is None:
             raise FlowerbedError(f"the SuperLink does not know run {run_id}")
         status, sub_status = found
         return f"{status}:{sub_status}" if sub_status else status
+
+    def start_run(self, app_dir: Path) -> int:
+        """Submit the Flower App in ``app_dir``; its run id."""
+        return self._ask(lambda c: superlink.start_run(c, app_dir), f"the SuperLink did not start the run of {app_dir}")
+
+    def register_node(self, public_key_pem: bytes, name: str) -> int | None:
+        """Register a node key (PEM); its node id, None when the SuperLink knows the key already."""
+        return self._ask(lambda c: superlink.register_node(c, public_key_pem, name),
+                         f"the SuperLink did not register {name}'s node key")  # fmt: skip
+
+    def unregister_node(self, node_id: int) -> None:
+        """Unregister node ``node_id`` (its key is refused from now on)."""
+        self._ask(lambda c: superlink.unregister_node(c, node_id), f"the SuperLink did not unregister node {node_id}")
 
     def close(self) -> None:
         """Close the connection (the next question opens a new one)."""
@@ -81,6 +98,40 @@ def client_for(flwr_home: Path) -> ControlClient:
             ) from None
         _CLIENTS[home] = ControlClient(connection["address"], Path(connection["root-certificates"]))
     return _CLIENTS[home]
+
+
+def close_client(flwr_home: Path) -> None:
+    """Close this process's connection to the SuperLink of ``flwr_home``, if any: before the SuperLink stops,
+    whose HTTP server waits for its open connections to close (10 s of SIGTERM grace per stop, seen in tests)."""
+    client = _CLIENTS.pop(flwr_home.resolve(), None)
+    if client is not None:
+        client.close()
+
+
+def start_run(flwr_home: Path, app_dir: Path) -> int:
+    """Submit the Flower App in ``app_dir`` to the local SuperLink (as ``flwr run APP`` does); its run id."""
+    return client_for(flwr_home).start_run(app_dir)
+
+
+def register_node(flwr_home: Path, public_key: Path, name: str) -> str | None:
+    """Register the OpenSSH public key file ``public_key`` as site ``name``; its node id, or None when the
+    SuperLink has the key already."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_public_key(public_key.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise FlowerbedError(
+            f"{public_key} is not a node public key ({exc}): make it with `flowerbed certs node {name}`"
+        ) from None
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    node_id = client_for(flwr_home).register_node(pem, name)
+    return None if node_id is None else str(node_id)
+
+
+def unregister_node(flwr_home: Path, node_id: int) -> None:
+    """Unregister node ``node_id`` at the local SuperLink."""
+    client_for(flwr_home).unregister_node(node_id)
 
 
 def run_status(flwr_home: Path, run_id: int) -> str:

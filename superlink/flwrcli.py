@@ -74,22 +74,6 @@ def list_nodes(flwr_home: Path) -> list[dict[str, Any]]:
     return nodes
 
 
-def register_node(flwr_home: Path, public_key: Path, name: str) -> str | None:
-    """Register a node's public key; its node id, or None when the SuperLink already knows the key."""
-    try:
-        data = flwr(flwr_home, "supernode", "register", str(public_key), CONNECTION, "--name", name)
-    except FlowerbedError as exc:
-        if "already" in exc.message.lower() or "exists" in exc.message.lower():
-            return None
-        raise
-    return str(data.get("node-id", "")) or None
-
-
-def unregister_node(flwr_home: Path, node_id: int) -> None:
-    """Unregister a node: the SuperLink refuses its key from now on."""
-    flwr(flwr_home, "supernode", "unregister", str(node_id), CONNECTION)
-
-
 def submit_run(flwr_home: Path, app_dir: Path, run_config: dict[str, Any] | None = None) -> int:
     """Submit the Flower App in ``app_dir`` (``run_config`` overrides its config); returns the run id."""
     args = ["run", str(app_dir.resolve()), CONNECTION]

@@ -31,7 +31,7 @@ from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import tcp_open
 from flowerbed.runfolder import read_rows
-from flowerbed.superlink import flwrcli
+from flowerbed.superlink import control, flwrcli
 
 
 def _now() -> str:
@@ -68,7 +68,7 @@ def running(layout: FederationLayout, config: FederationConfig) -> bool:
 
 def register(layout: FederationLayout, site: str) -> str | None:
     """Register ``site``'s public key with the running SuperLink; its node id (None if known already)."""
-    node_id = flwrcli.register_node(layout.flwr_home, layout.node_pub(site), site)
+    node_id = control.register_node(layout.flwr_home, layout.node_pub(site), site)
     if node_id is not None:
         registry = load_registry(layout)
         registry[site] = {"node_id": node_id, "registered_at": _now(), "revoked": False}
@@ -195,7 +195,7 @@ def revoke_site(layout: FederationLayout, name: str) -> tuple[str | None, bool]:
         registry[name] = {**(entry or {}), "node_id": node_id, "revoked": True, "revoked_at": _now(),
                           "pending_unregister": True}  # fmt: skip
         save_registry(layout, registry)
-        flwrcli.unregister_node(layout.flwr_home, int(node_id))
+        control.unregister_node(layout.flwr_home, int(node_id))
         now_done = True
     revoked_dir = layout.nodes / "revoked"
     revoked_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def unregister_pending(layout: FederationLayout) -> list[str]:
     done = []
     for name, entry in registry.items():
         if entry.get("revoked") and entry.get("pending_unregister") and entry.get("node_id"):
-            flwrcli.unregister_node(layout.flwr_home, int(entry["node_id"]))
+            control.unregister_node(layout.flwr_home, int(entry["node_id"]))
             entry["pending_unregister"] = False
             done.append(name)
     if done:

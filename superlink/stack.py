@@ -22,7 +22,7 @@ from flowerbed.errors import FlowerbedError
 from flowerbed.layout import FederationLayout
 from flowerbed.probes import grpc_health, presents_certificate, tcp_open
 from flowerbed.proc import ManagedProcess, child_env, executable, kill_group, stop_all, tail
-from flowerbed.superlink import flwrcli, gateway, sites
+from flowerbed.superlink import control, flwrcli, gateway, sites
 from flowerbed.superlink.launch import REPLIES_ENV
 from flowerbed.superlink.refusals import RefusalWatch
 from flowerbed.warmexec import can_fork
@@ -64,6 +64,7 @@ class CoordinatorStack:
 
     def stop(self) -> None:
         """Stop every process of the stack by pid (and the groups of restarted ones)."""
+        control.close_client(self.layout.flwr_home)  # an open connection holds the SuperLink's shutdown up
         stop_all(self.processes)
         for group in self.retired_groups:
             kill_group(group)
@@ -145,7 +146,6 @@ def start_stack(
         stack.processes.append(superlink.start())
         report(f"starting flower-superlink on 127.0.0.1:{sl.internal_port} (pid {superlink.pid})")
         stack.probes[superlink.name] = lambda: grpc_health(f"127.0.0.1:{sl.health_port}")
-        superlink.wait_ready(stack.probes[superlink.name], deadline_s)
 
         executor = ManagedProcess(
             name=EXECUTOR,
@@ -161,9 +161,12 @@ def start_stack(
             cwd=layout.state,
             die_with_parent=True,
         )  # fmt: skip
+        # Started together (the executor waits for the SuperLink's Runtime API by itself): their imports
+        # overlap, seconds off every coordinator start.
         stack.processes.append(executor.start())
         report(f"starting the ServerApp executor (pid {executor.pid})")
         stack.probes[executor.name] = lambda: grpc_health(f"127.0.0.1:{sl.executor_health_port}")
+        superlink.wait_ready(stack.probes[superlink.name], deadline_s)
         executor.wait_ready(stack.probes[executor.name], deadline_s)
 
         flwrcli.write_connection(layout.flwr_home, stack.control_address, layout.ca_cert)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flowerbed.errors import FlowerbedError
-from flowerbed.superlink import flwrcli, gateway
+from flowerbed.superlink import control, flwrcli, gateway
 from tests.conftest import RunningFederation, wait_for
 
 BLOCKED = [
@@ -100,7 +100,7 @@ def test_every_site_key_is_registered(running: RunningFederation) -> None:
     # session and came back as a new node (the suite's order differs between workers).
     assert len(flwrcli.list_nodes(running.layout.flwr_home)) >= 3
     # registering again is not an error (state survives restarts)
-    assert flwrcli.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is None
+    assert control.register_node(running.layout.flwr_home, running.layout.node_pub("inst-a"), "inst-a") is None
 
 
 @pytest.mark.federation

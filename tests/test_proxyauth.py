@@ -24,7 +24,7 @@ from flowerbed.config import RunSettings
 from flowerbed.errors import ExitCode
 from flowerbed.probes import free_port, tcp_open
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.superlink import flwrcli
+from flowerbed.superlink import control
 from tests.conftest import RunningFederation, assert_clean_error, run_cli, wait_for
 from tests.test_supernode import start_args
 
@@ -119,7 +119,7 @@ def test_checklist_and_preflight_authenticate_to_the_proxy(running: RunningFeder
 def test_a_supernode_trains_through_a_proxy_that_wants_a_password(running: RunningFederation, tmp_path: Path) -> None:
     key = tmp_path / "auth-site.key"
     NodeKeyPair.generate("auth-site").write(key, tmp_path / "auth-site.key.pub")
-    flwrcli.register_node(running.layout.flwr_home, tmp_path / "auth-site.key.pub", "auth-site")
+    control.register_node(running.layout.flwr_home, tmp_path / "auth-site.key.pub", "auth-site")
     work = tmp_path / "work"
     args = start_args(running.gateway, running.layout.ca_cert, key, running.data.site_files["inst-a"],
                       "--workdir", str(work), "--port", str(free_port()), "--site", "auth-site")  # fmt: skip

@@ -23,7 +23,7 @@ from flowerbed.errors import ExitCode
 from flowerbed.probes import free_port
 from flowerbed.proc import ManagedProcess, child_env
 from flowerbed.runner import check_result, follow, submit
-from flowerbed.superlink import flwrcli
+from flowerbed.superlink import control
 from flowerbed.supernode.supervisor import Attempt, LogFollower
 from tests.conftest import RunningFederation, assert_clean_error, run_cli, wait_for
 from tests.connectproxy import connect_proxy
@@ -251,7 +251,7 @@ def test_site_behind_a_proxy_trains_and_names_the_proxy_when_it_fails(
     """Only the gateway goes through the proxy (loopback never does); a dead proxy is named, and its return seen."""
     key = tmp_path / "proxy-site.key"
     NodeKeyPair.generate("proxy-site").write(key, tmp_path / "proxy-site.key.pub")
-    flwrcli.register_node(running.layout.flwr_home, tmp_path / "proxy-site.key.pub", "proxy-site")
+    control.register_node(running.layout.flwr_home, tmp_path / "proxy-site.key.pub", "proxy-site")
     proxy_port = free_port()
     args = start_args(running.gateway, running.layout.ca_cert, key, running.data.site_files["inst-a"],
                       "--workdir", str(tmp_path / "work"), "--port", str(free_port()), "--site", "proxy-site")  # fmt: skip

@@ -111,15 +111,16 @@ def module(hook: Hook) -> Any:
     return target
 
 
-_TRACED: set[str] = set()
+_TRACED: set[tuple[str, str]] = set()
 
 
 def trace(hook: Hook) -> None:
-    """Note that this process called ``hook`` (once), in ``FLOWERBED_HOOK_TRACE``'s file when it is set."""
-    if hook.key in _TRACED:
-        return
-    _TRACED.add(hook.key)
+    """Note that this process called ``hook`` (once per trace file), in ``FLOWERBED_HOOK_TRACE``'s file when it
+    is set (a long-lived process, e.g. a test worker, may see several)."""
     path = os.environ.get(TRACE_ENV, "")
+    if (path, hook.key) in _TRACED:
+        return
+    _TRACED.add((path, hook.key))
     if path:
         with contextlib.suppress(OSError), Path(path).open("a", encoding="utf-8") as handle:
             handle.write(hook.key + "\n")

@@ -6,11 +6,17 @@ and the ServerApp runtime that the warm executor forks.
 - ``SqlLinkState.store_message_res``: each stored reply is passed to the kit (the run's reply tally).
 - ``SqlLinkState.acknowledge_node_heartbeat`` and ``get_message_ins``: each node's last contact.
 - ``ControlHttpClient`` and ``ListRunsRequest``: a run's status without a ``flwr`` process.
+- ``build_fab_from_disk``, ``Fab`` and ``StartRunRequest``: the kit's run submitted as ``flwr run`` submits it,
+  without a ``flwr`` process (two seconds per run).
+- ``RegisterNodeRequest``/``UnregisterNodeRequest``: a site's node key registered or unregistered without a
+  ``flwr`` process (a second of CPU per site at every coordinator start).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flowerbed.flower import declare, entry, module, resolve, trace
@@ -39,6 +45,14 @@ VERSION_INTERCEPTOR = declare(
     "flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", "ask the SuperLink's Control API", "component_name"
 )
 LIST_RUNS = declare("flwr.proto.control_pb2", "ListRunsRequest", "ask the SuperLink's Control API for a run's status")
+REGISTER_NODE = declare("flwr.proto.control_pb2", "RegisterNodeRequest", "register a site's node key at the SuperLink")
+UNREGISTER_NODE = declare(
+    "flwr.proto.control_pb2", "UnregisterNodeRequest", "unregister a revoked site's node", path=False
+)
+BUILD_FAB = declare("flwr.cli.build", "build_fab_from_disk", "submit a run to the SuperLink", "app")
+FAB = declare("flwr.supercore.fab", "Fab", "submit a run to the SuperLink", "hash_str", "content", "verifications")
+START_RUN = declare("flwr.proto.control_pb2", "StartRunRequest", "submit a run to the SuperLink")
+KEY_IN_USE = "already in use"  # the SuperLink's answer (HTTP 412) to a key it has registered before
 
 
 def queue_sqlite_writers(busy_timeout_ms: str) -> None:
@@ -125,6 +139,50 @@ def control_client(address: str, root_certificates: bytes) -> Any:
         root_certificates=root_certificates,
         interceptors=[interceptor(component_name="flwr CLI")],
     )
+
+
+def start_run(client: Any, app_dir: Path) -> int:
+    """Submit the Flower App in ``app_dir`` as ``flwr run APP`` does (its FAB, no config overrides); the run id.
+    Errors propagate (the caller says them)."""
+    from flwr.common.serde import fab_to_proto
+
+    fab_bytes = resolve(BUILD_FAB)(app_dir)
+    fab = resolve(FAB)(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+    request = resolve(START_RUN)
+    for hook in (BUILD_FAB, FAB, START_RUN):
+        trace(hook)
+    response = client.StartRun(request(fab=fab_to_proto(fab)))
+    if not response.HasField("run_id"):
+        raise RuntimeError("the SuperLink started no run")
+    return int(response.run_id)
+
+
+def register_node(client: Any, public_key_pem: bytes, name: str) -> int | None:
+    """Register a node's public key (PEM, SubjectPublicKeyInfo, as ``flwr supernode register`` sends it); its
+    node id, or None when the SuperLink has the key already. Other errors propagate (the caller says them)."""
+    request = resolve(REGISTER_NODE)
+    trace(REGISTER_NODE)
+    try:
+        response = client.RegisterNode(request(public_key=public_key_pem, name=name))
+    except Exception as exc:
+        if KEY_IN_USE in answer_of(exc).lower():
+            return None
+        raise
+    return int(response.node_id)
+
+
+def unregister_node(client: Any, node_id: int) -> None:
+    """Unregister a node: the SuperLink refuses its key from now on."""
+    request = resolve(UNREGISTER_NODE)
+    trace(UNREGISTER_NODE)
+    client.UnregisterNode(request(node_id=node_id))
+
+
+def answer_of(exc: Exception) -> str:
+    """The error and the body of the SuperLink's HTTP answer, if the error carries one."""
+    response = getattr(exc, "response", None)
+    body = getattr(response, "text", "") if response is not None else ""
+    return f"{exc} {body}"
 
 
 def list_run(client: Any, run_id: int) -> tuple[str, str] | None:
