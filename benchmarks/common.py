@@ -9,15 +9,34 @@ import platform
 import signal
 import statistics
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+T = TypeVar("T")
+
+
+def sampled(run: Callable[[], T], sample: Callable[[], None], every_s: float) -> T:
+    """``run()``, with ``sample()`` called every ``every_s`` seconds in a thread until it returns."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            sample()
+
+    sampler = threading.Thread(target=loop, daemon=True)
+    sampler.start()
+    try:
+        return run()
+    finally:
+        stop.set()
+        sampler.join(timeout=10)
 
 
 def _end_on_sigterm(_signum: int, _frame: object) -> None:

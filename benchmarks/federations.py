@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +73,13 @@ def kit(
     torch_threads: int = 1,
     *,
     data_set: str = "breast-cancer",
+    route: Callable[[str, str], str] | None = None,
+    direct: bool = False,
 ) -> Iterator[Kit]:
     """Start a kit federation of ``sites`` (default: the three demo sites) in ``root``; stop it on exit.
-    ``data_set``: the demo whose recipe the federation.toml holds (``demo`` must be its data)."""
+    ``data_set``: the demo whose recipe the federation.toml holds (``demo`` must be its data); ``route``:
+    the address a site reaches the gateway at, given its name and the gateway's (default: the gateway's);
+    ``direct``: the sites skip the gateway and reach the SuperLink's loopback port (one TLS hop, benchmarks)."""
     started = time.monotonic()
     names = sites or SITES
     layout = FederationLayout(root / "federation")
@@ -87,13 +91,14 @@ def kit(
     stack = start_stack(layout, config)
     threads = SiteThreads()
     try:
-        address = f"{config.superlink.address}:{config.superlink.port}"
+        port = config.superlink.internal_port if direct else config.superlink.port
+        address = f"{config.superlink.address}:{port}"
         files = list(demo.site_files.values())
         threads.start(
             [
                 SupernodeSpec(
                     site=n,
-                    superlink=address,
+                    superlink=route(n, address) if route is not None else address,
                     ca=layout.ca_cert,
                     key=layout.node_key(n),
                     data=files[i % len(files)],

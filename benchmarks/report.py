@@ -118,6 +118,26 @@ def compression(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def memory(d: dict[str, Any]) -> list[str]:
+    rows = [[r["label"], r["peak_mb"]["superlink"], r["peak_mb"]["gateway"], r["peak_mb"]["serverapp"],
+             r["peak_mb"]["all"], "yes" if r["peak_mb"]["all"] < d["target_mb"] else "no", r["round_s"]]
+            for r in d["rows"]]  # fmt: skip
+    return [f"Peak PSS of the coordinator's processes (MB, sampled every 0.2 s), {d['sites']} sites, a "
+            f"{d['model_mb']:g} MB model, {d['rounds']} rounds; target: under 3x the model + 1 GB = "
+            f"{d['target_mb']:.0f} MB:", "",
+            *_table(["aggregation", "SuperLink", "gateway", "ServerApp", "all", "met", "s/round"], rows)]  # fmt: skip
+
+
+def wan(d: dict[str, Any]) -> list[str]:
+    rows = [[r["mode"], r["per_site_mb"], r["link_s"], r["compute_s"], r["floor_s"], r["round_s"], r["ratio"]]
+            for r in d["rows"]]  # fmt: skip
+    return [f"{d['sites']} sites, each on a {d['site_mbit']:g} Mbit/s link with {d['delay_ms']:g} ms each way, into a "
+            f"{d['coord_mbit']:g} Mbit/s coordinator (relays on loopback), a {d['model_mb']:g} MB model; the floor is "
+            "each site's bytes over its bandwidth, a task's round-trips and the compute (target: within 1.3x):", "",
+            *_table(["compression", "MB per site", "link s", "compute s", "floor s", "kit s/round", "kit / floor"],
+                    rows)]  # fmt: skip
+
+
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("round_time", "1. Round time", round_time),
     ("time_to_federation", "2. Time to federation", time_to_federation),
@@ -126,6 +146,8 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [
     ("kit_ops", "5. Kit operations", kit_ops),
     ("requests", "6. Requests per round", requests),
     ("compression", "7. Update compression", compression),
+    ("memory", "8. Coordinator memory", memory),
+    ("wan", "9. A real link", wan),
     ("demo_rounds", "The demo", demo_rounds),
 ]
 

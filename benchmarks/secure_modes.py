@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 from benchmarks import federations as fed
-from benchmarks.common import OUT, median, rss_mb, show, write
+from benchmarks.common import OUT, median, rss_mb, sampled, show, write
 from flowerbed import audit
 
 MODES = {"plain FedAvg": "off", "SecAgg+": "secagg+", "CKKS": "ckks"}
@@ -52,20 +51,13 @@ def measure(kit: fed.Kit, mode: str, hidden: int | None, rounds: int, name: str)
         changes["hidden_units"] = hidden
     settings = fed.settings(rounds, **changes)
     pids = [p.pid for p in kit.stack.processes if p.pid]
-    peak, stop = [0.0], threading.Event()
+    peak = [0.0]
 
     def sample() -> None:
-        while not stop.wait(0.5):
-            peak[0] = max(peak[0], rss_mb(pids))
+        peak[0] = max(peak[0], rss_mb(pids))
 
     since = trail_lengths(kit)  # each run's bytes from its own trail lines
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        seconds = kit.run(settings, name)
-    finally:
-        stop.set()
-        sampler.join(timeout=5)
+    seconds = sampled(lambda: kit.run(settings, name), sample, 0.5)
     params = (hidden or settings.hidden_units) * PARAMS_PER_HIDDEN
     return {"round_s": median(seconds[1:] or seconds), "site_bytes": sent_bytes(kit, since),
             "coordinator_mb": peak[0], "params": params}  # fmt: skip

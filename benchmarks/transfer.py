@@ -1,11 +1,13 @@
 """Benchmark 3, model transfer: 10, 50 and 200 MB models, 2 sites, through the gateway.
 
-For each size, in one sitting: the kit (TLS through nginx, node auth), plain Flower 1.42 without a
-gateway (``--insecure``), and the raw TLS throughput of this machine's loopback (Python's ssl, the
-kit's own certificates, one connection). A round moves the model to each site and back (4 x size for
-2 sites); transfer seconds = steady round seconds - the same round for a tiny model (the fixed cost)
-- the compute floor of that size; throughput = bytes moved / transfer seconds. Goal: >= 0.25x raw
-TLS, measured next to each size (best of 3). Writes docs/benchmarks/transfer.json and .png.
+For each size, in one sitting: the kit (TLS through nginx, node auth), the kit with its sites straight
+at the SuperLink (one TLS hop, no gateway: what the site -> nginx -> SuperLink hop costs; not at smoke
+size), plain Flower 1.42 without a gateway (``--insecure``), and the raw TLS throughput of this
+machine's loopback (Python's ssl, the kit's own certificates, one connection). A round moves the
+model to each site and back (4 x size for 2 sites); transfer seconds = steady round seconds - the
+same round for a tiny model (the fixed cost) - the compute floor of that size; throughput = bytes
+moved / transfer seconds. Goal: >= 0.25x raw TLS, measured next to each size (best of 3). Writes
+docs/benchmarks/transfer.json and .png.
 
     python -m benchmarks.transfer [--sizes 10,50,200] [--rounds 3] [--smoke] [--out DIR]
 """
@@ -13,6 +15,7 @@ TLS, measured next to each size (best of 3). Writes docs/benchmarks/transfer.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import ssl
 import subprocess
@@ -78,7 +81,9 @@ def marginal_mb_s(rows: list[dict[str, Any]]) -> dict[str, float]:
     if len(set(sizes)) < 2:
         return out
     mean_x = sum(sizes) / len(sizes)
-    for name in ("kit", "plain"):
+    for name in ("kit", "direct", "plain"):
+        if f"{name}_round_s" not in rows[0]:
+            continue
         ys = [r[f"{name}_round_s"] for r in rows]
         mean_y = sum(ys) / len(ys)
         slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, ys, strict=True)) / sum(
@@ -106,18 +111,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fb-bench-transfer-") as tmp:
         root = Path(tmp)
         demo = fed.data(root / "data")
-        with fed.kit(root / "kit", demo, sites=sites) as kit, fed.plain(root / "plain", demo, sites=2) as plain:
+        with contextlib.ExitStack() as stack:
+            kit = stack.enter_context(fed.kit(root / "kit", demo, sites=sites))
+            targets: dict[str, Any] = {"kit": kit}
+            if not args.smoke:
+                targets["direct"] = stack.enter_context(fed.kit(root / "direct", demo, sites=sites, direct=True))
+            targets["plain"] = stack.enter_context(fed.plain(root / "plain", demo, sites=2))
             layout = kit.layout
             tiny = fed.settings(rounds, min_nodes=2, local_epochs=1, hidden_units=8)
-            base = {"kit": steady(kit.run(tiny, "tiny")), "plain": steady(plain.run(tiny, "tiny"))}
+            base = {name: steady(target.run(tiny, "tiny")) for name, target in targets.items()}
             for mb in sizes:
                 settings = fed.settings(rounds, min_nodes=2, local_epochs=1, hidden_units=hidden_for(mb),
                                         round_timeout_s=1200)  # fmt: skip
                 floor = min(fed.compute_floor(demo, settings, 2, sites=2))
                 # Raw TLS next to each size (the best of 3): a busy moment would flatter the ratio.
-                raw = max(raw_tls_mb_s(layout.server_cert, layout.server_key, layout.ca_cert) for _ in range(3))
+                tries, tls_mb = (1, 20) if args.smoke else (3, 200)
+                raw = max(raw_tls_mb_s(layout.server_cert, layout.server_key, layout.ca_cert, tls_mb)
+                          for _ in range(tries))  # fmt: skip
                 row: dict[str, Any] = {"model_mb": mb, "raw_tls_mb_s": raw, "compute_floor_s": floor}
-                for name, target in (("kit", kit), ("plain", plain)):
+                for name, target in targets.items():
                     seconds = steady(target.run(settings, f"{name}-{mb:g}"))
                     moving = seconds - base[name] - floor
                     row[f"{name}_round_s"] = seconds
@@ -125,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     row[f"{name}_mb_s"] = 4 * mb / moving if moving > RESOLUTION_S else None
                     row[f"{name}_vs_raw"] = row[f"{name}_mb_s"] / raw if row[f"{name}_mb_s"] else None
                 rows.append(row)
+    if any("direct_round_s" in r for r in rows):
+        show("The gateway's hop: the kit through nginx against its sites straight at the SuperLink",
+             ["model MB", "through the gateway s/round", "straight s/round", "gateway's share", "straight MB/s"],
+             [[r["model_mb"], r["kit_round_s"], r["direct_round_s"], 1 - r["direct_round_s"] / r["kit_round_s"],
+               r["direct_mb_s"]] for r in rows])  # fmt: skip
     show(f"Model transfer, 2 sites (raw TLS on loopback: {max(r['raw_tls_mb_s'] for r in rows):.0f} MB/s)",
          ["model MB", "raw TLS MB/s", "kit s/round", "kit MB/s", "kit / raw TLS", "plain Flower s/round", "plain MB/s",
           "plain / raw TLS"],

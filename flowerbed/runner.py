@@ -146,6 +146,23 @@ def submit(
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
 
+HELD_NOTE_BYTES = 1024 * MB  # a round's updates held at once above this: said before the run
+
+
+def memory_warning(model: Any, settings: RunSettings, sites: int) -> str | None:
+    """A warning when this run's rounds hold every update at once and they add up to more than a GB
+    (FedAvg, FedProx and FedAdam add each update to a running sum as it arrives: no warning)."""
+    from flowerbed.serverapp.fold import held_why
+
+    why = held_why(settings)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if why is None or size * sites < HELD_NOTE_BYTES:
+        return None
+    return (f"{why}: the coordinator holds up to {sites} updates of {size / MB:.0f} MB at once "
+            f"({sites * size / MB / 1024:.1f} GB) in each round; fedavg, fedprox and fedadam add each update "
+            "as it arrives instead")  # fmt: skip
+
+
 @dataclass
 class Prepared:
     """A run made ready to submit: the task it uses, its settings, and what the user should hear first."""
@@ -211,9 +228,9 @@ def prepare(
         if unused:
             warnings.append(f"task {chosen.name} has no setting {', '.join(unused)}: the value given "
                             f"({', '.join(f'{k} from {sources[k]}' for k in unused)}) is not used")  # fmt: skip
-        space = space_warning(layout.runs, loaded.model(task_config(loaded, settings.to_run_config())), settings)
-        if space:
-            warnings.append(space)
+        model = loaded.model(task_config(loaded, settings.to_run_config()))
+        warnings += [w for w in (space_warning(layout.runs, model, settings),
+                                 memory_warning(model, settings, len(config.sites))) if w]  # fmt: skip
     return Prepared(chosen, settings, warnings, effective)
 
 

@@ -34,9 +34,10 @@ from flowerbed.protocol import TASK_EVENT
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own setting (seconds, default 1.0)
 THREADS_ENV = "FLOWERBED_TORCH_THREADS"  # torch threads per task (default: this machine's cores)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's OpenMP runtime reads at import
-POLL_S = "0.1"  # how often the executor asks the Runtime API for a task, while tasks come
-IDLE_POLL_S = 1.0  # ... and once nothing ran for QUICK_FOR_S (Flower's default): an idle site or
-QUICK_FOR_S = 60.0  # coordinator polling ten times a second used 2.5x the CPU (3 sites: 0.32 -> 0.13 cores)
+POLL_S = "0.1"  # how often the executor asks the Runtime API for a task right after one started or ended
+IDLE_POLL_S = 1.0  # ... slowing down to this (Flower's default) over RAMP_S: an idle site or coordinator
+RAMP_S = 20.0  # polling ten times a second used 2.5x the CPU (3 sites: 0.32 -> 0.13 cores); so did a
+# ServerApp executor polling ten times a second for as long as a run went on (its task)
 Runner = Callable[[], None]  # a command's main function; it reads sys.argv
 TASK_STARTED, TASK_ENDED = "warm executor: task started", "warm executor: task ended"  # read by the supervisor
 
@@ -105,13 +106,16 @@ class ForkExecutor:
 
     runners: dict[str, Runner]  # task type (Flower's TaskType value) -> the command's main function
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task id, start
-    last_task: float = field(default_factory=time.monotonic)  # when a task last ran (or the executor started)
+    last_task: float = field(default_factory=time.monotonic)  # when a task last started or ended (or the start)
+    _running: frozenset[int] = field(default_factory=frozenset)  # the children at the last poll
 
     def poll_s(self, interval_s: float, now: float) -> float:
-        """Seconds until the task loop asks again: its interval while tasks come (or run), else IDLE_POLL_S."""
-        if self.children:
-            self.last_task = now
-        return interval_s if now - self.last_task < QUICK_FOR_S else max(interval_s, IDLE_POLL_S)
+        """Seconds until the task loop asks again: its interval right after a task started or ended (the
+        next round's task comes soon), growing to IDLE_POLL_S over RAMP_S (a slower interval asked for is kept)."""
+        if frozenset(self.children) != self._running:
+            self._running, self.last_task = frozenset(self.children), now
+        ramp = (now - self.last_task) / RAMP_S * (IDLE_POLL_S - interval_s)
+        return max(interval_s, min(IDLE_POLL_S, interval_s + ramp))
 
     def pause(self, interval_s: float) -> None:
         """The task loop's wait before it asks again (Flower's loop calls it with its interval)."""

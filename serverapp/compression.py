@@ -28,6 +28,7 @@ class Broadcast:
     view: codec.State | None = None  # the model the holders hold
     holders: set[int] = field(default_factory=set)
     residual: codec.State = field(default_factory=dict)  # int8: what the broadcast's rounding lost so far
+    base: str = ""  # the digest of the view the sites' changes are made from (set by prepare)
 
     def prepare(self, messages: list[Message], arrays: ArrayRecord) -> codec.State:
         """Each message's model in the run's form (messages sharing content keep sharing it); the view."""
@@ -56,27 +57,30 @@ class Broadcast:
                 content[codec.RECORD] = config
                 contents[key] = content
             message.content = contents[key]
-        self.view = view
+        self.view, self.base, self.holders = view, codec.digest(view), set()
         return view
 
     def decode(self, replies: list[Message]) -> None:
-        """Each compressed reply's change applied to the view, in place (a reply that cannot be read loses
-        its model: the round names it); the holders for the next round."""
-        if self.view is None:  # nothing was prepared: nothing can be read
-            return
-        base = codec.digest(self.view)
+        """Each compressed reply's change applied to the view, in place; the holders for the next round."""
         self.holders = set()
         for reply in replies:
-            if reply.has_error() or codec.RECORD not in reply.content.config_records:
-                continue
-            record = reply.content.config_records[codec.RECORD]
-            arrays = reply.content.array_records.get(ARRAYS)
-            try:
-                if arrays is None or record.get("of") != codec.DELTA or record.get("base") != base:
-                    raise ValueError("not a change from this round's view")
-                model = codec.apply(self.view, codec.decode(arrays, self.view))
-            except ValueError:
-                reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
-                continue
-            reply.content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in model.items()})
-            self.holders.add(reply.metadata.src_node_id)
+            self.decode_one(reply)
+
+    def decode_one(self, reply: Message) -> Message:
+        """One reply's change applied to the view, in place, as it arrives (a reply that cannot be read loses
+        its model: the round names it); its site becomes a holder. Call :meth:`prepare` first, which starts
+        the round's holders afresh."""
+        if self.view is None or reply.has_error() or codec.RECORD not in reply.content.config_records:
+            return reply  # nothing was prepared (nothing can be read), or nothing compressed came
+        record = reply.content.config_records[codec.RECORD]
+        arrays = reply.content.array_records.get(ARRAYS)
+        try:
+            if arrays is None or record.get("of") != codec.DELTA or record.get("base") != self.base:
+                raise ValueError("not a change from this round's view")
+            model = codec.apply(self.view, codec.decode(arrays, self.view))
+        except ValueError:
+            reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
+            return reply
+        reply.content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in model.items()})
+        self.holders.add(reply.metadata.src_node_id)
+        return reply

@@ -32,6 +32,7 @@ from flowerbed.runfolder import (
     stop_requested,
 )
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, STOP_ASKED, TIME_BUDGET, ConvergenceTracker
+from flowerbed.serverapp.fold import Fold, folds
 from flowerbed.serverapp.resume import ResumePoint
 from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
 
@@ -55,7 +56,7 @@ class Outcome:
     privacy: dict[str, float] = field(default_factory=dict)  # site -> epsilon it spent (DP-SGD)
 
 
-PULL_S, PULL_SLOW_S, PULL_QUICK_FOR_S = 0.2, 1.0, 60.0  # replies polled 5x a second, after a minute 1x
+PULL_S, PULL_SLOW_S, PULL_RAMP_S = 0.2, 1.0, 60.0  # replies polled 5x a second, slowing to 1x over a minute
 
 
 WATCH_S = 2.0  # how often an exchange asks whether a site it waits for was revoked or has gone dark
@@ -79,6 +80,13 @@ class Watch(Protocol):
         ...
 
 
+def pull_every(elapsed: float) -> float:
+    """Seconds between two polls for replies ``elapsed`` seconds into an exchange: PULL_S at first (a quick
+    round's replies come within seconds), growing to PULL_SLOW_S over PULL_RAMP_S (each poll costs the
+    SuperLink a request; a reply to a long round waits at most a fraction of it)."""
+    return min(PULL_SLOW_S, PULL_S + (PULL_SLOW_S - PULL_S) * elapsed / PULL_RAMP_S)
+
+
 def exchange(
     grid: Grid,
     messages: list[Message],
@@ -89,6 +97,7 @@ def exchange(
     dropped: dict[int, str] | None = None,
     on_dark: Callable[[int, float, float], None] | None = None,
     traffic: dict[str, int] | None = None,
+    on_reply: Callable[[Message], Message] | None = None,
 ) -> list[Message]:
     """Flower's ``grid.send_and_receive``, polling for replies every 0.2 s (1 s after a minute), not every 3 s.
 
@@ -99,7 +108,8 @@ def exchange(
     is passed to ``on_dark(node, seconds since its last contact, seconds the round still waits)``. The
     messages go out packed, one flat array each (:mod:`flowerbed.wire`), and the replies come back
     unpacked; the messages passed keep their content. ``traffic`` adds up the packed bytes sent
-    ("down", one copy per site) and received ("up").
+    ("down", one copy per site) and received ("up"). ``on_reply``: each reply, unpacked, as it arrives
+    (returns what is kept of it: a folded update lets its arrays go).
     """
     kept = [(m, m.content) for m in messages if m.has_content()] if wire.enabled() else []
     packed: dict[int, RecordDict] = {}  # the same model to every site: packed once (and one blob in memory)
@@ -123,8 +133,10 @@ def exchange(
             got = list(grid.pull_messages(waiting))
         if traffic is not None:
             traffic["up"] = traffic.get("up", 0) + sum(wire.size(m.content) for m in got if m.has_content())
-        replies += [wire.unpack_message(m) for m in got]
         waiting -= {m.metadata.reply_to_message_id for m in got}
+        while got:  # one reply at a time, each packed blob let go once read
+            reply = wire.unpack_message(got.pop(0))
+            replies.append(on_reply(reply) if on_reply is not None else reply)
         elapsed = clock() - start
         if watch is not None and waiting and clock() >= next_check:
             next_check = clock() + WATCH_S
@@ -138,7 +150,7 @@ def exchange(
                     on_dark(node, age, timeout - elapsed)
         if not waiting or elapsed >= timeout:
             break
-        time.sleep(min(PULL_S if elapsed < PULL_QUICK_FOR_S else PULL_SLOW_S, timeout - elapsed))
+        time.sleep(min(pull_every(elapsed), timeout - elapsed))
     if watch is not None and dropped is not None:  # Flower's own error replies for a revoked node, named
         gone = watch.revoked()
         for node in set(node_of.values()) & set(gone):
@@ -240,6 +252,7 @@ class Replies:
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its training split's class counts
     approved: dict[str, str] = field(default_factory=dict)  # site -> when it approved the own task (its site.toml)
     traffic: dict[str, int] = field(default_factory=dict)  # packed bytes: "down" to all sites, "up" from them
+    fold: Fold | None = None  # the valid updates' running sum (their replies hold no arrays any more)
 
     @property
     def data_errors(self) -> bool:
@@ -310,7 +323,8 @@ def screen(got: Replies, expected: ArrayRecord, current: ArrayRecord, max_update
     keep: list[Message] = []
     kept_sites: list[str] = []
     for reply, site in zip(got.valid, got.sites_unsorted, strict=True):
-        problem = update_problem(reply, expected, max_update_norm, current)
+        problem = (got.fold.problem(reply) if got.fold is not None
+                   else update_problem(reply, expected, max_update_norm, current))  # fmt: skip
         if problem is None:
             keep.append(reply)
             kept_sites.append(site)
@@ -568,32 +582,43 @@ def collect_round(
         got, secured = secure_exchange(grid, messages, state.arrays, server_round=server_round, settings=settings,
                                        sites=sites, clock=clock)  # fmt: skip
     else:
-        got = screen(round_replies(grid, messages, state, clock=clock, watch=watch), initial, state.arrays,
-                     settings.max_update_norm)  # fmt: skip
+        got = round_replies(grid, messages, state, clock=clock, watch=watch, initial=initial)
+        got = screen(got, initial, state.arrays, settings.max_update_norm)
     state.retired |= got.retired
     state.spent |= got.privacy
     return got, secured
 
 
 def round_replies(
-    grid: Grid, messages: list[Message], state: RoundState, *, clock: Clock, watch: Watch | None
-) -> Replies:
+    grid: Grid, messages: list[Message], state: RoundState, *, clock: Clock, watch: Watch | None,
+    initial: ArrayRecord | None = None,
+) -> Replies:  # fmt: skip
     """A round's exchange of ``messages``, sorted out: a revoked site dropped at once, a dark one named.
-    Under compression the model goes out in the run's form and each reply's change comes back as a model."""
+    Under compression the model goes out in the run's form and each reply's change comes back as a model;
+    a strategy of weighted means folds each update into a running sum as it arrives (:mod:`.fold`; ``initial``:
+    the model as built, which each update is screened against)."""
+    settings = state.settings
     dropped: dict[int, str] = {}
     traffic: dict[str, int] = {}
-    if state.settings.compression != "none":
+    broadcast = None
+    if settings.compression != "none":
         from flowerbed.serverapp.compression import Broadcast
 
         if state.broadcast is None:
-            state.broadcast = Broadcast(state.settings.compression, fp32=state.settings.broadcast_fp32)
-        state.broadcast.prepare(messages, state.arrays)
-    replies = exchange(grid, messages, state.settings.round_timeout_s, clock, watch=watch, dropped=dropped,
-                       on_dark=state.dark.noted(state.server_round), traffic=traffic)  # fmt: skip
-    if state.broadcast is not None:
-        state.broadcast.decode(replies)
+            state.broadcast = Broadcast(settings.compression, fp32=settings.broadcast_fp32)
+        broadcast = state.broadcast
+        broadcast.prepare(messages, state.arrays)
+    running = Fold(initial, state.arrays, settings.max_update_norm) if initial is not None and folds(settings) else None
+
+    def take(reply: Message) -> Message:
+        if broadcast is not None:
+            broadcast.decode_one(reply)
+        return running.take(reply) if running is not None else reply
+
+    replies = exchange(grid, messages, settings.round_timeout_s, clock, watch=watch, dropped=dropped,
+                       on_dark=state.dark.noted(state.server_round), traffic=traffic, on_reply=take)  # fmt: skip
     got = split_replies(messages, replies, state.sites, dropped)
-    got.traffic = traffic
+    got.traffic, got.fold = traffic, running
     return got
 
 
@@ -673,7 +698,12 @@ def finish_round(
     checkpoint, then write its row; returns the stop reason (None: go on)."""
     settings, history, server_round = state.settings, state.history, state.server_round
     state.absence.update(got.absent, clock())
-    new_arrays, metrics = secured if secured is not None else strategy.aggregate_train(server_round, got.valid)
+    if secured is not None:
+        new_arrays, metrics = secured
+    elif got.fold is not None and got.valid:  # the strategy's aggregate of the mean: its aggregate of them all
+        new_arrays, metrics = got.fold.aggregate(strategy, server_round, got.valid)
+    else:
+        new_arrays, metrics = strategy.aggregate_train(server_round, got.valid)
     broken = non_finite_values(new_arrays) if new_arrays is not None else 0
     if broken:  # e.g. a sum that overflowed, or masked updates that held NaN: never a global model
         why = (f"{NON_FINITE}: round {server_round}'s aggregated model has {broken:,} NaN or infinite values; "

@@ -73,6 +73,13 @@ class CoordinatorStack:
             audit.anchor_log(self.layout.audit, self.layout.gateway_access_log, "coordinator")
 
 
+# glibc's malloc keeps freed memory in per-thread arenas and, once a large buffer was freed, serves the
+# next ones from the heap instead of mmap: a SuperLink or ServerApp that moved 8 replies of 100 MB kept
+# gigabytes it no longer used. A fixed mmap threshold gives every buffer of 256 kB or more back to the
+# system when it is freed (glibc's documented tunables; other C libraries ignore them).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_ARENA_MAX": "2"}
+
+
 def superlink_command() -> list[str]:
     """Flower's flower-superlink, started through :mod:`flowerbed.superlink.launch` (SQLite waits for locks)."""
     executable("flower-superlink", FLOWER_HINT)  # Flower is installed: a clear error if not
@@ -119,7 +126,7 @@ def start_stack(
             )
     stack = CoordinatorStack(layout=layout, config=config)
     env = child_env(layout.flwr_home) | {AUDIT_ENV: str(layout.audit), GATEWAY_LOG_ENV: str(layout.gateway_access_log),
-                                         REPLIES_ENV: str(layout.replies)}  # fmt: skip
+                                         REPLIES_ENV: str(layout.replies)} | MALLOC  # fmt: skip
     layout.logs.mkdir(parents=True, exist_ok=True)
     try:
         superlink = ManagedProcess(

@@ -15,8 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = {
-    "round_time": ("Seconds per steady round", ["kit (warm executor, default)", "plain Flower 1.42",
-                                                "simulation (Ray)", "compute floor"]),
+    "round_time": ("Seconds per steady round", ["kit (warm executor, default)", "plain Flower 1.42", "compute floor"]),
     "time_to_federation": ("Time to federation", ["superlink start", "sites start", "kit steps in all"]),
     "transfer": ("Model transfer", ["raw TLS"]),
     "scaling": ("Scaling on this machine", ["Linear fits"]),
@@ -27,6 +26,8 @@ BENCHMARKS = {
     "compression": ("Compression on the demo", ["none", "fp16", "int8", "fewer bytes"]),
     "requests": ("Gateway requests per site per steady round", ["flat (default)", "Flower's object trees",
                                                                   "pull-object", "object trees / flat"]),
+    "memory": ("Coordinator peak PSS", ["running sum (fedavg)", "every update held (fedmedian)"]),
+    "wan": ("Rounds over a 100 Mbit/s", ["int8", "kit / floor"]),
 }  # fmt: skip
 
 

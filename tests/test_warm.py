@@ -198,19 +198,22 @@ def test_the_serverapp_waits_for_a_cut_upload_only_as_long_as_its_round() -> Non
 
 
 def test_the_executor_polls_quickly_only_while_tasks_come() -> None:
-    """Ten times a second for a minute after a task (or the start), and while one runs; then once a second."""
-    from flowerbed.warmexec import IDLE_POLL_S, QUICK_FOR_S, ForkExecutor
+    """Ten times a second after the start and after a task starts or ends, slowing to once a second over RAMP_S
+    (a site between rounds, a coordinator's long run: its ServerApp is the executor's task)."""
+    from flowerbed.warmexec import IDLE_POLL_S, RAMP_S, ForkExecutor
 
     executor = ForkExecutor({})
     start = executor.last_task
-    assert executor.poll_s(0.1, start + 1) == 0.1
-    assert executor.poll_s(0.1, start + QUICK_FOR_S + 1) == IDLE_POLL_S  # idle: Flower's own once a second
-    executor.children[1] = (7, start)  # a task running (a long round): quick, and a minute more after it
-    assert executor.poll_s(0.1, start + 10 * QUICK_FOR_S) == 0.1
-    executor.children.clear()
-    assert executor.poll_s(0.1, start + 10 * QUICK_FOR_S + 30) == 0.1
-    assert executor.poll_s(0.1, start + 11 * QUICK_FOR_S + 1) == IDLE_POLL_S
-    assert executor.poll_s(2.0, start + 11 * QUICK_FOR_S + 1) == 2.0  # a slower interval asked for is kept
+    assert executor.poll_s(0.1, start) == 0.1
+    assert 0.1 < executor.poll_s(0.1, start + RAMP_S / 2) < IDLE_POLL_S  # slowing down
+    assert executor.poll_s(0.1, start + RAMP_S + 1) == IDLE_POLL_S  # idle: Flower's own once a second
+    executor.children[1] = (7, start)  # a task starts: quick again ...
+    assert executor.poll_s(0.1, start + 10 * RAMP_S) == 0.1
+    assert executor.poll_s(0.1, start + 12 * RAMP_S) == IDLE_POLL_S  # ... and slow while it runs long
+    executor.children.clear()  # it ended: the next round's task comes soon
+    assert executor.poll_s(0.1, start + 12 * RAMP_S + 0.5) < 0.15
+    assert executor.poll_s(0.1, start + 14 * RAMP_S) == IDLE_POLL_S
+    assert executor.poll_s(2.0, start + 14 * RAMP_S) == 2.0  # a slower interval asked for is kept
 
 
 def test_the_cli_starts_without_torch_or_flower() -> None:
