@@ -99,7 +99,7 @@ def exchange(
     traffic: dict[str, int] | None = None,
     on_reply: Callable[[Message], Message] | None = None,
 ) -> list[Message]:
-    """Flower's ``grid.send_and_receive``, polling for replies every 0.2 s (1 s after a minute), not every 3 s.
+    """Flower's ``grid.send_and_receive``, polling for replies every 0.2 s (slowing to 1 s over a minute), not 3 s.
 
     flwr 1.42's HttpGrid sleeps 3 s between pulls (flwr/superlink/grid/http_grid.py), up to 3 s added
     to every exchange; this uses the same public ``push_messages``/``pull_messages``. ``watch``: a

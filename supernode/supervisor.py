@@ -29,7 +29,7 @@ from flowerbed.clientapp.privacy import node_config_of
 from flowerbed.config import SitePrivacy
 from flowerbed.deploy.firewall_checklist import MAX_AHEAD_S, MAX_BEHIND_S
 from flowerbed.errors import ExitCode, FlowerbedError
-from flowerbed.proc import ManagedProcess, child_env, executable, stop_all
+from flowerbed.proc import ManagedProcess, child_env, executable
 from flowerbed.protocol import COMPRESSION_DIR_KEY, DEVICE_ENV, HE_DIR_KEY, SECURE_ONLY_KEY, SITE_FILE_ENV, TASK_EVENT
 from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
@@ -418,10 +418,10 @@ class Supervisor:
                 proc.stop()
                 code = proc.poll()
             if code is not None or should_stop():
-                # Both at once (their graceful ends overlap); the SuperNode's group too: a leftover child
-                # (flower-superexec) holds the output pipe open.
-                stop_all([proc] if self.executor is None else [proc, self.executor])
-                self.executor = None
+                # The executor first: the SuperNode then answers the task it held with an error, and a round
+                # waiting for this site ends at once (both at once left the round to its timeout).
+                self._stop_executor()
+                proc.stop()  # its group too: a leftover child (flower-superexec) holds the output pipe open
                 follower.thread.join(timeout=5)
                 self.attempt.exit_code = code
                 self.connected = self.attempt.connected
