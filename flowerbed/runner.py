@@ -146,6 +146,11 @@ def submit(
     return RunHandle(run_id=run_id, out_dir=out_dir)
 
 
+def model_bytes(model: Any) -> int:
+    """The bytes of a torch model's state (parameters and buffers): one checkpoint, one update."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 HELD_NOTE_BYTES = 1024 * MB  # a round's updates held at once above this: said before the run
 
 
@@ -155,7 +160,7 @@ def memory_warning(model: Any, settings: RunSettings, sites: int) -> str | None:
     from flowerbed.serverapp.fold import held_why
 
     why = held_why(settings)
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = model_bytes(model)
     if why is None or size * sites < HELD_NOTE_BYTES:
         return None
     return (f"{why}: the coordinator holds up to {sites} updates of {size / MB:.0f} MB at once "
@@ -175,7 +180,7 @@ class Prepared:
 
 def space_warning(runs: Path, model: Any, settings: RunSettings) -> str | None:
     """A warning when the run's checkpoints may not fit where runs/ lives (None: they fit)."""
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = model_bytes(model)
     copies = settings.keep_checkpoints + 3  # the round checkpoints kept, the one being written, best.pt, final
     free = free_bytes(runs)
     if free >= size * copies + 16 * MB:

@@ -36,15 +36,17 @@ class Broadcast:
         if self.kind == "fp16" and not self.fp32:
             record, _ = codec.encode(model, "fp16")
             view = codec.decode(record, model)
-            forms = {False: (record, codec.config(self.kind, codec.MODEL, view=codec.digest(view)))}
+            digest = codec.digest(view)
+            forms = {False: (record, codec.config(self.kind, codec.MODEL, view=digest))}
         elif self.fp32 or self.view is None:  # the model as it is (int8: nothing held yet)
-            view, forms = model, {False: (arrays, codec.config(self.kind, codec.MODEL, view=codec.digest(model)))}
-        else:  # int8: the change from what the holders hold, the whole view to the others
+            view, digest = model, codec.digest(model)
+            forms = {False: (arrays, codec.config(self.kind, codec.MODEL, view=digest))}
+        else:  # int8: the change from what the holders hold (self.base is its digest), the whole view to the others
             record, self.residual = codec.encode(codec.difference(model, self.view), "int8", self.residual)
             view = codec.apply(self.view, codec.decode(record, self.view))
             digest = codec.digest(view)
             full = ArrayRecord({name: Array(value) for name, value in view.items()})
-            forms = {True: (record, codec.config(self.kind, codec.DELTA, base=codec.digest(self.view), view=digest)),
+            forms = {True: (record, codec.config(self.kind, codec.DELTA, base=self.base, view=digest)),
                      False: (full, codec.config(self.kind, codec.MODEL, view=digest))}  # fmt: skip
         contents: dict[tuple[int, bool], RecordDict] = {}
         for message in messages:
@@ -57,7 +59,7 @@ class Broadcast:
                 content[codec.RECORD] = config
                 contents[key] = content
             message.content = contents[key]
-        self.view, self.base, self.holders = view, codec.digest(view), set()
+        self.view, self.base, self.holders = view, digest, set()
         return view
 
     def decode(self, replies: list[Message]) -> None:

@@ -118,12 +118,9 @@ def register_node(flwr_home: Path, public_key: Path, name: str) -> str | None:
     SuperLink has the key already."""
     from cryptography.hazmat.primitives import serialization
 
-    try:
-        key = serialization.load_ssh_public_key(public_key.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise FlowerbedError(
-            f"{public_key} is not a node public key ({exc}): make it with `flowerbed certs node {name}`"
-        ) from None
+    from flowerbed.certs.nodekeys import load_public_key
+
+    key = load_public_key(public_key)  # an OpenSSH EC key, as `flwr supernode register` requires
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     node_id = client_for(flwr_home).register_node(pem, name)
     return None if node_id is None else str(node_id)
