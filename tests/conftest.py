@@ -21,7 +21,7 @@ from flowerbed.layout import FederationLayout
 from flowerbed.probes import free_port, free_ports, tcp_open
 from flowerbed.superlink.stack import CoordinatorStack, start_stack
 from flowerbed.supernode.supervisor import WARM, SupernodeSpec, Supervisor
-from tests import durations, faults
+from tests import durations, faults, procs
 
 SITES = ["inst-a", "inst-b", "univ-hospital"]
 
@@ -153,6 +153,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningFederat
 
 
 _SECONDS: dict[str, float] = {}
+_CPU: dict[str, float] = {}
+_CPU_START: dict[str, durations.CpuMark] = {}
 _STARTED = time.monotonic()
 
 
@@ -213,10 +215,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=order)
 
 
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures start anything
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _CPU_START[item.nodeid] = durations.cpu_mark(procs.cpu_below(os.getpid()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """The CPU a test used, setup to teardown, goes with its teardown report to the controller."""
+    yield
+    start = _CPU_START.pop(item.nodeid, None)
+    if start is not None:
+        spent = durations.cpu_spent(start, durations.cpu_mark(procs.cpu_below(os.getpid())))
+        item.user_properties.append(("cpu_s", round(spent, 2)))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when in ("setup", "call", "teardown"):  # with xdist, the controller sees every worker's reports
         nodeid = report.nodeid.split("@", 1)[0]  # without pytest-xdist's "@group" suffix
         _SECONDS[nodeid] = _SECONDS.get(nodeid, 0.0) + report.duration
+        for key, value in report.user_properties if report.when == "teardown" else ():
+            if key == "cpu_s":
+                _CPU[nodeid] = float(value)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -231,7 +251,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             workers = int(getattr(session.config.option, "numprocesses", 0) or 0) or 1
             selection = session.config.option.markexpr or "whole suite"
             durations.keep(_SECONDS, time.monotonic() - _STARTED, workers, f"-m {selection!r}"
-                           if session.config.option.markexpr else selection)  # fmt: skip
+                           if session.config.option.markexpr else selection, _CPU)  # fmt: skip
 
 
 @contextmanager

@@ -6,6 +6,7 @@ A zombie (ended, not yet reaped) counts as gone everywhere.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -52,6 +53,23 @@ def descendants(pid: int) -> list[int]:
     while todo and len(found) < 10_000:
         current = todo.pop()
         found.append(current)
+        todo.extend(below.get(current, []))
+    return found
+
+
+def cpu_below(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system, with those of the children each has reaped) of every live process
+    below ``pid``, ``pid`` itself left out."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = _all()
+    below: dict[int, list[int]] = {}
+    for child, fields in table.items():
+        below.setdefault(int(fields[1]), []).append(child)
+    found: dict[int, float] = {}
+    todo = list(below.get(pid, []))
+    while todo and len(found) < 10_000:
+        current = todo.pop()
+        found[current] = sum(int(f) for f in table[current][11:15]) / tick
         todo.extend(below.get(current, []))
     return found
 
