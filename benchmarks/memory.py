@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sites", type=int, default=8)
     parser.add_argument("--model-mb", type=float, default=100.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--smoke", action="store_true", help="3 sites, a 4 MB model, 1 round (CI)")
+    parser.add_argument("--smoke", action="store_true", help="2 sites, a 4 MB model, 1 round (CI)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    sites, model_mb, rounds = (3, 4.0, 1) if args.smoke else (args.sites, args.model_mb, args.rounds)
+    sites, model_mb, rounds = (2, 4.0, 1) if args.smoke else (args.sites, args.model_mb, args.rounds)
     names = [f"site-{i:02d}" for i in range(sites)]
     target = 3 * model_mb + 1024
     rows: list[dict[str, Any]] = []

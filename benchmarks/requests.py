@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true", help="3 sites, 3 rounds (CI)")
+    parser.add_argument("--smoke", action="store_true", help="2 sites, 3 rounds (CI)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    rounds, count = (3, 3) if args.smoke else (args.rounds, args.sites)
+    rounds, count = (3, 2) if args.smoke else (args.rounds, args.sites)
     sites = [f"site-{i:02d}" for i in range(count)]
     model = "tabular MLP (4 tensors)"
     rows: list[dict[str, Any]] = []

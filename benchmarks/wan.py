@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--site-mbit", type=float, default=100.0)
     parser.add_argument("--coord-mbit", type=float, default=1000.0)
     parser.add_argument("--delay-ms", type=float, default=30.0)
-    parser.add_argument("--smoke", action="store_true", help="a 2 MB model, 2 rounds, int8 only (CI)")
+    parser.add_argument("--smoke", action="store_true", help="2 sites, a 2 MB model, 2 rounds, int8 only (CI)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     model_mb, rounds, modes = (2.0, 2, ("int8",)) if args.smoke else (args.model_mb, args.rounds, MODES)
-    sites = fed.SITES
+    sites = fed.SITES[:2] if args.smoke else fed.SITES
     site_mb_s = args.site_mbit / 8
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fb-bench-wan-") as tmp:

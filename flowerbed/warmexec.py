@@ -18,6 +18,7 @@ starts Flower's own ``flower-superexec`` instead.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -40,6 +41,11 @@ RAMP_S = 20.0  # polling ten times a second used 2.5x the CPU (3 sites: 0.32 -> 
 # ServerApp executor polling ten times a second for as long as a run went on (its task)
 Runner = Callable[[], None]  # a command's main function; it reads sys.argv
 TASK_STARTED, TASK_ENDED = "warm executor: task started", "warm executor: task ended"  # read by the supervisor
+DP_SITE_ENV = "FLOWERBED_DP_SITE"  # "1": the site has its own DP-SGD budget, every task trains with opacus
+LEARNED = ("opacus",)  # imported up front only where every task needs it (DP_SITE_ENV: supernode/warm.py);
+# elsewhere the executor imports it after a task did (1.5 s of CPU at every start of every site that never
+# trains with DP-SGD, against one task that imports it itself)
+LEARNED_EVENT = "warm executor: imported for the tasks to come, as a task needed it:"
 
 
 def can_fork() -> bool:
@@ -70,17 +76,19 @@ def task_argv(spec: Any) -> list[str]:
     return args
 
 
-def _child(runner: Runner, argv: list[str]) -> None:
+def _child(runner: Runner, argv: list[str], learn_fd: int = -1) -> None:
     """In the forked child: run the command, then leave without returning into the executor's loop.
 
     Its torch gets the task's threads back (the warm-up ran on one); the private wheel copies it made
-    are deleted at the end (``os._exit`` runs no atexit handler).
+    are deleted at the end (``os._exit`` runs no atexit handler). The modules of ``LEARNED`` it
+    imported, which its parent lacks, are written to ``learn_fd`` (:meth:`ForkExecutor.learn`).
     """
     import torch
 
     from flowerbed.task import remove_wheel_copies
 
     code = 1
+    lacking = [name for name in LEARNED if name not in sys.modules]  # the parent's modules, as forked
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)  # the executor's handlers are not this task's
@@ -95,6 +103,9 @@ def _child(runner: Runner, argv: list[str]) -> None:
     finally:
         with contextlib.suppress(Exception):
             remove_wheel_copies()
+            needed = [name for name in lacking if name in sys.modules]
+            if needed and learn_fd >= 0:
+                os.write(learn_fd, (" ".join(needed) + "\n").encode())
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
@@ -108,6 +119,11 @@ class ForkExecutor:
     children: dict[int, tuple[int, float]] = field(default_factory=dict)  # pid -> task id, start
     last_task: float = field(default_factory=time.monotonic)  # when a task last started or ended (or the start)
     _running: frozenset[int] = field(default_factory=frozenset)  # the children at the last poll
+    learn_pipe: tuple[int, int] = field(init=False)  # (read, write): what the tasks imported that this process lacks
+
+    def __post_init__(self) -> None:
+        self.learn_pipe = os.pipe()
+        os.set_blocking(self.learn_pipe[0], False)
 
     def poll_s(self, interval_s: float, now: float) -> float:
         """Seconds until the task loop asks again: its interval right after a task started or ended (the
@@ -119,7 +135,27 @@ class ForkExecutor:
 
     def pause(self, interval_s: float) -> None:
         """The task loop's wait before it asks again (Flower's loop calls it with its interval)."""
+        self.learn()
         time.sleep(self.poll_s(interval_s, time.monotonic()))
+
+    def learn(self) -> list[str]:
+        """Import the modules of ``LEARNED`` that a task needed and this process lacks (the next tasks fork
+        with them); returns their names. In the task loop's thread, between polls: no thread is left
+        for a fork to lose."""
+        try:
+            said = os.read(self.learn_pipe[0], 65536).decode(errors="replace").split()
+        except (BlockingIOError, OSError):
+            return []
+        names = sorted({name for name in said if name in LEARNED and name not in sys.modules})
+        imported = []
+        for name in names:
+            with contextlib.suppress(Exception):  # it stays each task's own import, as before
+                importlib.import_module(name)
+                imported.append(name)
+        if imported:
+            sys.stdout.write(f"{LEARNED_EVENT} {', '.join(imported)}\n")
+            sys.stdout.flush()
+        return imported
 
     def get_eligible_capacity(
         self, supported_task_types: set[Any], *, insecure: bool = False, root_certificates_path: str | None = None
@@ -142,7 +178,8 @@ class ForkExecutor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(runner, argv)  # never returns
+            os.close(self.learn_pipe[0])
+            _child(runner, argv, self.learn_pipe[1])  # never returns
         self.children[pid] = (int(spec.task_id), time.monotonic())
         self.last_task = time.monotonic()
         sys.stdout.write(f"{TASK_STARTED} {spec.task_id} (pid {pid})\n")

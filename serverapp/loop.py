@@ -60,6 +60,7 @@ PULL_S, PULL_SLOW_S, PULL_RAMP_S = 0.2, 1.0, 60.0  # replies polled 5x a second,
 
 
 WATCH_S = 2.0  # how often an exchange asks whether a site it waits for was revoked or has gone dark
+ONE_BY_ONE_BYTES = 16 << 20  # a model this big: its replies are pulled one per request, one held at a time
 DARK_S = 25.0  # no contact for this long (a heartbeat is due every ~20 s, pulls every few seconds): dark
 DARK_ROW_EVERY_S = 60.0
 
@@ -109,7 +110,10 @@ def exchange(
     messages go out packed, one flat array each (:mod:`flowerbed.wire`), and the replies come back
     unpacked; the messages passed keep their content. ``traffic`` adds up the packed bytes sent
     ("down", one copy per site) and received ("up"). ``on_reply``: each reply, unpacked, as it arrives
-    (returns what is kept of it: a folded update lets its arrays go).
+    (returns what is kept of it: a folded update lets its arrays go). Flower's ``pull_messages`` hands
+    back every ready reply at once, in memory together: for a model of ``ONE_BY_ONE_BYTES`` or more the
+    replies are pulled one per request (one loopback request per waiting site and poll), so that the
+    ServerApp holds one update at a time beside its running sum.
     """
     kept = [(m, m.content) for m in messages if m.has_content()] if wire.enabled() else []
     packed: dict[int, RecordDict] = {}  # the same model to every site: packed once (and one blob in memory)
@@ -125,18 +129,20 @@ def exchange(
         for message, content in kept:
             message.content = content
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
+    one_by_one = max(map(wire.size, packed.values()), default=0) >= ONE_BY_ONE_BYTES
     start = clock()
     next_check = start + WATCH_S
     replies: list[Message] = []
     while waiting:
-        with superexec.object_pull_deadline(max(timeout - (clock() - start), PULL_S)):  # a cut upload: not 180 s
-            got = list(grid.pull_messages(waiting))
-        if traffic is not None:
-            traffic["up"] = traffic.get("up", 0) + sum(wire.size(m.content) for m in got if m.has_content())
-        waiting -= {m.metadata.reply_to_message_id for m in got}
-        while got:  # one reply at a time, each packed blob let go once read
-            reply = wire.unpack_message(got.pop(0))
-            replies.append(on_reply(reply) if on_reply is not None else reply)
+        for batch in [[m] for m in sorted(waiting)] if one_by_one else [list(waiting)]:
+            with superexec.object_pull_deadline(max(timeout - (clock() - start), PULL_S)):  # a cut upload: not 180 s
+                got = list(grid.pull_messages(batch))
+            if traffic is not None:
+                traffic["up"] = traffic.get("up", 0) + sum(wire.size(m.content) for m in got if m.has_content())
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            while got:  # one reply at a time, each packed blob let go once read
+                reply = wire.unpack_message(got.pop(0))
+                replies.append(on_reply(reply) if on_reply is not None else reply)
         elapsed = clock() - start
         if watch is not None and waiting and clock() >= next_check:
             next_check = clock() + WATCH_S

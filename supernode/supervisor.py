@@ -34,7 +34,15 @@ from flowerbed.protocol import COMPRESSION_DIR_KEY, DEVICE_ENV, HE_DIR_KEY, SECU
 from flowerbed.supernode.gate import write_shim
 from flowerbed.supernode.node import ALIVE_ENV, FLOWER_IDLE_S, PULL_ENV
 from flowerbed.supernode.signoff import is_registered, sign_off
-from flowerbed.warmexec import TASK_ENDED, TASK_STARTED, THREAD_VARS, THREADS_ENV, can_fork, task_threads
+from flowerbed.warmexec import (
+    DP_SITE_ENV,
+    TASK_ENDED,
+    TASK_STARTED,
+    THREAD_VARS,
+    THREADS_ENV,
+    can_fork,
+    task_threads,
+)
 
 CONNECTED = "SuperNode ID:"
 ACTIVATION_FAILED = "Failed to activate SuperNode"
@@ -141,6 +149,7 @@ class SupernodeSpec:
         env[THREADS_ENV] = count
         env[PULL_ENV] = str(self.pull_s)
         env[DEVICE_ENV] = self.device
+        env[DP_SITE_ENV] = "1" if self.privacy is not None else "0"  # the warm executor imports opacus up front
         env[NVML_CHECK_ENV] = "1"  # torch.cuda.is_available() without a CUDA context: the warm parent forks
         env[ALIVE_ENV] = str(self.alive_path)
         for name in THREAD_VARS:

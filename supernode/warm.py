@@ -19,22 +19,28 @@ from flowerbed.protocol import site_event
 
 
 def preload() -> None:
-    """Import what every task imports, and warm torch up; no thread (it would not survive a fork)."""
-    import opacus  # noqa: F401  (DP-SGD under a privacy budget: ~2 s to import)
+    """Import what every task imports, and warm torch up; no thread (it would not survive a fork).
+
+    Opacus (DP-SGD; 1.5 s of CPU to import) up front only at a site with its own privacy budget, whose
+    every task trains with it; elsewhere the executor imports it once a run's task needed it
+    (:data:`flowerbed.warmexec.LEARNED`)."""
     import torch  # noqa: F401
 
     import flowerbed.clientapp.app  # the kit's ClientApp and its built-in tasks
     import flowerbed.supernode.gate  # noqa: F401
     from flowerbed.flower import supernode
-    from flowerbed.warmexec import task_threads, warm_up_torch
+    from flowerbed.warmexec import DP_SITE_ENV, task_threads, warm_up_torch
 
     supernode.preload_clientapp_runtime()
     warm_up_torch()
     tasks = _preload_approved()
+    dp = os.environ.get(DP_SITE_ENV) == "1"
+    if dp:
+        import opacus  # noqa: F401
     check_no_cuda()
     site_event(
-        f"warm ClientApp executor ready (pid {os.getpid()}): torch, opacus, flwr and {tasks} approved task(s) "
-        f"imported once, {task_threads()} torch thread(s) per task"
+        f"warm ClientApp executor ready (pid {os.getpid()}): torch, {'opacus, ' if dp else ''}flwr and {tasks} "
+        f"approved task(s) imported once, {task_threads()} torch thread(s) per task"
     )
 
 

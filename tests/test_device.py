@@ -19,6 +19,7 @@ from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
 from flowerbed.protocol import DEVICE_ENV, SITE_FILE_ENV
 from flowerbed.supernode.sitekit import site_spec
+from flowerbed.warmexec import DP_SITE_ENV
 from tests.conftest import SITES, assert_clean_error, make_config, make_federation, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,15 +53,16 @@ def _task_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_the_warm_executors_parent_never_initializes_cuda(tmp_path: Path) -> None:
-    """After the warm-up (torch, opacus, flwr's runtime, the kit's apps, a step of each optimizer), CUDA is
-    untouched: no call to torch's CUDA initialization, ``torch.cuda.is_initialized()`` false. The
-    supervisor's environment makes ``torch.cuda.is_available()`` ask NVML, not CUDA."""
-    env = _task_env(tmp_path)
+    """After the warm-up (torch, opacus as at a site with its own DP budget, flwr's runtime, the kit's apps,
+    a step of each optimizer), CUDA is untouched: no call to torch's CUDA initialization,
+    ``torch.cuda.is_initialized()`` false. The supervisor's environment makes ``torch.cuda.is_available()``
+    ask NVML, not CUDA."""
+    env = _task_env(tmp_path, **{DP_SITE_ENV: "1"})
     assert env["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
     assert env[DEVICE_ENV] == "auto"
     done = _python(WATCHED_PRELOAD, env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "warm ClientApp executor ready" in done.stderr
+    assert "warm ClientApp executor ready" in done.stderr and "torch, opacus, flwr" in done.stderr
     assert done.stdout.strip().splitlines()[-1] == '{"initialized": false, "init_calls": 0}', done.stdout
 
 

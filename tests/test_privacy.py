@@ -42,6 +42,7 @@ from flowerbed.serverapp.criteria import PRIVACY_SPENT
 from flowerbed.serverapp.strategies import client_dp_warning, make_strategy
 from flowerbed.supernode.sitekit import site_spec
 from flowerbed.supernode.supervisor import Supervisor
+from flowerbed.warmexec import LEARNED_EVENT
 from tests.conftest import SITES, RunningFederation, assert_clean_error, run_cli, wait_for
 
 
@@ -239,6 +240,11 @@ def test_a_site_out_of_budget_stops_while_the_others_go_on(
     log = sups["inst-a"].log_path.read_text()
     assert "round 2: train task REFUSED: site inst-a: privacy budget spent" in log
     assert "DP-SGD: epsilon 1.406 of 1.6 spent" in log
+    # Opacus: imported up front by the sites with their own budget; by the other after its first DP-SGD task.
+    assert "ClientApp executor ready" in log and "torch, opacus, flwr" in log
+    other = sups["univ-hospital"].log_path.read_text()
+    assert "ClientApp executor ready" in other and "torch, flwr" in other and "torch, opacus" not in other
+    assert f"{LEARNED_EVENT} opacus" in other
     check_audit_trails(running, tmp_path / "kits", handle.out_dir.name, handle.run_id)
 
 

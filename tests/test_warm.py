@@ -197,6 +197,37 @@ def test_the_serverapp_waits_for_a_cut_upload_only_as_long_as_its_round() -> Non
     assert 2.0 <= float(waited) < 10 and said == "True" and out[1] == "7200", out  # 2 s and the last back-off
 
 
+def test_a_module_a_task_needed_is_imported_by_the_executor_for_the_tasks_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real forks run tasks as the executor launches them; one imports a module of LEARNED that the executor
+    lacks (opacus, at a site without a budget of its own, by its first DP-SGD task): the executor imports
+    it once, between polls, for the tasks after it."""
+    import importlib
+    import sys
+
+    from flowerbed import warmexec
+
+    monkeypatch.setattr(warmexec, "LEARNED", ("colorsys",))  # a module nothing here imported yet
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    executor = warmexec.ForkExecutor({})
+
+    def task(needs: bool) -> None:  # a forked task; it ends with os._exit
+        pid = os.fork()
+        if pid == 0:
+            runner = (lambda: importlib.import_module("colorsys") and None) if needs else (lambda: None)
+            warmexec._child(runner, ["task"], executor.learn_pipe[1])
+        os.waitpid(pid, 0)
+
+    task(needs=False)
+    assert executor.learn() == []  # a task that did not need it: nothing said, nothing imported
+    assert "colorsys" not in sys.modules
+    task(needs=True)
+    assert executor.learn() == ["colorsys"]
+    assert "colorsys" in sys.modules
+    assert executor.learn() == []  # once
+
+
 def test_the_executor_polls_quickly_only_while_tasks_come() -> None:
     """Ten times a second after the start and after a task starts or ends, slowing to once a second over RAMP_S
     (a site between rounds, a coordinator's long run: its ServerApp is the executor's task)."""
