@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         sites = DEMO_SITES["digits"][:3] if args.smoke else DEMO_SITES["digits"]
         digits = make_digits_data(root / "digits", sites)
-        base = demo_settings("digits").model_dump() | {"max_rounds": rounds, "target_value": None, "patience": 1000}
+        base = demo_settings("digits").model_dump() | {
+            "max_rounds": rounds,
+            "target_value": None,
+            "patience": 1000,
+            "min_nodes": len(sites),
+        }
         with fed.kit(root / "demo", digits, sites=sites, data_set="digits") as kit:
             for mode in MODES:
                 runs = [one_run(kit, RunSettings.model_validate(base | {"compression": mode, "seed": seed}),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # mypy cannot follow setuptools' package-dir mapping, so check a tree that mirrors the
-# installed `flowerbed.*` namespace through symlinks to the real folders.
+# installed `flowerbed.*` namespace through symlinks to the real folders. Its cache lives outside the
+# tree (and outside the checkout: a clean clone reuses it; mypy checks each file's hash), 25 s -> ~5 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tree=build/typecheck
@@ -10,4 +11,6 @@ for pkg in certs superlink supernode serverapp clientapp deploy; do
   ln -s "$PWD/$pkg" "$tree/flowerbed/$pkg"
 done
 ln -s "$PWD/benchmarks" "$tree/benchmarks"
-cd "$tree" && python -m mypy --config-file ../../pyproject.toml -p flowerbed -p benchmarks
+cache="${FLOWERBED_MYPY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flowerbed/mypy}"
+mkdir -p "$cache"
+cd "$tree" && python -m mypy --config-file ../../pyproject.toml --cache-dir "$cache" -p flowerbed -p benchmarks

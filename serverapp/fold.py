@@ -67,8 +67,11 @@ class Fold:
         else:
             weight = float(reply.content.metric_records[METRICS][WEIGHT])  # type: ignore[arg-type]
             for name, array in reply.content.array_records[ARRAYS].items():
-                value = array.numpy()
-                if name in self.sums:
+                value = array.numpy()  # a fresh array, weighted in place where its dtype is the sum's (no copy)
+                if name in self.sums and value.flags.writeable and value.dtype == self.sums[name].dtype:
+                    value *= weight
+                    self.sums[name] += value
+                elif name in self.sums:
                     self.sums[name] += value * weight
                 else:  # float64 for integer buffers (as Flower's weighted mean makes them), else the update's
                     self.sums[name] = value * weight

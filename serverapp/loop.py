@@ -130,6 +130,7 @@ def exchange(
             message.content = content
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set by the push
     one_by_one = max(map(wire.size, packed.values()), default=0) >= ONE_BY_ONE_BYTES
+    packed.clear()  # pushed: the packed copy of the model is not held while the replies come in
     start = clock()
     next_check = start + WATCH_S
     replies: list[Message] = []
