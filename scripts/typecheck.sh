@@ -12,5 +12,5 @@ for pkg in certs superlink supernode serverapp clientapp deploy; do
 done
 ln -s "$PWD/benchmarks" "$tree/benchmarks"
 cache="${FLOWERBED_MYPY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flowerbed/mypy}"
-mkdir -p "$cache"
+mkdir -p "$cache" 2>/dev/null && [ -w "$cache" ] || cache="$PWD/$tree/.mypy_cache"  # no writable home: a cold cache
 cd "$tree" && python -m mypy --config-file ../../pyproject.toml --cache-dir "$cache" -p flowerbed -p benchmarks
