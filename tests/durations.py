@@ -23,20 +23,22 @@ SLOWEST = 20
 WHOLE = 60  # tests: a session this big (the suite or its quick lane) rewrites the page
 
 
+def _kept(key: str) -> dict[str, float]:
+    """One table of the JSON, per test node id (empty when none was kept)."""
+    try:
+        return {str(k): float(v) for k, v in json.loads(DATA.read_text("utf-8"))[key].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def known() -> dict[str, float]:
     """Seconds per test node id from the last sessions (empty when none was kept)."""
-    try:
-        return {str(k): float(v) for k, v in json.loads(DATA.read_text("utf-8"))["tests"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    return _kept("tests")
 
 
 def known_cpu() -> dict[str, float]:
     """CPU seconds per test node id from the last sessions (empty when none was kept)."""
-    try:
-        return {str(k): float(v) for k, v in json.loads(DATA.read_text("utf-8")).get("cpu", {}).items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
+    return _kept("cpu")
 
 
 CpuMark = tuple[float, dict[int, float]]

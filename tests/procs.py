@@ -44,10 +44,10 @@ def _all() -> dict[int, list[str]]:
     return found
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it, whatever their process groups (bounded at 10,000)."""
+def _tree(pid: int, table: dict[int, list[str]]) -> list[int]:
+    """``pid`` and every process of ``table`` below it (bounded at 10,000)."""
     below: dict[int, list[int]] = {}
-    for child, fields in _all().items():
+    for child, fields in table.items():
         below.setdefault(int(fields[1]), []).append(child)
     found, todo = [], [pid]
     while todo and len(found) < 10_000:
@@ -57,21 +57,17 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, whatever their process groups (bounded at 10,000)."""
+    return _tree(pid, _all())
+
+
 def cpu_below(pid: int) -> dict[int, float]:
     """CPU seconds (user + system, with those of the children each has reaped) of every live process
     below ``pid``, ``pid`` itself left out."""
     tick = os.sysconf("SC_CLK_TCK")
     table = _all()
-    below: dict[int, list[int]] = {}
-    for child, fields in table.items():
-        below.setdefault(int(fields[1]), []).append(child)
-    found: dict[int, float] = {}
-    todo = list(below.get(pid, []))
-    while todo and len(found) < 10_000:
-        current = todo.pop()
-        found[current] = sum(int(f) for f in table[current][11:15]) / tick
-        todo.extend(below.get(current, []))
-    return found
+    return {p: sum(int(f) for f in table[p][11:15]) / tick for p in _tree(pid, table) if p != pid}
 
 
 def group_members(pgid: int) -> list[int]:
