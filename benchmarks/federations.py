@@ -37,7 +37,12 @@ SITES = ["inst-a", "inst-b", "univ-hospital"]
 
 def settings(rounds: int, **changes: object) -> RunSettings:
     """The demo's tabular recipe, run for exactly ``rounds`` rounds (no early stop)."""
-    base = demo_settings("breast-cancer").model_dump()
+    return recipe("breast-cancer", rounds, **changes)
+
+
+def recipe(data_set: str, rounds: int, **changes: object) -> RunSettings:
+    """The demo's recipe for ``data_set``, run for exactly ``rounds`` rounds (no early stop)."""
+    base = demo_settings(data_set).model_dump()
     stop_never = {"max_rounds": rounds, "target_value": None, "patience": 10000, "time_budget_s": 36000}
     return RunSettings.model_validate(base | stop_never | changes)
 
@@ -193,28 +198,38 @@ class Plain:
 
 
 @contextmanager
-def plain(root: Path, demo: DemoData, sites: int = 3) -> Iterator[Plain]:
+def plain(root: Path, demo: DemoData, sites: int = 3, *, tls: FederationLayout | None = None) -> Iterator[Plain]:
+    """Plain Flower with its defaults (no TLS, state in memory); with ``tls``, as a kit's SuperLink is run: TLS
+    with that federation's certificates and the state in an SQLite file (still no node auth, no gateway)."""
     started = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     home = root / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{tls.ca_cert}"' if tls else "insecure = true"
+    host = "localhost" if tls else "127.0.0.1"  # the name in the kit's server certificate
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "{host}:{port}"\n{security}\n',
         encoding="utf-8",
     )
     env = child_env(home)
     processes: list[ManagedProcess] = []
+    link_tls = ["--insecure"]
+    node_tls = ["--insecure"]
+    if tls:
+        link_tls = ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile",
+                    str(tls.server_key), "--database", str(root / "state.db")]  # fmt: skip
+        node_tls = ["--root-certificates", str(tls.ca_cert)]
     try:
         link_exe = executable("flower-superlink", "install flwr")
-        argv = [link_exe, "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+        argv = [link_exe, *link_tls, "--host", "127.0.0.1", "--port", str(port)]
         link = ManagedProcess("flower-superlink (plain)", argv, log_path=root / "superlink.log", env=env, cwd=root)
         processes.append(link.start())
         link.wait_ready(lambda: tcp_open("127.0.0.1", port), 60)
         files = list(demo.site_files.values())
         for i in range(sites):
             node_config = f'data-path="{files[i % len(files)]}" site-name="plain-{i}"'
-            argv = [executable("flower-supernode", "install flwr"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+            argv = [executable("flower-supernode", "install flwr"), *node_tls, "--superlink", f"{host}:{port}",
                     "--port", str(free_port()), "--node-config", node_config]  # fmt: skip
             node = ManagedProcess(f"flower-supernode (plain {i})", argv, log_path=root / f"supernode-{i}.log",
                                   env=child_env(root / f"home-{i}"), cwd=root)  # fmt: skip

@@ -65,9 +65,27 @@ def transfer(d: dict[str, Any]) -> list[str]:
             f"kit {d['tiny_round_s']['kit']:.2f} s, plain Flower {d['tiny_round_s']['plain']:.2f} s.", "",
             *_table(["model MB", "raw TLS MB/s", "kit s/round", "kit MB/s", "kit / raw TLS", "plain Flower s/round",
                      "plain MB/s", "plain / raw TLS"], rows),
+            *_tls_and_gateway(d["rows"]),
             "", "Marginal throughput (4 x MB per round over the slope of round seconds against model MB):", "",
             *_table(["configuration", "MB/s", "vs raw TLS"],
-                    [[k, v, v / raw] for k, v in d.get("marginal_mb_s", {}).items()])]  # fmt: skip
+                    [[LABELS.get(k, k), v, v / raw] for k, v in d.get("marginal_mb_s", {}).items()])]  # fmt: skip
+
+
+LABELS = {"kit": "kit, through the gateway", "direct": "kit, no gateway", "plain": "plain Flower (its defaults)",
+          "plain_tls": "plain Flower, TLS + state file"}  # fmt: skip
+
+
+def _tls_and_gateway(rows: list[dict[str, Any]]) -> list[str]:
+    """The transfer rows' comparisons with plain Flower secured as the kit's SuperLink is, and without the gateway."""
+    if not all("plain_tls_round_s" in r and "direct_round_s" in r for r in rows):
+        return []
+    table = [[r["model_mb"], r["plain_round_s"], r["plain_tls_round_s"], r["direct_round_s"], r["kit_round_s"],
+              r["kit_round_s"] / r["plain_round_s"], r["kit_round_s"] / r["plain_tls_round_s"]]
+             for r in rows]  # fmt: skip
+    return ["", "Plain Flower as the kit's SuperLink must run (TLS with the kit's certificates, its state in an SQLite "
+            "file; no node auth), and the kit with its sites straight at the SuperLink (no gateway):", "",
+            *_table(["model MB", "plain s/round", "plain, TLS + state file s/round", "kit, no gateway s/round",
+                     "kit s/round", "kit / plain", "kit / plain with TLS + state file"], table)]  # fmt: skip
 
 
 def scaling(d: dict[str, Any]) -> list[str]:
@@ -91,7 +109,14 @@ def kit_ops(d: dict[str, Any]) -> list[str]:
 def demo_rounds(d: dict[str, Any]) -> list[str]:
     rows = [[r["run"], r["total_s"], r["rounds"], r["round_median_s"], r["stop"], r["federated_accuracy"]]
             for r in d["rows"]]  # fmt: skip
-    return _table(["run", "whole demo s", "rounds", "median s/round", "stop", "federated accuracy"], rows)
+    lines = _table(["run", "whole demo s", "rounds", "median s/round", "stop", "federated accuracy"], rows)
+    d1 = d.get("d1")
+    if d1:
+        met = "met" if d1["ratio"] <= d1["target"] else "not met"
+        lines += ["", f"Bar D1, the demo's steady round against plain Flower 1.42's with the same {d1['nodes']} nodes, "
+                  f"task, recipe and data: {d1['kit_round_s']:.2f} s vs {d1['plain_round_s']:.2f} s, "
+                  f"**{d1['ratio']:.2f}x** (target <= {d1['target']}: {met})."]  # fmt: skip
+    return lines
 
 
 def requests(d: dict[str, Any]) -> list[str]:
@@ -131,11 +156,20 @@ def memory(d: dict[str, Any]) -> list[str]:
 def wan(d: dict[str, Any]) -> list[str]:
     rows = [[r["mode"], r["per_site_mb"], r["link_s"], r["compute_s"], r["floor_s"], r["round_s"], r["ratio"]]
             for r in d["rows"]]  # fmt: skip
-    return [f"{d['sites']} sites, each on a {d['site_mbit']:g} Mbit/s link with {d['delay_ms']:g} ms each way, into a "
-            f"{d['coord_mbit']:g} Mbit/s coordinator (relays on loopback), a {d['model_mb']:g} MB model; the floor is "
-            "each site's bytes over its bandwidth, a task's round-trips and the compute (target: within 1.3x):", "",
-            *_table(["compression", "MB per site", "link s", "compute s", "floor s", "kit s/round", "kit / floor"],
-                    rows)]  # fmt: skip
+    lines = [f"{d['sites']} sites, each on a {d['site_mbit']:g} Mbit/s link with {d['delay_ms']:g} ms each way, into "
+             f"a {d['coord_mbit']:g} Mbit/s coordinator (relays on loopback), a {d['model_mb']:g} MB model; the floor "
+             "is each site's bytes over its bandwidth, a task's round-trips and the compute (target: within 1.3x):",
+             "", *_table(["compression", "MB per site", "link s", "compute s", "floor s", "kit s/round", "kit / floor"],
+                         rows)]  # fmt: skip
+    local = [[r["mode"], r["local_round_s"], r["local_ratio"], r["round_s"], r["link_added_s"], r["link_s"]]
+             for r in d["rows"] if "local_round_s" in r]  # fmt: skip
+    if local:
+        lines += ["", "The same federation with relays that neither delay nor cap (this machine's own processing of "
+                  "the bytes: TLS, HTTP, hashing and copies at each hop, all sites and the coordinator on its "
+                  f"{d['rows'][0].get('cores', 2)} shared cores), and what the link added:", "",
+                  *_table(["compression", "no link s/round", "no link / floor", "over the link s/round",
+                           "link added s", "link's bytes over bandwidth s"], local)]  # fmt: skip
+    return lines
 
 
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], list[str]]]] = [

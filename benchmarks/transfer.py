@@ -1,13 +1,15 @@
 """Benchmark 3, model transfer: 10, 50 and 200 MB models, 2 sites, through the gateway.
 
 For each size, in one sitting: the kit (TLS through nginx, node auth), the kit with its sites straight
-at the SuperLink (one TLS hop, no gateway: what the site -> nginx -> SuperLink hop costs; not at smoke
-size), plain Flower 1.42 without a gateway (``--insecure``), and the raw TLS throughput of this
-machine's loopback (Python's ssl, the kit's own certificates, one connection). A round moves the
-model to each site and back (4 x size for 2 sites); transfer seconds = steady round seconds - the
-same round for a tiny model (the fixed cost) - the compute floor of that size; throughput = bytes
-moved / transfer seconds. Goal: >= 0.25x raw TLS, measured next to each size (best of 3). Writes
-docs/benchmarks/transfer.json and .png.
+at the SuperLink (one TLS hop, no gateway: what the site -> nginx -> SuperLink hop costs), plain Flower
+1.42 with its defaults (``--insecure``, its state in memory), plain Flower with what the kit's SuperLink
+must have (TLS with the kit's certificates, its state in an SQLite file; still no node auth, no
+gateway), and the raw TLS throughput of this machine's loopback (Python's ssl, the kit's own
+certificates, one connection). The smoke size runs the kit and plain Flower with TLS only. A round
+moves the model to each site and back (4 x size for 2 sites); transfer seconds = steady round seconds
+- the same round for a tiny model (the fixed cost) - the compute floor of that size; throughput =
+bytes moved / transfer seconds. Goal: >= 0.25x raw TLS, measured next to each size (best of 3).
+Writes docs/benchmarks/transfer.json and .png.
 
     python -m benchmarks.transfer [--sizes 10,50,200] [--rounds 3] [--smoke] [--out DIR]
 """
@@ -81,7 +83,7 @@ def marginal_mb_s(rows: list[dict[str, Any]]) -> dict[str, float]:
     if len(set(sizes)) < 2:
         return out
     mean_x = sum(sizes) / len(sizes)
-    for name in ("kit", "direct", "plain"):
+    for name in ("kit", "direct", "plain", "plain_tls"):
         if f"{name}_round_s" not in rows[0]:
             continue
         ys = [r[f"{name}_round_s"] for r in rows]
@@ -114,9 +116,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             kit = stack.enter_context(fed.kit(root / "kit", demo, sites=sites))
             targets: dict[str, Any] = {"kit": kit}
-            if not args.smoke:
+            if not args.smoke:  # the smoke size runs each kind of federation once: the kit, plain Flower with TLS
                 targets["direct"] = stack.enter_context(fed.kit(root / "direct", demo, sites=sites, direct=True))
-            targets["plain"] = stack.enter_context(fed.plain(root / "plain", demo, sites=2))
+                targets["plain"] = stack.enter_context(fed.plain(root / "plain", demo, sites=2))
+            targets["plain_tls"] = stack.enter_context(fed.plain(root / "plain-tls", demo, sites=2, tls=kit.layout))
             layout = kit.layout
             tiny = fed.settings(rounds, min_nodes=2, local_epochs=1, hidden_units=8)
             base = {name: steady(target.run(tiny, "tiny")) for name, target in targets.items()}
@@ -145,8 +148,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     show(f"Model transfer, 2 sites (raw TLS on loopback: {max(r['raw_tls_mb_s'] for r in rows):.0f} MB/s)",
          ["model MB", "raw TLS MB/s", "kit s/round", "kit MB/s", "kit / raw TLS", "plain Flower s/round", "plain MB/s",
           "plain / raw TLS"],
-         [[r["model_mb"], r["raw_tls_mb_s"], r["kit_round_s"], r["kit_mb_s"], r["kit_vs_raw"], r["plain_round_s"],
-           r["plain_mb_s"], r["plain_vs_raw"]] for r in rows])  # fmt: skip
+         [[r["model_mb"], r["raw_tls_mb_s"], r["kit_round_s"], r["kit_mb_s"], r["kit_vs_raw"], r.get("plain_round_s"),
+           r.get("plain_mb_s"), r.get("plain_vs_raw")] for r in rows])  # fmt: skip
+
+    if any("plain_round_s" in r for r in rows):
+        show("What TLS and a state file cost plain Flower: its defaults against TLS + SQLite, and the kit",
+             ["model MB", "plain s/round", "plain, TLS + state file s/round", "kit s/round", "kit / plain",
+              "kit / plain with TLS + state file"],
+             [[r["model_mb"], r["plain_round_s"], r["plain_tls_round_s"], r["kit_round_s"],
+               r["kit_round_s"] / r["plain_round_s"], r["kit_round_s"] / r["plain_tls_round_s"]]
+              for r in rows])  # fmt: skip
 
     marginal = marginal_mb_s(rows)
     if marginal:
@@ -157,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def plot(ax: Any) -> None:
         for key, marker, label in (("kit", "o", "kit, through the gateway"),
-                                   ("plain", "s", "plain Flower, no gateway, no TLS")):  # fmt: skip
-            points = [(r["model_mb"], r[f"{key}_mb_s"]) for r in rows if r[f"{key}_mb_s"]]
+                                   ("plain", "s", "plain Flower, no gateway, no TLS"),
+                                   ("plain_tls", "^", "plain Flower, TLS + state file")):  # fmt: skip
+            points = [(r["model_mb"], r[f"{key}_mb_s"]) for r in rows if r.get(f"{key}_mb_s")]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
         quarter = max(r["raw_tls_mb_s"] for r in rows) * 0.25
         ax.axhline(quarter, color="red", linestyle="--", linewidth=1, label="0.25 x raw TLS")

@@ -8,7 +8,10 @@ MODEL_MB on 3 sites, without compression and with int8. The floor of a round: ea
 down and up (the run history's ``traffic``) over its link's bandwidth, plus the round-trips of a
 task's messages, plus the compute (every site's train and evaluate without Flower, divided by this
 machine's 2 cores, which the sites share). Target: the kit's steady round within 1.3x the floor.
-Writes docs/benchmarks/wan.json and .png.
+A second federation runs the same rounds through relays that neither delay nor cap: its round is what
+this machine's own processing of the bytes costs (TLS, HTTP, hashing and copies at every hop, for all
+sites and the coordinator on the same cores), which the floor leaves out; the difference is what the
+link added. Writes docs/benchmarks/wan.json and .png.
 
     python -m benchmarks.wan [--model-mb 50] [--rounds 3] [--site-mbit 100] [--coord-mbit 1000]
                              [--delay-ms 30] [--smoke] [--out DIR]
@@ -64,6 +67,26 @@ class Links:
             relay.stop(grace_s=5)
 
 
+def measure(root: Path, demo: Any, links: Links, *, sites: list[str], model_mb: float, rounds: int,
+            modes: tuple[str, ...], floor: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Each mode's steady round on a kit federation in ``root`` whose sites reach the gateway through ``links``;
+    with ``floor``, the compute floor too (every site's train and evaluate without Flower, over this machine's
+    cores)."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        with fed.kit(root, demo, sites=sites, route=links.route) as kit:
+            for mode in modes:
+                settings = fed.settings(rounds, min_nodes=len(sites), local_epochs=1, hidden_units=hidden_for(model_mb),
+                                        compression=mode, round_timeout_s=1800)  # fmt: skip
+                cores = min(len(sites), os.cpu_count() or 1)
+                compute = min(fed.compute_floor(demo, settings, 2, sites=len(sites))) / cores if floor else None
+                out[mode] = one_run(kit, settings, f"wan-{mode}") | {"compute_s": compute}
+                time.sleep(1)
+    finally:
+        links.stop()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-mb", type=float, default=50.0)
@@ -81,35 +104,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fb-bench-wan-") as tmp:
         root = Path(tmp)
         demo = fed.data(root / "data")
-        links = Links(root, args.site_mbit, args.coord_mbit, args.delay_ms)
-        try:
-            with fed.kit(root / "kit", demo, sites=sites, route=links.route) as kit:
-                for mode in modes:
-                    settings = fed.settings(rounds, min_nodes=len(sites), local_epochs=1,
-                                            hidden_units=hidden_for(model_mb), compression=mode,
-                                            round_timeout_s=1800)  # fmt: skip
-                    cores = min(len(sites), os.cpu_count() or 1)  # the sites share this machine's cores
-                    compute = min(fed.compute_floor(demo, settings, 2, sites=len(sites))) / cores
-                    measured = one_run(kit, settings, f"wan-{mode}")
-                    per_site = measured["bytes_per_round"] / 1e6 / len(sites)
-                    link_s = per_site / site_mb_s + ROUND_TRIPS * 2 * args.delay_ms / 1000
-                    floor = link_s + compute
-                    rows.append({"mode": mode, "model_mb": model_mb, "per_site_mb": per_site, "link_s": link_s,
-                                 "compute_s": compute, "floor_s": floor, "ratio": measured["round_s"] / floor}
-                                | measured)  # fmt: skip
-                    time.sleep(1)
-        finally:
-            links.stop()
+        shape: dict[str, Any] = {"sites": sites, "model_mb": model_mb, "rounds": rounds, "modes": modes}
+        linked = measure(root / "wan", demo, Links(root / "wan", args.site_mbit, args.coord_mbit, args.delay_ms),
+                         **shape)  # fmt: skip
+        # The same relays with neither delay nor cap: what this machine's own processing of the bytes costs.
+        unlinked = {} if args.smoke else measure(root / "local", demo, Links(root / "local", 0, 0, 0), floor=False,
+                                                 **shape)  # fmt: skip
+        for mode, measured in linked.items():
+            cores = min(len(sites), os.cpu_count() or 1)  # the sites share this machine's cores
+            compute = measured.pop("compute_s")
+            per_site = measured["bytes_per_round"] / 1e6 / len(sites)
+            link_s = per_site / site_mb_s + ROUND_TRIPS * 2 * args.delay_ms / 1000
+            floor = link_s + compute
+            row = {"mode": mode, "model_mb": model_mb, "per_site_mb": per_site, "link_s": link_s, "compute_s": compute,
+                   "floor_s": floor, "ratio": measured["round_s"] / floor, "cores": cores} | measured  # fmt: skip
+            if mode in unlinked:
+                local = unlinked[mode]["round_s"]
+                row |= {
+                    "local_round_s": local,
+                    "local_ratio": local / floor,
+                    "link_added_s": measured["round_s"] - local,
+                }
+            rows.append(row)
     show(f"Rounds over a {args.site_mbit:g} Mbit/s, {args.delay_ms:g} ms site link into a {args.coord_mbit:g} Mbit/s "
          f"coordinator, {len(sites)} sites, a {model_mb:g} MB model",
-         ["compression", "MB per site", "link s", "compute s", "floor s", "kit s/round", "kit / floor"],
-         [[r["mode"], r["per_site_mb"], r["link_s"], r["compute_s"], r["floor_s"], r["round_s"], r["ratio"]]
-          for r in rows])  # fmt: skip
+         ["compression", "MB per site", "link s", "compute s", "floor s", "kit s/round", "kit / floor",
+          "no link s/round", "no link / floor", "link added s"],
+         [[r["mode"], r["per_site_mb"], r["link_s"], r["compute_s"], r["floor_s"], r["round_s"], r["ratio"],
+           r.get("local_round_s"), r.get("local_ratio"), r.get("link_added_s")] for r in rows])  # fmt: skip
 
     def plot(ax: Any) -> None:
         labels = [r["mode"] for r in rows]
         ax.bar(labels, [r["round_s"] for r in rows], label="kit round", color="tab:blue")
         ax.scatter(labels, [r["floor_s"] for r in rows], color="black", zorder=3, label="floor")
+        if all("local_round_s" in r for r in rows):
+            ax.scatter(labels, [r["local_round_s"] for r in rows], color="tab:green", marker="s", zorder=3,
+                       label="kit round, no link (this machine's processing)")  # fmt: skip
         ax.scatter(labels, [1.3 * r["floor_s"] for r in rows], color="tab:red", marker="_", s=400, zorder=3,
                    label="1.3x floor (target)")  # fmt: skip
         ax.set_ylabel("seconds per steady round")

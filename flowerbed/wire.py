@@ -9,7 +9,9 @@ dtype, shape and Flower serialization; config and metric values, their bytes val
 followed by the arrays' bytes; :func:`unpack` gives the same content back. A blob of up to
 ``INLINE_MAX`` travels as a bytes value of a ConfigRecord (which has no child objects: a message is
 3 objects), a larger one as one array (4 objects plus one per 5 MiB chunk), whatever the number of
-tensors.
+tensors. A blob of up to ``DEFLATE_MAX`` is deflated (zlib) when that saves a twentieth: a small
+model's manifest, metric names and int8 codes are a good part of its bytes; reading one refuses a
+blob that would inflate beyond ``INFLATE_MAX``.
 
 The kit's ServerApp packs what it sends in :func:`flowerbed.serverapp.loop.exchange` and unpacks
 the replies there; the kit's ClientApp unpacks in its outermost mod (:func:`packing_mod`, before
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +36,10 @@ PACKED = "flowerbed-packed"  # the one record of a packed message's content; its
 BLOB = "blob"
 INLINE_MAX = 4 * 2**20  # below Flower's 5 MiB chunks: no request grows larger than Flower's own
 MAGIC = b"FBWIRE1\n"
+DEFLATED = b"FBWIREZ\n"  # the same blob after its magic, deflated (zlib)
+DEFLATE_MAX = 2**20  # blobs up to 1 MiB are deflated when that saves DEFLATE_GAIN: bytes count there, CPU does not
+DEFLATE_GAIN = 0.05
+INFLATE_MAX = 4 * DEFLATE_MAX  # what a deflated blob may grow to when read: a zip bomb is refused
 STYPE = "flowerbed.wire"  # the blob's Flower serialization type: bytes, not a numpy array
 NUMPY = "numpy.ndarray"  # Flower's serialization type of a numpy (and torch) array: np.save's bytes
 _LENGTH = struct.Struct("<Q")
@@ -103,10 +110,35 @@ def pack(content: RecordDict) -> RecordDict:
             values = {key: _value(value, blobs, offset) for key, value in record.items()}
             records.append({"name": name, "kind": kind, "values": values})
     manifest = json.dumps({"records": records}, separators=(",", ":")).encode()
-    blob = b"".join([MAGIC, _LENGTH.pack(len(manifest)), manifest, *blobs])
+    blob = _deflate(b"".join([MAGIC, _LENGTH.pack(len(manifest)), manifest, *blobs]))
     if len(blob) <= INLINE_MAX:
         return RecordDict({PACKED: ConfigRecord({BLOB: blob})})
     return RecordDict({PACKED: ArrayRecord({BLOB: Array(dtype="uint8", shape=(len(blob),), stype=STYPE, data=blob)})})
+
+
+def _deflate(blob: bytes) -> bytes:
+    """A small blob deflated when that saves at least DEFLATE_GAIN (a small model's manifest, metric names and
+    int8 codes compress; fp32 values hardly do); a large one as it is (zlib would cost more CPU than it saves)."""
+    if len(blob) > DEFLATE_MAX:
+        return blob
+    deflated = DEFLATED + zlib.compress(blob[len(MAGIC) :], 6)
+    return deflated if len(deflated) <= (1 - DEFLATE_GAIN) * len(blob) else blob
+
+
+def _inflate(raw: bytes) -> bytes:
+    """A deflated blob as :func:`pack` made it before deflating; a blob that is not deflated as it is."""
+    if raw[: len(DEFLATED)] != DEFLATED:
+        return raw
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(raw[len(DEFLATED) :], INFLATE_MAX + 1)
+    except zlib.error as exc:
+        raise WireError(f"a packed message is cut short or corrupt: {exc}") from None
+    if len(body) > INFLATE_MAX or inflater.unconsumed_tail:
+        raise WireError(f"a packed message inflates beyond {INFLATE_MAX} bytes: refused")
+    if not inflater.eof:
+        raise WireError("a packed message is cut short: its deflated stream ends early")
+    return MAGIC + body
 
 
 def unpack(content: RecordDict) -> RecordDict:
@@ -116,7 +148,7 @@ def unpack(content: RecordDict) -> RecordDict:
     raw = _blob(content[PACKED])
     if raw is None:
         raise WireError("a packed message without its blob: sent by another flowerbed version?")
-    blob = memoryview(raw)
+    blob = memoryview(_inflate(raw))
     head = len(MAGIC) + _LENGTH.size
     if bytes(blob[: len(MAGIC)]) != MAGIC or len(blob) < head:
         raise WireError("a packed message of an unknown format: sent by another flowerbed version?")

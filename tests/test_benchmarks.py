@@ -48,6 +48,8 @@ def test_benchmark_runs_at_smoke_size(name: str, tmp_path: Path) -> None:
     assert data["command"].startswith(f"python -m benchmarks.{name}")
     assert data.get("rows") or data.get("phases_s")
     assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "transfer":  # plain Flower ran with the kit's certificates (TLS) and its state in a file
+        assert all(r["plain_tls_round_s"] > 0 for r in data["rows"]), data["rows"]
     if name == "requests":  # counts, not timings: a flat message is 3 objects each way, Flower's tree 13
         flat = next(r for r in data["rows"] if r["mode"] == "flat (default)")["requests_per_site"]
         trees = next(r for r in data["rows"] if r["mode"] != "flat (default)")["requests_per_site"]

@@ -7,6 +7,7 @@ Flower's own records and messages, no federation: the federation tests run every
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -54,6 +55,25 @@ def test_a_large_model_is_one_array_in_flowers_5_mib_chunks() -> None:
     assert isinstance(packed[wire.PACKED], ArrayRecord)
     assert objects(packed) == 1 + 1 + 1 + 3  # record dict, array record, one array, its three 5 MiB chunks
     assert wire.unpack(packed).object_id == content.object_id
+
+
+def test_a_small_blob_travels_deflated_and_a_zip_bomb_is_refused() -> None:
+    """A small model's int8 codes and its manifest deflate (fewer bytes per message); a large blob is left as it
+    is; a deflated blob that would grow beyond INFLATE_MAX is refused, not read into memory."""
+    codes = torch.clamp(torch.round(torch.randn(64, 64) * 20), -127, 127).to(torch.int8)
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(codes.numpy())}),
+                          "metrics": MetricRecord({f"class-{i}-recall": 0.5 for i in range(10)})})  # fmt: skip
+    blob = wire.pack(content).config_records[wire.PACKED][wire.BLOB]
+    assert isinstance(blob, bytes) and blob.startswith(wire.DEFLATED)
+    assert len(blob) < 0.95 * (codes.numel() + 200)  # smaller than the codes and a short manifest
+    assert wire.unpack(wire.pack(content)).object_id == content.object_id
+    large = RecordDict({"arrays": ArrayRecord({"w": Array(torch.zeros(300_000).numpy())})})  # 1.2 MB of zeros
+    assert wire._blob(wire.pack(large)[wire.PACKED])[: len(wire.MAGIC)] == wire.MAGIC  # above DEFLATE_MAX: as it is
+    bomb = wire.DEFLATED + zlib.compress(b"\x00" * (wire.INFLATE_MAX + 10))
+    with pytest.raises(wire.WireError, match="inflates beyond"):
+        wire.unpack(RecordDict({wire.PACKED: ConfigRecord({wire.BLOB: bomb})}))
+    with pytest.raises(wire.WireError, match="cut short"):
+        wire.unpack(RecordDict({wire.PACKED: ConfigRecord({wire.BLOB: blob[:-20]})}))
 
 
 @pytest.mark.usefixtures("in_a_task")
