@@ -21,6 +21,7 @@ Nothing else changes: the strategies, DP-SGD, SecAgg+ and CKKS see Flower's reco
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from numpy.lib import format as npy_format
 
 FLAT_ENV = "FLOWERBED_FLAT_MESSAGES"  # "0": the ServerApp sends Flower's object trees (benchmarks compare)
 PACKED = "flowerbed-packed"  # the one record of a packed message's content; its one value (or array) is BLOB
@@ -167,8 +169,7 @@ def unpack(content: RecordDict) -> RecordDict:
                     raise WireError(f"a packed message is cut short in array {a['key']!r}")
                 chunk = data[a["at"] : a["at"] + a["size"]]
                 if "npy" in a:  # numpy's own bytes without np.save's header: Flower's Array made again from them
-                    value = np.frombuffer(chunk, dtype=np.dtype(a["npy"])).reshape(a["npy_shape"])
-                    arrays[a["key"]] = Array(value.copy())
+                    arrays[a["key"]] = _npy(a, chunk)
                 else:
                     arrays[a["key"]] = Array(dtype=a["dtype"], shape=tuple(a["shape"]), stype=a["stype"],
                                              data=bytes(chunk))  # fmt: skip
@@ -177,6 +178,18 @@ def unpack(content: RecordDict) -> RecordDict:
             values = {key: _restore(value, data) for key, value in item["values"].items()}
             out[item["name"]] = MetricRecord(values) if item["kind"] == "metrics" else ConfigRecord(values)
     return out
+
+
+def _npy(item: dict[str, Any], chunk: memoryview) -> Array:
+    """The Flower Array ``Array(ndarray)`` makes of the numpy array whose values ``chunk`` holds: np.save's header
+    made again, then the values, in one copy (not the array copied and saved again through a growing buffer)."""
+    try:
+        view = np.frombuffer(chunk, dtype=np.dtype(item["npy"])).reshape(item["npy_shape"])
+    except (TypeError, ValueError) as exc:
+        raise WireError(f"a packed message's array {item['key']!r} does not match its shape: {exc}") from None
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, npy_format.header_data_from_array_1_0(view))
+    return Array(dtype=str(view.dtype), shape=tuple(view.shape), stype=NUMPY, data=b"".join([header.getvalue(), chunk]))
 
 
 def _blob(record: Any) -> bytes | None:

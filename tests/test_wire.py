@@ -6,7 +6,9 @@ Flower's own records and messages, no federation: the federation tests run every
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import zlib
 
 import pytest
@@ -89,6 +91,12 @@ def test_a_torn_or_foreign_blob_is_named_and_a_reply_of_it_loses_its_content() -
                                                                     data=b"PK\x03\x04")})})  # fmt: skip
     with pytest.raises(wire.WireError, match="another flowerbed version"):
         wire.unpack(other)
+    item = {"key": "w", "dtype": "float32", "shape": [10], "stype": wire.NUMPY, "at": 0, "size": 8, "npy": "<f4",
+            "npy_shape": [10]}  # fmt: skip
+    manifest = json.dumps({"records": [{"name": "arrays", "kind": "arrays", "arrays": [item]}]}).encode()
+    lying = wire.MAGIC + struct.pack("<Q", len(manifest)) + manifest + bytes(8)  # 2 floats said to be 10
+    with pytest.raises(wire.WireError, match="does not match its shape"):
+        wire.unpack(RecordDict({wire.PACKED: ConfigRecord({wire.BLOB: lying})}))
     reply = Message(torn, dst_node_id=1, message_type="train")
     assert len(wire.unpack_message(reply).content.keys()) == 0  # the round names a reply without a model
 
