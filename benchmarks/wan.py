@@ -68,17 +68,15 @@ class Links:
 
 
 def measure(root: Path, demo: Any, links: Links, *, sites: list[str], model_mb: float, rounds: int,
-            modes: tuple[str, ...], floor: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
+            modes: tuple[str, ...], cores: int, floor: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Each mode's steady round on a kit federation in ``root`` whose sites reach the gateway through ``links``;
-    with ``floor``, the compute floor too (every site's train and evaluate without Flower, over this machine's
-    cores)."""
+    with ``floor``, the compute floor too (every site's train and evaluate without Flower, over ``cores``)."""
     out: dict[str, dict[str, Any]] = {}
     try:
         with fed.kit(root, demo, sites=sites, route=links.route) as kit:
             for mode in modes:
                 settings = fed.settings(rounds, min_nodes=len(sites), local_epochs=1, hidden_units=hidden_for(model_mb),
                                         compression=mode, round_timeout_s=1800)  # fmt: skip
-                cores = min(len(sites), os.cpu_count() or 1)
                 compute = min(fed.compute_floor(demo, settings, 2, sites=len(sites))) / cores if floor else None
                 out[mode] = one_run(kit, settings, f"wan-{mode}") | {"compute_s": compute}
                 time.sleep(1)
@@ -104,14 +102,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fb-bench-wan-") as tmp:
         root = Path(tmp)
         demo = fed.data(root / "data")
-        shape: dict[str, Any] = {"sites": sites, "model_mb": model_mb, "rounds": rounds, "modes": modes}
+        cores = min(len(sites), os.cpu_count() or 1)  # the sites share this machine's cores
+        shape: dict[str, Any] = {"sites": sites, "model_mb": model_mb, "rounds": rounds, "modes": modes, "cores": cores}
         linked = measure(root / "wan", demo, Links(root / "wan", args.site_mbit, args.coord_mbit, args.delay_ms),
                          **shape)  # fmt: skip
         # The same relays with neither delay nor cap: what this machine's own processing of the bytes costs.
         unlinked = {} if args.smoke else measure(root / "local", demo, Links(root / "local", 0, 0, 0), floor=False,
                                                  **shape)  # fmt: skip
         for mode, measured in linked.items():
-            cores = min(len(sites), os.cpu_count() or 1)  # the sites share this machine's cores
             compute = measured.pop("compute_s")
             per_site = measured["bytes_per_round"] / 1e6 / len(sites)
             link_s = per_site / site_mb_s + ROUND_TRIPS * 2 * args.delay_ms / 1000
