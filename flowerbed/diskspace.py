@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from flowerbed.errors import FlowerbedError
 
@@ -69,17 +71,25 @@ def is_disk_full(exc: OSError) -> bool:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` whole, or keeps what it had: temporary file, fsync, rename."""
+    write_atomic_with(path, lambda handle: handle.write(data), len(data))
+
+
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], needed: int) -> None:
+    """``path`` holds whatever ``write`` writes to the file handle it is given, whole, or keeps what it had
+    (temporary file, fsync, rename), with nothing of it held in memory first. A full disk is a
+    :class:`DiskFullError` naming ``needed`` bytes, also when ``write`` wraps the OSError (torch.save does)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise no_space(path, len(data)) from None
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if isinstance(cause, OSError) and is_disk_full(cause):
+            raise no_space(path, needed) from None
         raise
 
 

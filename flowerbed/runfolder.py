@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowerbed.diskspace import append_whole, ensure_space, is_disk_full, write_atomic
+from flowerbed.diskspace import append_whole, ensure_space, is_disk_full, write_atomic, write_atomic_with
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,7 @@ STOPPED = "stopped"  # a round that too few sites could train in (their privacy 
 AWAY = "away"  # a site a round waits for has not reached the SuperLink for a while (named, with since when)
 RESUMED = "resumed"  # the run went on from its last checkpoint (after a coordinator crash or a failed run)
 PLOTTED = (TRAIN, FINAL_EVAL)
+SAVE_OVERHEAD = 64 * 1024  # torch.save's bytes beside the tensors' (its zip records and the pickled keys)
 BEST = "best.pt"
 COLUMNS = [
     "round", "kind", "nodes", "failures", "train_loss", "eval_loss", "eval_accuracy", "seconds", "stop_reason",
@@ -200,13 +201,24 @@ def _csv_header(path: Path) -> list[str] | None:
 
 
 def _save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file: whole, or nothing; the space needed is checked first."""
+    """torch.save through a temporary file: whole, or nothing; the space it needs is checked first. It writes
+    straight to the file: a 100 MB model is not serialized into memory (and copied there again) first."""
     import torch
 
-    data = io.BytesIO()
-    torch.save(obj, data)
-    ensure_space(path.parent, len(data.getbuffer()))
-    write_atomic(path, data.getvalue())
+    needed = _tensor_bytes(obj) + SAVE_OVERHEAD
+    ensure_space(path.parent, needed)
+    write_atomic_with(path, lambda handle: torch.save(obj, handle), needed)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (a state dict, or a dict holding one), as torch.save writes them."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return int(obj.untyped_storage().nbytes()) + 256  # its zip record: headers, name, 64-byte alignment
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    return 0
 
 
 def repair(out_dir: Path) -> list[str]:

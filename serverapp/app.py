@@ -61,15 +61,18 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     # The same task, hence the same model, as at every site; an own task from the run folder's wheel.
     task = load_task(task_name(settings), settings.task_sha256, out_dir / RUN_TASK_WHEEL)
-    model = task.model(task_config(task, dict(context.run_config)))
+    build = functools.partial(task.model, task_config(task, dict(context.run_config)))
+    model = build()
     # Federated standardization fills the model's scaling layers from the sites' sums before round 1.
-    scaler = functools.partial(standardize, model=model) if scaling_layers(model) else None
+    scaler = functools.partial(standardize, build=build) if scaling_layers(model) else None
+    initial = [ArrayRecord(model.state_dict())]  # popped into the call below: the rounds are its only holder
+    del model  # the rounds hold the global model as Flower's arrays, not this torch copy of it too
     started = time.time()
     summary: dict[str, object] = {"settings": settings.model_dump(), "started": started}
     if resume is not None:
         summary["resumed_from_round"] = resume.round
     try:
-        outcome = run_rounds(grid, make_strategy(settings), ArrayRecord(model.state_dict()), settings, history,
+        outcome = run_rounds(grid, make_strategy(settings), initial.pop(), settings, history,
                              resume=resume, watch=SiteWatch(FederationLayout(out_dir.parent.parent)),
                              pool=functools.partial(pool_metrics, task) if pools(task) else None,
                              standardize=scaler)  # fmt: skip

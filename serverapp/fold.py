@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
+from flowerbed import wire
 from flowerbed.config import RunSettings
-from flowerbed.serverapp.validate import update_problem
+from flowerbed.serverapp.validate import Spec, blocks, update_problem
 
 ARRAYS = "arrays"  # the record Flower's strategies put the model in
 METRICS = "metrics"  # the ClientApp's metric record (num-examples and the training metrics)
@@ -47,9 +49,10 @@ def folds(settings: RunSettings) -> bool:
 
 @dataclass
 class Fold:
-    """One round's running sum. ``expected``: the model as built; ``current``: the global model sent."""
+    """One round's running sum. ``expected``: the model as built (its names, shapes and dtypes);
+    ``current``: the global model sent."""
 
-    expected: ArrayRecord
+    expected: Spec
     current: ArrayRecord
     max_update_norm: float | None = None
     sums: dict[str, np.ndarray] = field(default_factory=dict)
@@ -67,14 +70,14 @@ class Fold:
         else:
             weight = float(reply.content.metric_records[METRICS][WEIGHT])  # type: ignore[arg-type]
             for name, array in reply.content.array_records[ARRAYS].items():
-                value = array.numpy()  # a fresh array, weighted in place where its dtype is the sum's (no copy)
-                if name in self.sums and value.flags.writeable and value.dtype == self.sums[name].dtype:
-                    value *= weight
-                    self.sums[name] += value
-                elif name in self.sums:
-                    self.sums[name] += value * weight
-                else:  # float64 for integer buffers (as Flower's weighted mean makes them), else the update's
-                    self.sums[name] = value * weight
+                value = wire.view(array)  # where it lies in the reply: added a block at a time, never copied whole
+                if name not in self.sums:  # float64 for integer buffers (as Flower's weighted mean makes them); an
+                    # array of its own in C order (a 0-d one too), which the blocks below add to in place
+                    self.sums[name] = np.empty(value.shape, dtype=np.result_type(value, weight))
+                    np.multiply(value, weight, out=self.sums[name])
+                    continue
+                for total, part in zip(blocks(self.sums[name]), blocks(value), strict=True):
+                    total += part * weight
             self.weight += weight
             self.count += 1
         reply.content = RecordDict({k: v for k, v in reply.content.items() if k != ARRAYS})
@@ -85,8 +88,18 @@ class Fold:
         return self.problems.get(reply.metadata.message_id)
 
     def mean(self) -> ArrayRecord:
-        """The weighted mean of the folded updates, in the model's tensor order."""
-        return ArrayRecord({name: Array(np.asarray(total / self.weight)) for name, total in self.sums.items()})
+        """The weighted mean of the folded updates, in the model's tensor order. The sums are used up: each is
+        divided in place (a floating-point sum) and let go once its tensor of the mean is made."""
+        mean = ArrayRecord()
+        for name in list(self.sums):
+            total = self.sums.pop(name)
+            if total.dtype.kind == "f":
+                total /= self.weight
+            else:
+                total = total / self.weight
+            mean[name] = Array(np.asarray(total))
+            del total
+        return mean
 
     def aggregate(self, strategy: Any, server_round: int, valid: list[Message]) -> tuple[Any, Any]:
         """The strategy's aggregate of the round, from one reply holding the mean and the valid replies'
@@ -95,6 +108,10 @@ class Fold:
         and error), its own content put back after."""
         metrics = strategy.train_metrics_aggr_fn([reply.content for reply in valid], WEIGHT)
         record = MetricRecord({**dict(metrics.items()), WEIGHT: self.weight})
+        self.current = ArrayRecord()  # the model sent is not held on through the next round (the loop keeps this)
+        if type(strategy).aggregate_train is FedAvg.aggregate_train:  # FedAvg, FedProx: their aggregate of one
+            # reply of weight 1 is its arrays times 1.0, made as a second copy of the model: the mean itself instead
+            return self.mean(), strategy.train_metrics_aggr_fn([RecordDict({METRICS: record})], WEIGHT)
         lead = valid[0]
         kept = lead.content
         lead.content = RecordDict({ARRAYS: self.mean(), METRICS: record})

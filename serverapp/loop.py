@@ -34,7 +34,7 @@ from flowerbed.runfolder import (
 from flowerbed.serverapp.criteria import MAX_ROUNDS, PRIVACY_SPENT, STOP_ASKED, TIME_BUDGET, ConvergenceTracker
 from flowerbed.serverapp.fold import Fold, folds
 from flowerbed.serverapp.resume import ResumePoint
-from flowerbed.serverapp.validate import NON_FINITE, non_finite_values, update_problem
+from flowerbed.serverapp.validate import NON_FINITE, Spec, non_finite_values, spec_of, update_problem
 
 Clock = Callable[[], float]
 
@@ -322,7 +322,7 @@ def split_replies(
     return out
 
 
-def screen(got: Replies, expected: ArrayRecord, current: ArrayRecord, max_update_norm: float | None) -> Replies:
+def screen(got: Replies, expected: Spec, current: ArrayRecord, max_update_norm: float | None) -> Replies:
     """``got`` without the replies whose update may not be aggregated, each dropped with a line naming its site.
 
     ``expected``: the task's model as built (names, shapes, dtypes); ``current``: the global model sent.
@@ -565,10 +565,10 @@ def already_stopped(state: RoundState, resume: ResumePoint | None, now: float) -
 
 
 def collect_round(
-    grid: Grid, strategy: Strategy, initial: ArrayRecord, state: RoundState, *, clock: Clock, watch: Watch | None
+    grid: Grid, strategy: Strategy, expected: Spec, state: RoundState, *, clock: Clock, watch: Watch | None
 ) -> tuple[Replies, Aggregate | None]:
     """One round's exchange: the replies (or why there were none: sites not connected) and, under
-    secure aggregation, the aggregate already made."""
+    secure aggregation, the aggregate already made. ``expected``: the model's names, shapes and dtypes."""
     settings, sites, server_round = state.settings, state.sites, state.server_round
     if not sites.by_node:  # the first round waits for min-nodes; later, a site that left is waited for
         wait_for_nodes(grid, settings, clock)  # by the absence steps, within the tolerance
@@ -589,8 +589,8 @@ def collect_round(
         got, secured = secure_exchange(grid, messages, state.arrays, server_round=server_round, settings=settings,
                                        sites=sites, clock=clock)  # fmt: skip
     else:
-        got = round_replies(grid, messages, state, clock=clock, watch=watch, initial=initial)
-        got = screen(got, initial, state.arrays, settings.max_update_norm)
+        got = round_replies(grid, messages, state, clock=clock, watch=watch, expected=expected)
+        got = screen(got, expected, state.arrays, settings.max_update_norm)
     state.retired |= got.retired
     state.spent |= got.privacy
     return got, secured
@@ -598,12 +598,12 @@ def collect_round(
 
 def round_replies(
     grid: Grid, messages: list[Message], state: RoundState, *, clock: Clock, watch: Watch | None,
-    initial: ArrayRecord | None = None,
+    expected: Spec | None = None,
 ) -> Replies:  # fmt: skip
     """A round's exchange of ``messages``, sorted out: a revoked site dropped at once, a dark one named.
     Under compression the model goes out in the run's form and each reply's change comes back as a model;
-    a strategy of weighted means folds each update into a running sum as it arrives (:mod:`.fold`; ``initial``:
-    the model as built, which each update is screened against)."""
+    a strategy of weighted means folds each update into a running sum as it arrives (:mod:`.fold`; ``expected``:
+    the names, shapes and dtypes of the model as built, which each update is screened against)."""
     settings = state.settings
     dropped: dict[int, str] = {}
     traffic: dict[str, int] = {}
@@ -615,7 +615,9 @@ def round_replies(
             state.broadcast = Broadcast(settings.compression, fp32=settings.broadcast_fp32)
         broadcast = state.broadcast
         broadcast.prepare(messages, state.arrays)
-    running = Fold(initial, state.arrays, settings.max_update_norm) if initial is not None and folds(settings) else None
+    running: Fold | None = None
+    if expected is not None and folds(settings):
+        running = Fold(expected, state.arrays, settings.max_update_norm)
 
     def take(reply: Message) -> Message:
         if broadcast is not None:
@@ -853,15 +855,18 @@ def run_rounds(
     fills the model's feature scaling from the sites' sums before round 1 (:mod:`flowerbed.serverapp.scaling`;
     a resumed run's checkpoint holds it already).
     """
+    expected = spec_of(initial)
     state = start_rounds(initial, settings, history, clock(), resume=resume, watch=watch)
+    del initial  # the model as built is held as the first global model only, not beside every later one
     state.pool = pool
     if standardize is not None and (resume is None or resume.state_dict is None):
         standardize(grid, state, clock, sleep)
+    standardize = None  # what it holds (the task's model) is not kept through the rounds
     reason = already_stopped(state, resume, clock())
     while reason is None:
         state.server_round += 1
         t0 = clock()
-        got, secured = collect_round(grid, strategy, initial, state, clock=clock, watch=watch)
+        got, secured = collect_round(grid, strategy, expected, state, clock=clock, watch=watch)
         if state.carried:  # a site revoked while the feature statistics were asked is named in round 1's row
             got.errors = [*state.carried, *(e for e in got.errors if e not in state.carried)]
             state.carried = []

@@ -46,16 +46,18 @@ def skipped_why(state: RoundState) -> str | None:
 
 
 def standardize(
-    grid: Grid, state: RoundState, clock: Clock, sleep: Callable[[float], None], *, model: nn.Module
+    grid: Grid, state: RoundState, clock: Clock, sleep: Callable[[float], None], *, build: Callable[[], nn.Module]
 ) -> None:
-    """Fill the scaling layers of ``model`` (the task's model as built, which ``state.arrays`` holds before
-    round 1) from all sites' sums, and send that model in round 1.
+    """Fill the scaling layers of the task's model as built (``build`` makes the model, ``state.arrays`` holds its
+    values before round 1) from all sites' sums, and send that model in round 1.
 
     The query is round 1's first exchange: too few replies wait for absent sites or fail the run as
     round 1 would (:func:`flowerbed.serverapp.loop.short_round`). A site that trains under DP sends
     nothing and the run goes on unstandardized, said in ``feature_scaling.json``.
     """
     out_dir = state.history.out_dir
+    model = build()
+    model.load_state_dict(state.arrays.to_torch_state_dict())
     layers = [name for name, _ in scaling_layers(model)]
     why = skipped_why(state)
     if why is not None:

@@ -13,12 +13,13 @@ def preload() -> None:
     import torch  # noqa: F401
 
     import flowerbed.serverapp.app  # noqa: F401
-    from flowerbed.flower import superlink
+    from flowerbed.flower import arrays, superlink
     from flowerbed.warmexec import quick_object_pulls, warm_up_torch
 
     superlink.serverapp_main()  # imports Flower's ServerApp runtime (checked)
 
     quick_object_pulls(cap_s=0.5)  # the ServerApp reads each reply's objects from the SuperLink on loopback
+    arrays.inflate_arrays_in_one_copy()  # and each reply's model in one copy
     warm_up_torch()
 
 

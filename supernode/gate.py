@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowerbed import flower
-from flowerbed.flower import supernode
+from flowerbed.flower import arrays, supernode
 from flowerbed.protocol import REFUSED_CODE, SITE_FILE_ENV, site_event
 
 if TYPE_CHECKING:
@@ -165,6 +165,7 @@ def main() -> None:
         # a reply that never came, dead to every later round. The SuperNode deletes the objects
         # when its own download fails, and a task then ends at once ("could not be found").
         quick_object_pulls(cap_s=0.2, endless=True)
+        arrays.inflate_arrays_in_one_copy()  # the task's model, read in one copy
         supernode.install_gate(gated_pull, gated_install, gated_loader)
         run = supernode.clientapp_main()
     except flower.HookError as exc:

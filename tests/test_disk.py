@@ -59,6 +59,25 @@ def _check_run_folder(out_dir: Path) -> None:
     assert all(len(r) == len(rows[0]) for r in rows) and b"\r\n" not in (out_dir / "history.csv").read_bytes()
 
 
+def test_a_checkpoint_is_written_straight_to_disk_and_a_full_disk_mid_write_is_named(small_disk: Path) -> None:
+    """torch.save writes to the temporary file (a model is not serialized into memory first), the space it
+    needs is estimated from its tensors before it starts, and a disk that fills during the write is a
+    DiskFullError with no temporary file left, though torch.save wraps the ENOSPC in a RuntimeError."""
+    import torch
+
+    from flowerbed.diskspace import DiskFullError, write_atomic_with
+    from flowerbed.runfolder import SAVE_OVERHEAD, _save, _tensor_bytes
+
+    state = {f"layer{i}.weight": torch.zeros(3, 5) for i in range(300)} | {"big": torch.ones(2**20)}  # 4 MB
+    path = small_disk / "round-0001.pt"
+    _save(state, path)
+    assert path.stat().st_size <= _tensor_bytes(state) + SAVE_OVERHEAD  # the estimate covers what is written
+    assert torch.equal(torch.load(path, weights_only=True)["big"], state["big"])
+    with pytest.raises(DiskFullError, match=r"no space left on tmpfs at .* the next write needs 16\.0 MB"):
+        write_atomic_with(small_disk / "big.pt", lambda h: torch.save({"w": torch.ones(4 * 2**20)}, h), 16 * MB)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["round-0001.pt"]  # nothing half-written is left
+
+
 @pytest.mark.federation
 def test_a_full_disk_ends_the_run_said_why_and_resume_goes_on(tmp_path: Path, small_disk: Path) -> None:
     config = make_config("disk", SITES[:2], min_nodes=2, max_rounds=4, patience=10, hidden_units=8192)

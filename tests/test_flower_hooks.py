@@ -19,7 +19,7 @@ import flwr
 import pytest
 
 from flowerbed import flower
-from flowerbed.flower import HOOKS, Hook, HookError, check_all, compat, secagg, superexec, superlink, supernode
+from flowerbed.flower import HOOKS, Hook, HookError, arrays, check_all, compat, secagg, superexec, superlink, supernode
 
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ["certs", "superlink", "supernode", "serverapp", "clientapp", "deploy", "flowerbed"]
@@ -59,9 +59,46 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 def test_every_hooked_flower_name_exists_with_the_parameters_the_kit_passes() -> None:
     assert check_all() == [], f"Flower {flwr.__version__}"
     owners = {h.owner for h in HOOKS}
-    assert owners == {m.__name__ for m in (superlink, supernode, superexec, compat, secagg)}, owners
+    assert owners == {m.__name__ for m in (superlink, supernode, superexec, compat, secagg, arrays)}, owners
     assert len(HOOKS) >= 30
     assert flwr.__version__.startswith(flower.SUPPORTED + ".")
+
+
+def test_a_large_array_is_read_in_one_copy_of_its_chunks_with_the_same_bytes() -> None:
+    """Flower's Array.inflate held the chunks, a growing bytearray and its bytes copy at once; the kit's holds
+    the chunks and the joined bytes (one array less at the ServerApp per reply), and makes the same array."""
+    import tracemalloc
+
+    import numpy as np
+    from flwr.app import Array
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    value = np.arange(6 * 2**20, dtype=np.float32)  # 24 MiB: 5 of Flower's chunks, one of them repeated below
+    value[2**20 : 2 * 2**20] = value[3 * 2**20 : 4 * 2**20] = 0.0
+    array = Array(value)
+    size = len(array.data)
+
+    def read() -> tuple[Array, int]:
+        contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(array).items()}
+        tracemalloc.start()
+        try:
+            out = inflate_object_from_contents(array.object_id, contents)
+            return out, tracemalloc.get_traced_memory()[1]  # type: ignore[return-value]
+        finally:
+            tracemalloc.stop()
+
+    original = Array.__dict__["inflate"]
+    try:
+        flowers, flowers_peak = read()
+        arrays.inflate_arrays_in_one_copy()
+        arrays.inflate_arrays_in_one_copy()  # a second install (a warm parent's fork) changes nothing
+        ours, our_peak = read()
+    finally:
+        Array.inflate = original
+    assert ours.data == flowers.data == array.data and ours.shape == array.shape and ours.dtype == array.dtype
+    assert np.array_equal(ours.numpy(), value)
+    assert our_peak < flowers_peak - 0.8 * size, (our_peak, flowers_peak, size)
 
 
 def test_a_missing_or_changed_hook_is_refused_in_one_line_naming_the_flower_version() -> None:

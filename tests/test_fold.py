@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 from flowerbed.config import RunSettings
 from flowerbed.serverapp.fold import Fold, folds, held_why
 from flowerbed.serverapp.strategies import make_strategy
+from flowerbed.serverapp.validate import spec_of
 
 RNG = np.random.default_rng(7)
 
@@ -54,7 +55,7 @@ def test_the_folded_round_aggregates_as_the_strategy_does_with_every_update_held
             s.current_arrays = {k: v.copy() for k, v in current.items()}
     want_arrays, want_metrics = whole.aggregate_train(1, held)
 
-    fold = Fold(_record(current), _record(current))
+    fold = Fold(spec_of(_record(current)), _record(current))
     kept = [
         fold.take(_reply(u, n, loss, i)) for i, (u, n, loss) in enumerate(zip(updates, examples, losses, strict=True))
     ]
@@ -75,7 +76,7 @@ def test_the_folded_round_aggregates_as_the_strategy_does_with_every_update_held
 
 def test_a_bad_update_is_named_and_not_added() -> None:
     current = _model()
-    fold = Fold(_record(current), _record(current), max_update_norm=5.0)
+    fold = Fold(spec_of(_record(current)), _record(current), max_update_norm=5.0)
     nan = {k: v.copy() for k, v in current.items()}
     nan["w"][0, 0] = np.nan
     far = {k: (v + 10.0 if v.dtype.kind == "f" else v) for k, v in current.items()}
@@ -89,6 +90,21 @@ def test_a_bad_update_is_named_and_not_added() -> None:
     assert problems[4] == "its reply has no model update"
     assert fold.count == 1 and fold.weight == 10  # only the good one is in the sum
     assert np.allclose(_as_dict(fold.mean())["w"], current["w"])
+
+
+def test_fedavgs_aggregate_of_a_folded_round_is_the_mean_itself_and_uses_the_sums_up() -> None:
+    """FedAvg's (and FedProx's) aggregate of one reply of weight 1 is a second copy of it: the mean is handed
+    back as it is, and the sums go as the mean is made (a 100 MB model: 200 MB fewer at the round's end)."""
+    current = _model()
+    fold = Fold(spec_of(_record(current)), _record(current))
+    updates = [{k: v * (i + 1) if v.dtype.kind == "f" else v for k, v in current.items()} for i in range(3)]
+    kept = [fold.take(_reply(u, 10, 0.5, i)) for i, u in enumerate(updates)]
+    arrays, metrics = fold.aggregate(make_strategy(RunSettings()), 1, kept)
+    assert fold.sums == {}  # used up
+    got = _as_dict(arrays)
+    assert got["w"].dtype == np.float32 and np.allclose(got["w"], current["w"] * 2, rtol=1e-6)  # (1 + 2 + 3) / 3
+    assert got["steps"].dtype == np.float64 and got["steps"] == 3.0  # an integer buffer's mean, as Flower makes it
+    assert metrics is not None and metrics["train-loss"] == pytest.approx(0.5)
 
 
 def test_which_runs_fold_and_which_hold_every_update_and_why() -> None:

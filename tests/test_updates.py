@@ -22,7 +22,7 @@ from flowerbed.demodata import make_demo_data
 from flowerbed.errors import ExitCode
 from flowerbed.flower import TRACE_ENV
 from flowerbed.serverapp.loop import BestModel
-from flowerbed.serverapp.validate import non_finite_values, update_problem
+from flowerbed.serverapp.validate import non_finite_values, spec_of, update_problem
 from tests.conftest import SITES, coordinator, make_config, make_federation, run_cli, supervised_sites
 from tests.test_flower_hooks import on_path, traced
 from tests.test_taskpkg import site_toml
@@ -87,6 +87,30 @@ def test_each_update_is_checked_before_aggregation() -> None:
     assert update_problem(_reply(update), built, max_update_norm=5.0, current=aggregated) is None
 
 
+def test_an_update_is_checked_one_tensor_at_a_time_against_the_models_spec() -> None:
+    """A 100 MB model is not copied whole to check an update: the model's side is its names, shapes and
+    dtypes (no value read), the update's side one tensor at a time; a tensor that is not numpy's is named."""
+    import tracemalloc
+
+    model = {f"w{i}": np.full((1024, 1024), 0.5, np.float32) for i in range(4)}  # 4 x 4 MiB
+    spec = spec_of(_record(model))
+    assert spec["w0"] == ((1024, 1024), "float32")
+    reply, current = _reply(model), _record(model)
+    tracemalloc.start()
+    try:
+        assert update_problem(reply, spec, max_update_norm=1.0, current=current) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 4 * 2**20, peak  # a tensor of each and the reading's buffers (both models whole: 32 MiB)
+    torn = _reply(model)
+    torn.content["arrays"]["w2"] = Array(dtype="float32", shape=(1024, 1024), stype="numpy.ndarray", data=b"x" * 64)
+    said = update_problem(torn, spec)
+    assert said is not None and said.startswith("update tensor w2 cannot be read"), said
+    with pytest.raises(TypeError, match="needs the model sent"):
+        update_problem(reply, spec, max_update_norm=1.0)
+
+
 def test_only_a_finite_model_is_ever_the_best() -> None:
     best = BestModel()
     arrays = _record({"w": np.zeros(1, np.float32)})
@@ -144,7 +168,9 @@ def test_a_site_that_sends_nan_or_another_shape_is_dropped_and_the_run_goes_on(
                                cwd=tmp_path)  # fmt: skip
     text = " ".join((own.stdout + own.stderr).split())
     assert own.returncode == 0, text
-    missing = on_path(flower.superlink, flower.supernode, flower.superexec, flower.compat) - traced(trace)
+    missing = on_path(flower.superlink, flower.supernode, flower.superexec, flower.compat, flower.arrays) - traced(
+        trace
+    )
     assert not missing, f"hooks never called on a run's path (Flower {flower.version()}): {sorted(missing)}"
     rows = [json.loads(line) for line in (layout.runs / "own" / "history.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["kind"] == "train"]

@@ -6,6 +6,7 @@ Flower's own records and messages, no federation: the federation tests run every
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -119,3 +120,25 @@ def test_the_clientapps_mod_unpacks_for_the_handler_and_packs_its_reply() -> Non
     assert wire.unpack(reply.content).array_records["arrays"].object_id == content.array_records["arrays"].object_id
     plain = Message(model_content(3), dst_node_id=7, message_type="train")
     assert not wire.is_packed(wire.packing_mod(plain, context, handler).content)  # an unpacked message: as it came
+
+
+def test_a_view_reads_an_array_where_it_lies_as_numpy_would() -> None:
+    """wire.view: the values np.load would give, read-only and without a copy of them; a short or pickled
+    array raises as np.load does."""
+    import numpy as np
+
+    for value in (np.arange(12, dtype=np.float32).reshape(3, 4), np.asfortranarray(np.ones((3, 4))),
+                  np.array(3, dtype=np.int64), np.zeros((0, 5), dtype=np.float16)):  # fmt: skip
+        array = Array(value)
+        seen = wire.view(array)
+        assert seen.dtype == value.dtype and seen.shape == value.shape and np.array_equal(seen, value)
+        assert not seen.flags.writeable and not seen.flags.owndata  # a view of the message's bytes
+    short = Array(np.ones(1000, dtype=np.float32))
+    short.data = short.data[:-8]
+    with pytest.raises(ValueError):
+        wire.view(short)
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    pickled = Array(dtype="object", shape=(1,), stype=wire.NUMPY, data=buffer.getvalue())
+    with pytest.raises(ValueError, match="allow_pickle"):
+        wire.view(pickled)

@@ -11,7 +11,8 @@ hook resolves, and a federation proves each is called on the kit's path (``FLOWE
 One module per process that hooks: :mod:`.superlink` (the SuperLink, its Control API client and the
 ServerApp's runtime), :mod:`.supernode` (the SuperNode, its Fleet client, the ClientApp runtime
 behind the approval gate), :mod:`.superexec` (the warm fork executor), :mod:`.secagg` (the legacy
-SecAgg+ workflow and mod) and :mod:`.compat` (helpers from Flower's internal modules).
+SecAgg+ workflow and mod), :mod:`.arrays` (large arrays read in one copy, in the ServerApp and the
+ClientApp) and :mod:`.compat` (helpers from Flower's internal modules).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def entry(hook: Hook) -> Callable[[], None]:
 
 def check_all() -> list[str]:
     """Every declared hook of every module here, resolved: the problems (empty when Flower fits)."""
-    from flowerbed.flower import compat, secagg, superexec, superlink, supernode  # noqa: F401  (declare all)
+    from flowerbed.flower import arrays, compat, secagg, superexec, superlink, supernode  # noqa: F401  (declare all)
 
     problems = []
     for hook in HOOKS:
