@@ -861,7 +861,6 @@ def run_rounds(
     state.pool = pool
     if standardize is not None and (resume is None or resume.state_dict is None):
         standardize(grid, state, clock, sleep)
-    standardize = None  # what it holds (the task's model) is not kept through the rounds
     reason = already_stopped(state, resume, clock())
     while reason is None:
         state.server_round += 1
